@@ -1,0 +1,1 @@
+"""HTTP only: wire schemas, request decoding, routes, error mapping and middleware."""

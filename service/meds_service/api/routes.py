@@ -1,0 +1,168 @@
+"""The v1 routes (DESIGN §5). Handlers only translate between HTTP and the engine."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from ..core.errors import InvalidInput, StoreUnavailable, Unauthorized
+from ..core.types import RolloutResult
+from ..engine import ErrorMemory
+from ..settings import Settings
+from .codec import SchemaError, decode_score_request, describe
+from .schemas import (
+    RUN_PATTERN,
+    ErrorResponse,
+    HealthResponse,
+    PromptResponse,
+    ReclusterRequest,
+    ReclusterResponse,
+    RunListResponse,
+    RunResponse,
+    ScoreResponse,
+)
+
+RunName = Annotated[str, Path(pattern=RUN_PATTERN, description="Run id: [A-Za-z0-9._-]{1,128}")]
+PromptId = Annotated[str, Path(min_length=1, max_length=512)]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse}
+    for code in (400, 401, 404, 409, 413, 422, 503)
+}
+
+
+def engine_of(request: Request) -> ErrorMemory:
+    return request.app.state.engine  # type: ignore[no-any-return]
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+EngineDep = Annotated[ErrorMemory, Depends(engine_of)]
+SettingsDep = Annotated[Settings, Depends(settings_of)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """Bearer-token auth against MEDS_API_KEYS; open when no keys are configured (dev)."""
+    if not settings.api_keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if not any(hmac.compare_digest(token.encode(), key.get_secret_value().encode()) for key in settings.api_keys):
+        raise Unauthorized("API key not accepted")
+
+
+def json_response(payload: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status_code, media_type="application/json")
+
+
+def result_json(result: RolloutResult) -> dict[str, Any]:
+    return {
+        "rollout_id": result.rollout_id,
+        "status": result.status.value,
+        "cluster": result.cluster,
+        "cluster_size": result.cluster_size,
+        "penalty": result.penalty,
+        "shaped_reward": result.shaped_reward,
+    }
+
+
+def run_json(engine: ErrorMemory, name: str) -> dict[str, Any]:
+    return {
+        "run": name,
+        "config": engine.config(name).as_dict(),
+        "stats": engine.stats(name),
+        "created_at": engine.created_at(name),
+    }
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+@v1.put("/runs/{run}", response_model=RunResponse, status_code=200, summary="Create or update a run's config")
+async def put_run(run: RunName, request: Request, engine: EngineDep) -> Response:
+    body = await request.body()
+    try:
+        patch = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError:
+        raise InvalidInput("body is not valid JSON") from None
+    if not isinstance(patch, dict):
+        raise SchemaError("body must be a JSON object of config fields")
+    _, created = await run_in_threadpool(engine.put_config, run, patch)
+    return json_response(run_json(engine, run), 201 if created else 200)
+
+
+@v1.get("/runs", response_model=RunListResponse, summary="List runs")
+async def list_runs(engine: EngineDep) -> Response:
+    return json_response({"runs": [run_json(engine, name) for name in engine.run_names()]})
+
+
+@v1.get("/runs/{run}", response_model=RunResponse, summary="A run's config and memory stats")
+async def get_run(run: RunName, engine: EngineDep) -> Response:
+    return json_response(run_json(engine, run))
+
+
+@v1.delete("/runs/{run}", status_code=204, summary="Forget a run and all its memory")
+async def delete_run(run: RunName, engine: EngineDep) -> Response:
+    await run_in_threadpool(engine.delete, run)
+    return Response(status_code=204)
+
+
+@v1.post(
+    "/runs/{run}/score",
+    response_model=ScoreResponse,
+    summary="Score a batch of rollouts and remember it",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
+        }
+    },
+)
+async def score(run: RunName, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+    body = await request.body()
+    batch, _step = decode_score_request(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
+    results = await run_in_threadpool(engine.score, run, batch)
+    return json_response({"results": [result_json(r) for r in results]})
+
+
+@v1.post("/runs/{run}/recluster", response_model=ReclusterResponse, summary="Refit now and answer when done")
+async def recluster(run: RunName, request: Request, engine: EngineDep) -> Response:
+    body = await request.body()
+    try:
+        options = ReclusterRequest.model_validate_json(body) if body.strip() else ReclusterRequest()
+    except ValidationError as exc:
+        raise SchemaError(describe(exc)) from None
+    report = await run_in_threadpool(engine.recluster, run, options.all)
+    return json_response(report)
+
+
+@v1.get("/runs/{run}/prompts/{prompt_id}", response_model=PromptResponse, summary="A prompt's memory")
+async def prompt(run: RunName, prompt_id: PromptId, engine: EngineDep) -> Response:
+    return json_response(await run_in_threadpool(engine.prompt, run, prompt_id))
+
+
+health = APIRouter()
+
+
+@health.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@health.get("/readyz", response_model=HealthResponse, responses={503: {"model": ErrorResponse}},
+            summary="Readiness: store reachable and memory loaded")
+async def readyz(engine: EngineDep) -> Response:
+    if not engine.loaded:
+        raise StoreUnavailable("memory is still loading", retry_after=2)
+    await run_in_threadpool(engine.store.ping)
+    return json_response({"status": "ready", "detail": {"store": engine.store.info(), "runs": len(engine.run_names())}})

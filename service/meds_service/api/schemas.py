@@ -1,0 +1,118 @@
+"""Wire models of the v1 API (requests end in Request, responses in Response)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.config import RunConfig
+
+RUN_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+Id = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class FingerprintMatrix(_Strict):
+    """Compact fingerprints: a base64 little-endian row-major float32 matrix, rows picked by `fingerprint_row`."""
+
+    dtype: Literal["float32"] = "float32"
+    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+    data: str
+
+
+class RolloutIn(_Strict):
+    rollout_id: Id = Field(description="Unique within the run; a retry with the same id is idempotent.")
+    prompt_id: Id = Field(description="Stable id of the prompt (the client derives it from the prompt text).")
+    correct: bool | None = Field(None, description="Correctness; null = unknown (never penalised).")
+    fingerprint: list[float] | None = Field(
+        None, description="Layer-wise logit fingerprint (float32 values); null = none (the rollout is skipped)."
+    )
+    fingerprint_row: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="Row of `fingerprint_matrix` holding this rollout's fingerprint (instead of a list)."
+    )
+    reward: float | None = Field(None, description="Raw reward; when given, the shaped reward is returned.")
+
+
+class ScoreRequest(_Strict):
+    step: int | None = Field(None, description="Training step, for logs only.")
+    rollouts: list[RolloutIn]
+    fingerprint_matrix: FingerprintMatrix | None = None
+
+
+class RolloutOut(BaseModel):
+    rollout_id: str
+    status: Literal["scored", "skipped", "duplicate"]
+    cluster: int | None = Field(description="Predicted error cluster (-1 = noise); null before the first fit.")
+    cluster_size: int = Field(description="Earlier rollouts of this prompt and group in that cluster.")
+    penalty: float = Field(description="min(alpha * ln(cluster_size + 1), beta) for targeted groups, else 0.")
+    shaped_reward: float | None = Field(description="reward - penalty (wrong), reward / (1 + penalty) (correct).")
+
+
+class ScoreResponse(BaseModel):
+    results: list[RolloutOut]
+
+
+class RunStats(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    keys: int
+    vectors: int
+    pending_refits: int
+    refits_in_flight: int
+    rollouts: int
+    dim: int | None
+    index_device: str | None
+
+
+class RunResponse(BaseModel):
+    run: str
+    config: RunConfig
+    stats: RunStats
+    created_at: float
+
+
+class RunListResponse(BaseModel):
+    runs: list[RunResponse]
+
+
+class ReclusterRequest(_Strict):
+    all: bool = Field(False, description="Refit every key, not only those with pending refits.")
+
+
+class ReclusterResponse(BaseModel):
+    run: str
+    refitted_keys: int
+    vectors: int
+    seconds: float
+
+
+class GroupMemory(BaseModel):
+    vectors: int
+    fitted: int = Field(description="Vectors covered by the last HDBSCAN fit.")
+    pending_refit: bool
+    clusters: dict[str, int] = Field(description="Label -> size in the last fit (-1 = noise).")
+    labels: list[int] = Field(description="Labels of the fitted vectors in arrival order.")
+
+
+class PromptResponse(BaseModel):
+    prompt_id: str
+    groups: dict[Literal["wrong", "correct", "unknown"], GroupMemory]
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    request_id: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class HealthResponse(BaseModel):
+    status: str
+    detail: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,89 @@
+"""create_app(settings) -> FastAPI. The lifespan opens the store, loads memory and starts refits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from . import __version__
+from .api import errors
+from .api.middleware import RequestContext
+from .api.routes import health, v1
+from .api.schemas import ScoreRequest
+from .engine import ErrorMemory, RefitScheduler
+from .metrics import Metrics
+from .settings import Settings
+from .workers import LocalRefitter, open_store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = open_store(settings.store_spec())
+        refitter = LocalRefitter(store.spec(), settings.refit_workers, processes=settings.refit_processes)
+        engine = ErrorMemory(store, refitter, index_device=settings.index_device, max_dim=settings.max_dim,
+                             observer=metrics)
+        scheduler = RefitScheduler(
+            engine,
+            interval_s=settings.refit_interval_s,
+            max_jobs=settings.refit_workers,
+            max_keys_per_job=settings.refit_max_keys_per_job,
+            max_vectors_per_job=settings.refit_max_vectors_per_job,
+        )
+        engine._on_pending = scheduler.wake
+        metrics.watch_memory(engine.totals)
+        app.state.engine = engine
+        try:
+            await run_in_threadpool(refitter.warm_up)
+            await run_in_threadpool(engine.load)
+            scheduler.start()
+            log.info("meds %s ready: store %s, %d runs", __version__, store.info(), len(engine.run_names()))
+            yield
+        finally:
+            scheduler.stop()
+            refitter.close()
+            store.close()
+
+    app = FastAPI(
+        title="meds",
+        version=__version__,
+        summary="MEDS reward shaping: penalise a wrong rollout by the size of the error cluster it repeats.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    errors.install(app)
+    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.include_router(health)
+    app.include_router(v1)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def openapi() -> dict[str, Any]:
+        """The generated schema plus ScoreRequest, which the score route decodes itself (for speed)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            extra = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(extra.pop("$defs", {}))
+            components["ScoreRequest"] = extra
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,152 @@
+"""A run's configuration: the knobs of the MEDS algorithm (DESIGN §2), validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from .errors import Conflict, InvalidInput
+from .types import Group
+
+PenaltyTarget = Literal["wrong", "correct", "both", "none"]
+NoisePolicy = Literal["cluster", "ignore"]
+Consistency = Literal["exact", "fast"]
+
+MAX_KNN_K = 64
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Defaults reproduce the reference implementation exactly.
+
+    `dim` is the length of the fingerprints the client sends (fixed by the first one when not given);
+    `layer_diff` and `last_n_layers` derive the stored features from it.
+    """
+
+    # pydantic reads this when the API validates a config body; core does not import pydantic.
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid", "strict": True}
+
+    alpha: float = 0.1
+    beta: float = 0.2
+    knn_k: int = 3
+    knn_metric: Literal["cosine"] = "cosine"
+    min_cluster_size: int = 2
+    min_samples: int = 1
+    cluster_selection_method: Literal["eom", "leaf"] = "eom"
+    cluster_selection_epsilon: float = 0.0
+    penalty_target: PenaltyTarget = "wrong"
+    noise_policy: NoisePolicy = "cluster"
+    layer_diff: bool = False
+    last_n_layers: int | None = None
+    max_memory_per_key: int | None = None
+    consistency: Consistency = "exact"
+    dim: int | None = None
+
+    # Fields that may change on a run that already has memory: they alter no stored state or label.
+    MUTABLE_WITH_MEMORY: ClassVar[frozenset[str]] = frozenset({"alpha", "beta", "penalty_target"})
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "cluster_selection_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidInput(f"{name} must be a number")
+            if not math.isfinite(value) or value < 0:
+                raise InvalidInput(f"{name} must be a finite number >= 0")
+        _check_int("knn_k", self.knn_k, 1, MAX_KNN_K)
+        _check_int("min_cluster_size", self.min_cluster_size, 2, None)
+        _check_int("min_samples", self.min_samples, 1, None)
+        _check_optional_int("last_n_layers", self.last_n_layers, 1)
+        _check_optional_int("max_memory_per_key", self.max_memory_per_key, 2)
+        _check_optional_int("dim", self.dim, 1)
+        if self.layer_diff and self.dim is not None and self.dim < 2:
+            raise InvalidInput("layer_diff needs fingerprints of at least 2 values (dim >= 2)")
+        _check_choice("penalty_target", self.penalty_target, ("wrong", "correct", "both", "none"))
+        _check_choice("noise_policy", self.noise_policy, ("cluster", "ignore"))
+        _check_choice("consistency", self.consistency, ("exact", "fast"))
+        _check_choice("knn_metric", self.knn_metric, ("cosine",))
+        _check_choice("cluster_selection_method", self.cluster_selection_method, ("eom", "leaf"))
+        if not isinstance(self.layer_diff, bool):
+            raise InvalidInput("layer_diff must be a boolean")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise InvalidInput(f"unknown config fields: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def updated(self, patch: Mapping[str, Any], *, has_memory: bool) -> RunConfig:
+        """This config with `patch` applied; refuses changes that would alter the results of a run with memory."""
+        merged = dataclasses.replace(self, **dict(patch)) if patch else self
+        if has_memory:
+            changed = {
+                f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(merged, f.name)
+            }
+            # dim may be filled in once (it is implied by the stored memory), never changed.
+            forbidden = sorted(changed - self.MUTABLE_WITH_MEMORY)
+            if forbidden:
+                raise Conflict(
+                    f"run has memory; changing {', '.join(forbidden)} would alter its results "
+                    f"(only {', '.join(sorted(self.MUTABLE_WITH_MEMORY))} may change; delete the run to start over)"
+                )
+        return merged
+
+    def with_dim(self, dim: int) -> RunConfig:
+        return dataclasses.replace(self, dim=dim)
+
+    # ---- derived shapes -------------------------------------------------------------------------
+
+    @property
+    def stored_dim(self) -> int:
+        """Columns kept per stored vector: the raw values the features are derived from, exactly."""
+        if self.dim is None:
+            raise InvalidInput("dim is not known yet")
+        return stored_columns(self.dim, self.layer_diff, self.last_n_layers)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.stored_dim - 1 if self.layer_diff else self.stored_dim
+
+    def fitted_groups(self) -> frozenset[Group]:
+        """Groups whose cluster sizes are visible in results; other groups need no HDBSCAN refits."""
+        target = self.penalty_target
+        groups = set()
+        if target in ("wrong", "both"):
+            groups.add(Group.WRONG)
+        if target in ("correct", "both"):
+            groups.add(Group.CORRECT)
+        if target != "none":
+            groups.add(Group.UNKNOWN)
+        return frozenset(groups)
+
+
+def stored_columns(dim: int, layer_diff: bool, last_n_layers: int | None) -> int:
+    """How many trailing raw values a fingerprint of length `dim` contributes to its features."""
+    feature_len = dim - 1 if layer_diff else dim
+    if last_n_layers is not None and feature_len >= last_n_layers:
+        feature_len = last_n_layers
+    return feature_len + 1 if layer_diff else feature_len
+
+
+def _check_int(name: str, value: object, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be an integer")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise InvalidInput(f"{name} must be {bound}")
+
+
+def _check_optional_int(name: str, value: object, low: int) -> None:
+    if value is not None:
+        _check_int(name, value, low, None)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidInput(f"{name} must be one of {', '.join(choices)}")

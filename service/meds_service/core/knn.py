@@ -1,0 +1,77 @@
+"""kNN label vote (DESIGN §2 step 3), exact to the reference including equal-distance ties.
+
+The reference asks scikit-learn `NearestNeighbors(n_neighbors=min(k, n), metric="cosine",
+algorithm="brute")` for each new vector's neighbours among a key's stored vectors and takes the most frequent
+of their labels, ties toward the smallest label. We get candidates from a float32 inner-product search over
+L2-normalised vectors (FAISS) and prove the neighbour set is the one scikit-learn would pick:
+
+1. float32 scores: the k-th and (k+1)-th similarities differ by more than twice the rounding bound → the set
+   of the first k candidates is certain (almost every query);
+2. float64 similarities of the key's normalised vectors, with a bound independent of the dimension; neighbours
+   inside the uncertainty band that all carry one label give the same vote whichever are picked;
+3. otherwise (true near-ties with different labels) the reference computation itself, on the raw features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from sklearn.neighbors import NearestNeighbors
+
+_U32 = 2.0**-24
+_U64 = 2.0**-53
+_MARGIN = 1e-12
+
+
+def float32_bound(dim: int, safety: float = 1.0) -> float:
+    """Bound on |float32 inner product of normalised vectors - scikit-learn's float64 cosine similarity|."""
+    return safety * ((dim + 3) * _U32 * 1.01 + 4 * (dim + 2) * _U64) + _MARGIN
+
+
+def float64_bound(dim: int) -> float:
+    """The same bound for a float64 inner product of the float32-normalised vectors."""
+    return 2.0001 * _U32 + 4 * (dim + 2) * _U64 + _MARGIN
+
+
+def vote(neighbour_labels: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Most frequent label per row, ties toward the smallest label (so noise, -1, wins a tie)."""
+    rows = np.sort(neighbour_labels, axis=1)
+    counts = (rows[:, :, None] == rows[:, None, :]).sum(axis=2)
+    # argmax returns the first maximum: on ascending rows that is the smallest of the most frequent labels.
+    return rows[np.arange(len(rows)), np.argmax(counts, axis=1)]
+
+
+def certain_top_k(scores: NDArray[np.float32], k: int, searchable: int, bound: float) -> NDArray[np.bool_]:
+    """Rows of a descending score matrix ([q, k+1] or [q, searchable]) whose first-k set is unambiguous."""
+    if searchable <= k:
+        return np.ones(len(scores), dtype=bool)
+    gap = scores[:, k - 1].astype(np.float64) - scores[:, k].astype(np.float64)
+    return np.asarray(gap > 2 * bound)
+
+
+def band_vote(
+    similarities: NDArray[np.float64], labels: NDArray[np.int64], k: int, bound: float
+) -> int | None:
+    """Vote from exact-enough similarities of one query to all searchable vectors, or None when ambiguous.
+
+    Vectors more than 2*bound above the k-th similarity are certainly neighbours, those more than 2*bound
+    below certainly are not; the rest (the band) fill the remaining places. If the band carries one label,
+    every choice gives the same vote.
+    """
+    k = min(k, len(similarities))
+    kth = np.partition(similarities, len(similarities) - k)[len(similarities) - k]
+    sure = similarities > kth + 2 * bound
+    band = ~sure & (similarities >= kth - 2 * bound)
+    band_labels = np.unique(labels[band])
+    if len(band_labels) != 1:
+        return None
+    chosen = np.concatenate([labels[sure], np.full(k - int(sure.sum()), band_labels[0], dtype=np.int64)])
+    return int(vote(chosen[None, :])[0])
+
+
+def reference_vote(history: NDArray[np.float64], labels: NDArray[np.int64], query: NDArray[np.float64], k: int) -> int:
+    """The reference computation verbatim: scikit-learn brute-force cosine kNN on raw features, then the vote."""
+    model = NearestNeighbors(n_neighbors=min(k, len(history)), metric="cosine", algorithm="brute")
+    model.fit(history)
+    _, indices = model.kneighbors(query.reshape(1, -1))
+    return int(vote(labels[indices[0]][None, :])[0])

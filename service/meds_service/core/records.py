@@ -1,0 +1,28 @@
+"""Small records the stores return besides the core types."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..core.config import RunConfig
+
+
+class RunRecord(NamedTuple):
+    name: str
+    config: RunConfig
+    created_at: float
+
+
+class RunCounts(NamedTuple):
+    keys: int
+    vectors: int
+    rollouts: int
+
+
+class KeyHead(NamedTuple):
+    """A key's counters: live sequence numbers start..n, last fit covering fit_start..fitted_upto."""
+
+    start: int
+    n: int
+    fit_start: int
+    fitted_upto: int

@@ -1,0 +1,626 @@
+"""ErrorMemory: owns the runs' memories and scores batches against them (DESIGN §2, §4).
+
+For each run the engine keeps a cache of every key's counters and last fit, and a FAISS shard index of its
+normalised vectors; the store stays the record. Scoring a batch reads the keys' state as it was before the
+batch, commits the batch to the store, then updates the cache, all under the run's lock, so updates of one
+key are atomic and rollouts of one batch never see each other. Refits happen elsewhere (`Refitter`) and
+are applied here when they finish; under `consistency="exact"` a score that touches a key with a pending
+refit waits for it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..core import knn
+from ..core.clustering import cluster_sizes
+from ..core.config import RunConfig
+from ..core.errors import InvalidInput, NotFound, StoreUnavailable
+from ..core.penalty import NO_CLUSTER, shape
+from ..core.preprocess import features, stored_vectors, unit_rows
+from ..core.types import (
+    Fit,
+    Group,
+    KeyAppend,
+    KeyState,
+    MemoryKey,
+    RolloutBatch,
+    RolloutResult,
+    RolloutStatus,
+    ScoredBatch,
+)
+from ..storage.index import ShardIndex
+from .ports import EngineObserver, MemoryStore, Refitter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_DIM = 8192
+
+
+@dataclass
+class CachedKey:
+    """A key's counters and last fit: live vectors have sequence numbers start..n."""
+
+    start: int = 0
+    n: int = 0
+    fit_start: int = 0
+    fitted_upto: int = 0
+    labels: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    sizes: NDArray[np.int64] = field(default_factory=lambda: np.zeros(1, np.int64))
+
+    @property
+    def stale(self) -> bool:
+        return self.n > 0 and (self.fit_start != self.start or self.fitted_upto != self.n)
+
+    @property
+    def has_fit(self) -> bool:
+        return self.fitted_upto > max(self.fit_start, self.start)
+
+    def take_fit(self, fit: Fit) -> bool:
+        """Adopt a fit unless it is older than the one held."""
+        if fit.fitted_upto < self.fitted_upto or fit.fit_start < self.fit_start:
+            return False
+        self.labels, self.fit_start, self.fitted_upto = fit.labels, fit.fit_start, fit.fitted_upto
+        self.sizes = cluster_sizes(fit.labels)
+        return True
+
+
+@dataclass
+class RunMemory:
+    name: str
+    config: RunConfig
+    created_at: float
+    keys: dict[MemoryKey, CachedKey] = field(default_factory=dict)
+    index: ShardIndex | None = None
+    rollouts: int = 0
+    pending: set[MemoryKey] = field(default_factory=set)
+    inflight: dict[MemoryKey, Future[list[Fit]]] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def needs_fit(self, key: MemoryKey, cached: CachedKey) -> bool:
+        return cached.stale and key.group in self.config.fitted_groups()
+
+    def refresh_pending(self, key: MemoryKey) -> None:
+        cached = self.keys.get(key)
+        if cached is not None and self.needs_fit(key, cached):
+            self.pending.add(key)
+        else:
+            self.pending.discard(key)
+
+
+class _NullObserver:
+    def rollouts(self, status: str, count: int) -> None:
+        pass
+
+    def penalties(self, values: Sequence[float]) -> None:
+        pass
+
+    def refit_done(self, keys: int, vectors: int, seconds: float) -> None:
+        pass
+
+    def refit_failed(self) -> None:
+        pass
+
+    def knn_fallback(self, tier: str) -> None:
+        pass
+
+
+class ErrorMemory:
+    """The engine: score batches, apply refits, answer stats. Thread-safe (one lock per run)."""
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        refitter: Refitter,
+        *,
+        index_device: str = "auto",
+        max_dim: int = DEFAULT_MAX_DIM,
+        observer: EngineObserver | None = None,
+        on_pending: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.refitter = refitter
+        self.index_device = index_device
+        self.max_dim = max_dim
+        self.observer: EngineObserver = observer or _NullObserver()
+        self._on_pending = on_pending or (lambda: None)
+        self._runs: dict[str, RunMemory] = {}
+        self._runs_lock = threading.Lock()
+        self.loaded = False
+
+    # ---- start-up -----------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Rebuild every run's cache and index from the store (the record)."""
+        for record in self.store.list_runs():
+            run = RunMemory(record.name, record.config, record.created_at)
+            if record.config.dim is not None:
+                states = self.store.load_keys(record.name, None, record.config.stored_dim)
+                run.index = ShardIndex(record.config.feature_dim, self.index_device)
+                for key, state in states.items():
+                    self._adopt_state(run, key, state)
+            run.rollouts = self.store.counts(record.name).rollouts
+            self._runs[record.name] = run
+        self.loaded = True
+        if any(run.pending for run in self._runs.values()):
+            self._on_pending()
+
+    def _adopt_state(self, run: RunMemory, key: MemoryKey, state: KeyState) -> None:
+        assert run.index is not None
+        cached = CachedKey(start=state.start, n=state.n)
+        if len(state.labels):
+            cached.take_fit(Fit(key, state.labels, state.fit_start, state.fitted_upto))
+        run.keys[key] = cached
+        run.index.remove(key)
+        if len(state.vectors):
+            run.index.append(key, self._normalised(state.vectors, run.config))
+        run.refresh_pending(key)
+
+    @staticmethod
+    def _normalised(stored: NDArray[np.float32], config: RunConfig) -> NDArray[np.float32]:
+        return unit_rows(features(stored, config.layer_diff)).astype(np.float32)
+
+    # ---- runs ---------------------------------------------------------------------------------------
+
+    def run_names(self) -> list[str]:
+        with self._runs_lock:
+            return sorted(self._runs)
+
+    def _run(self, name: str) -> RunMemory:
+        with self._runs_lock:
+            run = self._runs.get(name)
+        if run is None:
+            raise NotFound(f"run {name!r} does not exist")
+        return run
+
+    def _run_or_create(self, name: str) -> RunMemory:
+        with self._runs_lock:
+            run = self._runs.get(name)
+            if run is None:
+                record = self.store.save_run(name, RunConfig())
+                run = self._runs[name] = RunMemory(name, record.config, record.created_at)
+        return run
+
+    def config(self, name: str) -> RunConfig:
+        return self._run(name).config
+
+    def put_config(self, name: str, patch: dict[str, Any]) -> tuple[RunConfig, bool]:
+        """Create a run or update its config; returns (config, created). 409 if it would alter results."""
+        with self._runs_lock:
+            run = self._runs.get(name)
+            created = run is None
+            if run is None:
+                config = RunConfig.from_mapping(patch)
+                self._check_dim(config.dim)
+                record = self.store.save_run(name, config)
+                self._runs[name] = RunMemory(name, config, record.created_at)
+                return config, True
+        with run.lock:
+            self._ensure_alive(run)
+            config = run.config.updated(patch, has_memory=bool(run.keys))
+            self._check_dim(config.dim)
+            if config != run.config:
+                self.store.save_run(name, config)
+                run.config = config
+                for key in run.keys:
+                    run.refresh_pending(key)
+                if run.pending:
+                    self._on_pending()
+            return config, created
+
+    def delete(self, name: str) -> None:
+        with self._runs_lock:
+            run = self._runs.get(name)
+            if run is None:
+                raise NotFound(f"run {name!r} does not exist")
+            with run.lock:
+                self.store.delete_run(name)
+                del self._runs[name]
+
+    def _ensure_alive(self, run: RunMemory) -> None:
+        with self._runs_lock:
+            if self._runs.get(run.name) is not run:
+                raise NotFound(f"run {run.name!r} was deleted")
+
+    def _check_dim(self, dim: int | None) -> None:
+        if dim is not None and dim > self.max_dim:
+            raise InvalidInput(f"dim {dim} is over the limit of {self.max_dim} (MEDS_MAX_DIM)")
+
+    # ---- scoring ------------------------------------------------------------------------------------
+
+    def score(self, name: str, batch: RolloutBatch) -> list[RolloutResult]:
+        """Score a batch against the memory as it was before it, remember it, and return results in order."""
+        run = self._run_or_create(name)
+        with run.lock:
+            self._ensure_alive(run)
+            config = self._config_for(run, batch)
+            known = self.store.find_results(name, batch.rollout_ids)
+            fresh = np.array([rid not in known for rid in batch.rollout_ids], dtype=bool)
+            rows = np.flatnonzero(fresh & batch.has_fingerprint)
+            scored, scored_batch = self._score_rows(run, config, batch, rows)
+            if len(rows):
+                self.store.commit(name, config, scored_batch)
+                self._remember(run, config, scored_batch, batch, rows)
+        results = self._assemble(batch, known, fresh, scored)
+        self._observe(results)
+        return results
+
+    def _config_for(self, run: RunMemory, batch: RolloutBatch) -> RunConfig:
+        """The run's config, with `dim` fixed by this batch's fingerprints when it was still open."""
+        config = run.config
+        if not batch.has_fingerprint.any():
+            return config
+        dim = batch.fingerprints.shape[1]
+        if config.dim is None:
+            self._check_dim(dim)
+            if config.layer_diff and dim < 2:
+                raise InvalidInput("layer_diff needs fingerprints of at least 2 values")
+            return config.with_dim(dim)
+        if dim != config.dim:
+            raise InvalidInput(f"fingerprints have {dim} values but run {run.name!r} expects {config.dim}")
+        return config
+
+    def _score_rows(
+        self, run: RunMemory, config: RunConfig, batch: RolloutBatch, rows: NDArray[np.intp]
+    ) -> tuple[dict[int, RolloutResult], ScoredBatch]:
+        if not len(rows):
+            return {}, ScoredBatch([], [])
+        stored = stored_vectors(batch.fingerprints[rows], config)
+        feats = features(stored, config.layer_diff)
+        normed = unit_rows(feats).astype(np.float32)
+        by_key = _group_rows(batch, rows)
+        if config.consistency == "exact":
+            self._refit_touched(run, config, by_key.keys())
+        predicted = np.full(len(rows), NO_CLUSTER, dtype=np.int64)
+        sizes = np.zeros(len(rows), dtype=np.int64)
+        fitted = config.fitted_groups()
+        for key, positions in by_key.items():
+            cached = run.keys.get(key)
+            if cached is None or key.group not in fitted or not cached.has_fit:
+                continue
+            labels, key_sizes = self._assign(run, config, key, cached, normed[positions], feats[positions])
+            predicted[positions] = labels
+            sizes[positions] = key_sizes
+        groups = batch.groups[rows]
+        out_sizes, penalties, shaped = shape(groups, predicted, sizes, batch.rewards[rows], config)
+        results: dict[int, RolloutResult] = {}
+        for j, row in enumerate(rows.tolist()):
+            cluster = None if predicted[j] == NO_CLUSTER else int(predicted[j])
+            reward = None if np.isnan(shaped[j]) else float(shaped[j])
+            results[row] = RolloutResult(
+                batch.rollout_ids[row], RolloutStatus.SCORED, cluster, int(out_sizes[j]), float(penalties[j]), reward
+            )
+        appends, fits = self._appends(run, config, by_key, stored)
+        return results, ScoredBatch(appends, [results[r] for r in rows.tolist()], fits)
+
+    def _assign(
+        self,
+        run: RunMemory,
+        config: RunConfig,
+        key: MemoryKey,
+        cached: CachedKey,
+        queries: NDArray[np.float32],
+        query_features: NDArray[np.float64],
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """Predicted labels and cluster sizes of one key's new vectors, exact to the reference."""
+        assert run.index is not None
+        lo_seq = max(cached.fit_start, cached.start)
+        labels = cached.labels[lo_seq - cached.fit_start : cached.fitted_upto - cached.fit_start]
+        key_sizes = cached.sizes if len(labels) == len(cached.labels) else cluster_sizes(labels)
+        lo, hi = lo_seq - cached.start, cached.fitted_upto - cached.start
+        k = config.knn_k
+        searchable = hi - lo
+        scores, ids = run.index.search(key, lo, hi, queries, k + 1)
+        k_eff = min(k, searchable)
+        bound = knn.float32_bound(run.index.dim, run.index.rounding_safety)
+        sure = knn.certain_top_k(scores, k_eff, searchable, bound)
+        predicted = np.empty(len(queries), dtype=np.int64)
+        if sure.any():
+            predicted[sure] = knn.vote(labels[ids[sure, :k_eff]])
+        for q in np.flatnonzero(~sure).tolist():
+            predicted[q] = self._assign_near_tie(run, config, key, labels, queries[q], query_features[q], lo, hi)
+        return predicted, key_sizes[predicted + 1]
+
+    def _assign_near_tie(
+        self,
+        run: RunMemory,
+        config: RunConfig,
+        key: MemoryKey,
+        labels: NDArray[np.int64],
+        query: NDArray[np.float32],
+        query_features: NDArray[np.float64],
+        lo: int,
+        hi: int,
+    ) -> int:
+        """A query whose float32 neighbour set is not provably the reference's: decide it more exactly."""
+        assert run.index is not None
+        similarities = run.index.rows(key, lo, hi).astype(np.float64) @ query.astype(np.float64)
+        label = knn.band_vote(similarities, labels, config.knn_k, knn.float64_bound(run.index.dim))
+        if label is not None:
+            self.observer.knn_fallback("float64")
+            return label
+        self.observer.knn_fallback("reference")
+        state = self.store.load_keys(run.name, [key], config.stored_dim)[key]
+        history = features(state.vectors[lo:hi], config.layer_diff)
+        return knn.reference_vote(history, labels, query_features, config.knn_k)
+
+    def _appends(
+        self,
+        run: RunMemory,
+        config: RunConfig,
+        by_key: dict[MemoryKey, NDArray[np.intp]],
+        stored: NDArray[np.float32],
+    ) -> tuple[list[KeyAppend], list[Fit]]:
+        appends, fits = [], []
+        cap = config.max_memory_per_key
+        for key, positions in by_key.items():
+            cached = run.keys.get(key) or CachedKey()
+            n_new = cached.n + len(positions)
+            new_start = max(cached.start, n_new - cap) if cap else cached.start
+            appends.append(KeyAppend(key, cached.n, stored[positions], new_start))
+            if n_new - new_start < 2:  # HDBSCAN needs two points: such a key's labels are all noise
+                fits.append(Fit(key, np.full(n_new - new_start, -1, np.int64), new_start, n_new))
+        return appends, fits
+
+    def _remember(
+        self,
+        run: RunMemory,
+        config: RunConfig,
+        scored: ScoredBatch,
+        batch: RolloutBatch,
+        rows: NDArray[np.intp],
+    ) -> None:
+        """Mirror a committed batch into the cache and the index."""
+        if run.index is None:
+            run.index = ShardIndex(config.feature_dim, self.index_device)
+        run.config = config
+        for append in scored.appends:
+            cached = run.keys.setdefault(append.key, CachedKey())
+            run.index.append(append.key, self._normalised(append.vectors, config))
+            cached.n = append.first_seq + len(append.vectors)
+            if append.new_start > cached.start:
+                run.index.drop_front(append.key, append.new_start - cached.start)
+                cached.start = append.new_start
+        for fit in scored.fits:
+            run.keys[fit.key].take_fit(fit)
+        for append in scored.appends:
+            run.refresh_pending(append.key)
+        run.rollouts += len(scored.results)
+        if run.pending:
+            self._on_pending()
+
+    def _assemble(
+        self,
+        batch: RolloutBatch,
+        known: dict[str, RolloutResult],
+        fresh: NDArray[np.bool_],
+        scored: dict[int, RolloutResult],
+    ) -> list[RolloutResult]:
+        results = []
+        for i, rid in enumerate(batch.rollout_ids):
+            if not fresh[i]:
+                results.append(known[rid].as_duplicate())
+            elif i in scored:
+                results.append(scored[i])
+            else:
+                reward = None if np.isnan(batch.rewards[i]) else float(batch.rewards[i])
+                results.append(RolloutResult(rid, RolloutStatus.SKIPPED, None, 0, 0.0, reward))
+        return results
+
+    def _observe(self, results: Sequence[RolloutResult]) -> None:
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.status.value] = counts.get(r.status.value, 0) + 1
+        for status, count in counts.items():
+            self.observer.rollouts(status, count)
+        self.observer.penalties([r.penalty for r in results if r.status is RolloutStatus.SCORED])
+
+    # ---- refits -------------------------------------------------------------------------------------
+
+    def _refit_touched(self, run: RunMemory, config: RunConfig, keys: Iterable[MemoryKey]) -> None:
+        """The `exact` rule: keys this batch reads must have a fit of all their vectors first."""
+        due = [k for k in keys if k in run.pending]
+        rounds = 0
+        while due:
+            rounds += 1
+            if rounds > 3:
+                raise StoreUnavailable("refits of this batch's keys keep going stale; retry", retry_after=1)
+            waits = {id(f): f for k in due if (f := run.inflight.get(k)) is not None}
+            fresh = [k for k in due if k not in run.inflight]
+            if fresh:
+                future = self._submit(run, config, fresh)
+                waits[id(future)] = future
+            for future in waits.values():
+                self._apply(run, future)
+            due = [k for k in due if k in run.pending]
+
+    def _submit(self, run: RunMemory, config: RunConfig, keys: Sequence[MemoryKey]) -> Future[list[Fit]]:
+        future = self.refitter.submit(run.name, config, keys)
+        started = time.perf_counter()
+        future.add_done_callback(lambda f: setattr(f, "meds_seconds", time.perf_counter() - started))
+        future.add_done_callback(lambda _: self._on_pending())
+        for key in keys:
+            run.inflight[key] = future
+        return future
+
+    def _apply(self, run: RunMemory, future: Future[list[Fit]]) -> None:
+        """Wait for a refit job and adopt its labels (store first, then cache). Caller holds the run lock."""
+        try:
+            fits = future.result()
+        except Exception:
+            log.exception("refit of run %s failed", run.name)
+            self.observer.refit_failed()
+            fits = []
+        for key in [k for k, f in run.inflight.items() if f is future]:
+            del run.inflight[key]
+        with self._runs_lock:
+            alive = self._runs.get(run.name) is run
+        if not fits or not alive:
+            return
+        current = [f for f in fits if f.key in run.keys]
+        self.store.save_fits(run.name, current)
+        for fit in current:
+            run.keys[fit.key].take_fit(fit)
+            run.refresh_pending(fit.key)
+        seconds = getattr(future, "meds_seconds", 0.0)
+        self.observer.refit_done(len(current), sum(len(f.labels) for f in current), seconds)
+
+    def schedule_refits(self, max_jobs: int, max_keys_per_job: int, max_vectors_per_job: int) -> int:
+        """Background scheduling: submit pending keys not yet in flight, batched. Returns jobs submitted."""
+        submitted = 0
+        for name in self.run_names():
+            try:
+                run = self._run(name)
+            except NotFound:
+                continue
+            with run.lock:
+                todo = [k for k in run.pending if k not in run.inflight]
+                for job in _batches(todo, run, max_keys_per_job, max_vectors_per_job):
+                    if submitted >= max_jobs:
+                        return submitted
+                    self._submit(run, run.config, job)
+                    submitted += 1
+        return submitted
+
+    def reap_refits(self, block: bool = False) -> int:
+        """Adopt the results of finished background refit jobs. Returns jobs applied."""
+        applied = 0
+        for name in self.run_names():
+            try:
+                run = self._run(name)
+            except NotFound:
+                continue
+            with run.lock:
+                futures = {id(f): f for f in run.inflight.values() if block or f.done()}
+                for future in futures.values():
+                    self._apply(run, future)
+                    applied += 1
+        return applied
+
+    def inflight_jobs(self) -> int:
+        jobs: set[int] = set()
+        for name in self.run_names():
+            try:
+                run = self._run(name)
+            except NotFound:
+                continue
+            jobs.update(id(f) for f in list(run.inflight.values()))
+        return len(jobs)
+
+    def recluster(self, name: str, everything: bool = False) -> dict[str, Any]:
+        """Refit now: the pending keys (or every key) of a run, in parallel, and answer when done."""
+        run = self._run(name)
+        started = time.perf_counter()
+        with run.lock:
+            keys = list(run.keys) if everything else sorted(run.pending)
+            for key in keys:
+                if key in run.inflight:
+                    self._apply(run, run.inflight[key])
+            vectors = sum(run.keys[k].n - run.keys[k].start for k in keys)
+            jobs = [self._submit(run, run.config, job) for job in _split(keys, self.refitter.workers)]
+            for future in jobs:
+                self._apply(run, future)
+        return {
+            "run": name,
+            "refitted_keys": len(keys),
+            "vectors": vectors,
+            "seconds": round(time.perf_counter() - started, 6),
+        }
+
+    # ---- views --------------------------------------------------------------------------------------
+
+    def stats(self, name: str) -> dict[str, Any]:
+        run = self._run(name)
+        with run.lock:
+            return {
+                "keys": len(run.keys),
+                "vectors": sum(c.n - c.start for c in run.keys.values()),
+                "pending_refits": len(run.pending),
+                "refits_in_flight": len(run.inflight),
+                "rollouts": run.rollouts,
+                "dim": run.config.dim,
+                "index_device": run.index.device if run.index else None,
+            }
+
+    def created_at(self, name: str) -> float:
+        return self._run(name).created_at
+
+    def prompt(self, name: str, prompt_id: str) -> dict[str, Any]:
+        run = self._run(name)
+        groups: dict[str, Any] = {}
+        with run.lock:
+            for group in Group:
+                cached = run.keys.get(MemoryKey(prompt_id, group))
+                if cached is None:
+                    continue
+                labels = cached.labels
+                values, counts = np.unique(labels, return_counts=True)
+                groups[group.wire] = {
+                    "vectors": cached.n - cached.start,
+                    "fitted": cached.fitted_upto - cached.fit_start,
+                    "pending_refit": MemoryKey(prompt_id, group) in run.pending,
+                    "clusters": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
+                    "labels": labels.tolist(),
+                }
+        if not groups:
+            raise NotFound(f"run {name!r} has no memory of prompt {prompt_id!r}")
+        return {"prompt_id": prompt_id, "groups": groups}
+
+    def totals(self) -> dict[str, int]:
+        """Across runs, for the metrics gauges."""
+        keys = vectors = pending = 0
+        for name in self.run_names():
+            try:
+                run = self._run(name)
+            except NotFound:
+                continue
+            keys += len(run.keys)
+            vectors += sum(c.n - c.start for c in list(run.keys.values()))
+            pending += len(run.pending)
+        return {
+            "runs": len(self._runs),
+            "keys": keys,
+            "vectors": vectors,
+            "pending_refits": pending,
+            "refits_in_flight": self.inflight_jobs(),
+        }
+
+
+def _group_rows(batch: RolloutBatch, rows: NDArray[np.intp]) -> dict[MemoryKey, NDArray[np.intp]]:
+    """Positions (into `rows`) of each key's rollouts, keys in order of first appearance."""
+    positions: dict[tuple[str, int], list[int]] = {}
+    prompt_ids, groups = batch.prompt_ids, batch.groups.tolist()
+    for j, row in enumerate(rows.tolist()):
+        positions.setdefault((prompt_ids[row], groups[row]), []).append(j)
+    return {MemoryKey(p, Group(g)): np.asarray(v, dtype=np.intp) for (p, g), v in positions.items()}
+
+
+def _batches(
+    keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: int
+) -> Iterable[list[MemoryKey]]:
+    job: list[MemoryKey] = []
+    vectors = 0
+    for key in keys:
+        cached = run.keys[key]
+        size = cached.n - cached.start
+        if job and (len(job) >= max_keys or vectors + size > max_vectors):
+            yield job
+            job, vectors = [], 0
+        job.append(key)
+        vectors += size
+    if job:
+        yield job
+
+
+def _split(keys: list[MemoryKey], parts: int) -> list[list[MemoryKey]]:
+    parts = max(1, min(parts, len(keys)))
+    return [keys[i::parts] for i in range(parts)] if keys else []

@@ -1,0 +1,63 @@
+"""Service settings: one class, read from `MEDS_*` environment variables, validated at start."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Defaults suit one machine and the embedded SQLite store."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDS_", extra="ignore")
+
+    env: Literal["dev", "production"] = "dev"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Storage: the embedded SQLite file in data_dir, unless redis_url is given.
+    data_dir: Path = Path("./meds-data")
+    redis_url: str | None = None
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+    # Auth: comma-separated API keys; empty = no auth (refused in production).
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    # Limits.
+    max_body_bytes: int = Field(32 * MiB, ge=1024)
+    max_batch: int = Field(65_536, ge=1)
+    max_dim: int = Field(8192, ge=1)
+
+    # Refits.
+    refit_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    refit_processes: bool = True
+    refit_interval_s: float = Field(0.5, gt=0)
+    refit_max_keys_per_job: int = Field(256, ge=1)
+    refit_max_vectors_per_job: int = Field(50_000, ge=1)
+
+    # kNN index: FAISS on a GPU when CUDA is visible ("auto"), or forced to one device.
+    index_device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_keys(self) -> Settings:
+        if self.env == "production" and not self.api_keys:
+            raise ValueError("MEDS_ENV=production requires MEDS_API_KEYS (comma-separated API keys)")
+        return self
+
+    def store_spec(self) -> tuple[str, str]:
+        return ("redis", self.redis_url) if self.redis_url else ("sqlite", str(self.data_dir))

@@ -1,0 +1,108 @@
+"""The kNN index: per-key shards of L2-normalised float32 vectors, searched by inner product with FAISS.
+
+Inner product on unit vectors is cosine similarity. Each memory key is its own shard (one contiguous array),
+because a query only ever looks at its own key's vectors: a global index would scan every key. A GPU is used
+when FAISS was built with CUDA support and one is visible (`MEDS_INDEX_DEVICE=auto|cuda`), otherwise the
+CPU; results carry a rounding bound that the engine uses to prove the neighbour sets exact (see core/knn.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import faiss  # type: ignore[import-untyped]
+import numpy as np
+from numpy.typing import NDArray
+
+log = logging.getLogger(__name__)
+
+
+def gpu_count() -> int:
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:  # a CPU-only FAISS build has no GPU API at all
+        return 0
+
+
+@dataclass
+class _Shard:
+    rows: NDArray[np.float32]  # capacity x dim; the first `count` rows are live
+    count: int = 0
+
+
+class ShardIndex:
+    """Normalised vectors of one run, one growable shard per key; row 0 of a shard is the key's oldest live vector."""
+
+    def __init__(self, dim: int, device: str = "auto") -> None:
+        self.dim = dim
+        self._shards: dict[Hashable, _Shard] = {}
+        self._gpu_resources = None
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown index device {device!r}")
+        if device != "cpu" and gpu_count() > 0:
+            self._gpu_resources = faiss.StandardGpuResources()
+        elif device == "cuda":
+            log.warning("MEDS_INDEX_DEVICE=cuda but FAISS sees no GPU; using the CPU")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self._gpu_resources is not None else "cpu"
+
+    @property
+    def rounding_safety(self) -> float:
+        """Factor on the float32 rounding bound: GPU GEMMs may sum in other orders and fused steps."""
+        return 8.0 if self._gpu_resources is not None else 1.0
+
+    def __len__(self) -> int:
+        return len(self._shards)
+
+    def total(self) -> int:
+        return sum(s.count for s in self._shards.values())
+
+    def count(self, key: Hashable) -> int:
+        shard = self._shards.get(key)
+        return 0 if shard is None else shard.count
+
+    def append(self, key: Hashable, vectors: NDArray[np.float32]) -> None:
+        shard = self._shards.get(key)
+        if shard is None:
+            shard = self._shards[key] = _Shard(np.empty((max(16, len(vectors)), self.dim), np.float32))
+        needed = shard.count + len(vectors)
+        if needed > len(shard.rows):
+            grown = np.empty((max(needed, 2 * len(shard.rows)), self.dim), np.float32)
+            grown[: shard.count] = shard.rows[: shard.count]
+            shard.rows = grown
+        shard.rows[shard.count : needed] = vectors
+        shard.count = needed
+
+    def drop_front(self, key: Hashable, n: int) -> None:
+        """Forget a key's n oldest vectors (a capped memory moved on)."""
+        shard = self._shards[key]
+        n = min(n, shard.count)
+        shard.rows[: shard.count - n] = shard.rows[n : shard.count].copy()
+        shard.count -= n
+
+    def remove(self, key: Hashable) -> None:
+        self._shards.pop(key, None)
+
+    def rows(self, key: Hashable, lo: int, hi: int) -> NDArray[np.float32]:
+        return self._shards[key].rows[lo:hi]
+
+    def search(
+        self, key: Hashable, lo: int, hi: int, queries: NDArray[np.float32], k: int
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """The k most similar of a key's rows lo..hi for each query: (similarities descending, row - lo)."""
+        base = self._shards[key].rows[lo:hi]
+        k = min(k, len(base))
+        if self._gpu_resources is not None:
+            try:
+                return faiss.knn_gpu(  # type: ignore[no-any-return]
+                    self._gpu_resources, queries, base, k, metric=faiss.METRIC_INNER_PRODUCT
+                )
+            except RuntimeError:
+                log.exception("GPU kNN failed; falling back to the CPU for this index")
+                self._gpu_resources = None
+        scores, ids = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores, ids

@@ -1,0 +1,40 @@
+"""Shared fixtures: settings on a temporary data folder and real servers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meds_service.settings import Settings
+from tests.support.server import thread_server
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"data_dir": tmp_path / "data", "refit_interval_s": 0.05}
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def start_server(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., str]]:
+    """Start real uvicorn servers (threads) with given settings; all stop at teardown."""
+    with ExitStack() as stack:
+
+        def start(settings: Settings | None = None, **overrides: Any) -> str:
+            return stack.enter_context(thread_server(settings or make_settings(**overrides)))
+
+        yield start
+
+
+@pytest.fixture
+def meds_server(start_server: Callable[..., str]) -> str:
+    """Base URL of a real service on the embedded store, refits in worker processes."""
+    return start_server()
