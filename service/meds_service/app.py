@@ -34,8 +34,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = open_store(settings.store_spec())
         refitter = LocalRefitter(store.spec(), settings.refit_workers, processes=settings.refit_processes)
-        engine = ErrorMemory(store, refitter, index_device=settings.index_device, max_dim=settings.max_dim,
-                             observer=metrics)
+        engine = ErrorMemory(
+            store, refitter, index_device=settings.index_device, max_dim=settings.max_dim, observer=metrics
+        )
         scheduler = RefitScheduler(
             engine,
             interval_s=settings.refit_interval_s,
@@ -43,13 +44,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_keys_per_job=settings.refit_max_keys_per_job,
             max_vectors_per_job=settings.refit_max_vectors_per_job,
         )
-        engine._on_pending = scheduler.wake
+        if settings.refit_background:
+            engine.on_pending = scheduler.wake
         metrics.watch_memory(engine.totals)
         app.state.engine = engine
         try:
             await run_in_threadpool(refitter.warm_up)
             await run_in_threadpool(engine.load)
-            scheduler.start()
+            if settings.refit_background:
+                scheduler.start()
             log.info("meds %s ready: store %s, %d runs", __version__, store.info(), len(engine.run_names()))
             yield
         finally:

@@ -71,22 +71,31 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "meds_http_requests", "HTTP requests by route, method and status.", ["route", "method", "status"],
+            "meds_http_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "meds_http_request_duration_seconds", "HTTP request latency by route and status.",
-            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "meds_http_request_duration_seconds",
+            "HTTP request latency by route and status.",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.rollouts_total = Counter(
-            "meds_rollouts", "Rollouts by outcome: scored, skipped (no fingerprint) or duplicate (retry).",
-            ["status"], registry=self.registry,
+            "meds_rollouts",
+            "Rollouts by outcome: scored, skipped (no fingerprint) or duplicate (retry).",
+            ["status"],
+            registry=self.registry,
         )
         self.penalty = _BulkHistogram("meds_penalty", "Penalties given to scored rollouts.", PENALTY_BUCKETS)
         self.registry.register(self.penalty)
         self.refit_seconds = Histogram(
-            "meds_refit_duration_seconds", "Wall time of one refit job (submit to result).",
-            buckets=REFIT_BUCKETS, registry=self.registry,
+            "meds_refit_duration_seconds",
+            "Wall time of one refit job (submit to result).",
+            buckets=REFIT_BUCKETS,
+            registry=self.registry,
         )
         self.refit_keys = Counter("meds_refit_keys", "Keys refitted with HDBSCAN.", registry=self.registry)
         self.refit_vectors = Counter("meds_refit_vectors", "Vectors clustered by refits.", registry=self.registry)
@@ -94,7 +103,8 @@ class Metrics:
         self.knn_fallbacks = Counter(
             "meds_knn_fallbacks",
             "Queries whose float32 neighbours were not provably exact, by the tier that decided them.",
-            ["tier"], registry=self.registry,
+            ["tier"],
+            registry=self.registry,
         )
 
     def watch_memory(self, totals: Callable[[], dict[str, int]]) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 MiB = 1024 * 1024
 
@@ -36,7 +35,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(65_536, ge=1)
     max_dim: int = Field(8192, ge=1)
 
-    # Refits.
+    # Refits. refit_background=false leaves refits to the exact rule, POST /recluster and `meds worker`s.
+    refit_background: bool = True
     refit_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     refit_processes: bool = True
     refit_interval_s: float = Field(0.5, gt=0)

@@ -32,7 +32,8 @@ def open_store(spec: tuple[str, str], *, read_only: bool = False) -> MemoryStore
     if backend == "redis":
         from .storage.redis import RedisStore
 
-        return RedisStore(where)
+        store: MemoryStore = RedisStore(where)
+        return store
     raise ValueError(f"unknown store backend {backend!r}")
 
 

@@ -14,7 +14,13 @@ from tests.support.trace import TraceSpec, to_wire, trace_steps
 pytestmark = pytest.mark.slow
 
 
-def replay(base_url: str, run: str, spec: TraceSpec, reference: ReferenceMEDS, between: Callable[[], Any] | None = None) -> dict[str, int]:
+def replay(
+    base_url: str,
+    run: str,
+    spec: TraceSpec,
+    reference: ReferenceMEDS,
+    between: Callable[[], Any] | None = None,
+) -> dict[str, int]:
     """Send every step, compare every result with the reference; returns counts of what was compared."""
     seen = {"rollouts": 0, "penalised": 0, "noise": 0, "clusters": 0, "skipped": 0}
     with httpx.Client(base_url=base_url, timeout=120) as client:

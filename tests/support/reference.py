@@ -44,6 +44,8 @@ class ReferenceMEDS:
     last_n_layers: int | None = None
     min_cluster_size: int = 2
     min_samples: int = 1
+    cluster_selection_method: str = "eom"
+    max_memory_per_key: int | None = None  # not in the paper: keep only the newest vectors of each key
     state: dict[tuple[str, int], dict[str, list[Any]]] = field(default_factory=dict)
 
     def _vector(self, fingerprint: list[float]) -> np.ndarray:
@@ -70,7 +72,10 @@ class ReferenceMEDS:
             return
         x = normalize(np.stack(vectors, axis=0), norm="l2")
         model = hdbscan.HDBSCAN(
-            min_cluster_size=self.min_cluster_size, min_samples=self.min_samples, metric="euclidean"
+            min_cluster_size=self.min_cluster_size,
+            min_samples=self.min_samples,
+            metric="euclidean",
+            cluster_selection_method=self.cluster_selection_method,
         )
         self.state[key]["labels"] = model.fit_predict(x).tolist()
 
@@ -93,6 +98,8 @@ class ReferenceMEDS:
                     predicted[r.rollout_id] = (None, 0)
             for _, vec in samples:
                 state["vectors"].append(vec)
+            if self.max_memory_per_key is not None:
+                state["vectors"] = state["vectors"][-self.max_memory_per_key :]
             self._refit(key)
         return {r.rollout_id: self._result(r, predicted.get(r.rollout_id)) for r in rollouts}
 
@@ -101,13 +108,17 @@ class ReferenceMEDS:
             return RefResult(None, 0, 0.0, r.reward)
         label, size = prediction
         target = self.penalty_target
-        if (r.correct is True and target in ("wrong", "none")) or (r.correct is False and target in ("correct", "none")):
+        if (r.correct is True and target in ("wrong", "none")) or (
+            r.correct is False and target in ("correct", "none")
+        ):
             size = 0
         if r.correct is None and target == "none":
             size = 0
         if self.noise_policy == "ignore" and label == -1:
             size = 0
-        penalised = (r.correct is False and target in ("wrong", "both")) or (r.correct is True and target in ("correct", "both"))
+        penalised = (r.correct is False and target in ("wrong", "both")) or (
+            r.correct is True and target in ("correct", "both")
+        )
         penalty = min(self.alpha * math.log(size + 1), self.beta) if penalised else 0.0
         shaped = None
         if r.reward is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
 import orjson
 from fastapi import FastAPI, Request
@@ -33,9 +34,17 @@ STATUS: dict[type[MedsError], int] = {
     PayloadTooLarge: 413,
     StoreUnavailable: 503,
 }
-_HTTP_TYPES = {400: "invalid_input", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_input",
-               503: "unavailable"}
+_HTTP_TYPES = {
+    400: "invalid_input",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    503: "unavailable",
+}
 
 
 def request_id_of(request: Request) -> str | None:
@@ -43,7 +52,7 @@ def request_id_of(request: Request) -> str | None:
 
 
 def error_response(
-    status: int, type_: str, message: str, request_id: str | None, headers: dict[str, str] | None = None
+    status: int, type_: str, message: str, request_id: str | None, headers: Mapping[str, str] | None = None
 ) -> Response:
     body = orjson.dumps({"error": {"type": type_, "message": message, "request_id": request_id}})
     return Response(body, status_code=status, media_type="application/json", headers=headers)

@@ -32,8 +32,7 @@ RunName = Annotated[str, Path(pattern=RUN_PATTERN, description="Run id: [A-Za-z0
 PromptId = Annotated[str, Path(min_length=1, max_length=512)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse}
-    for code in (400, 401, 404, 409, 413, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 503)
 }
 
 
@@ -159,8 +158,12 @@ async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@health.get("/readyz", response_model=HealthResponse, responses={503: {"model": ErrorResponse}},
-            summary="Readiness: store reachable and memory loaded")
+@health.get(
+    "/readyz",
+    response_model=HealthResponse,
+    responses={503: {"model": ErrorResponse}},
+    summary="Readiness: store reachable and memory loaded",
+)
 async def readyz(engine: EngineDep) -> Response:
     if not engine.loaded:
         raise StoreUnavailable("memory is still loading", retry_after=2)

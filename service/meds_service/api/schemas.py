@@ -29,10 +29,12 @@ class RolloutIn(_Strict):
     prompt_id: Id = Field(description="Stable id of the prompt (the client derives it from the prompt text).")
     correct: bool | None = Field(None, description="Correctness; null = unknown (never penalised).")
     fingerprint: list[float] | None = Field(
-        None, description="Layer-wise logit fingerprint (float32 values); null = none (the rollout is skipped)."
+        None,
+        description="Layer-wise logit fingerprint (float32 values); null = none (the rollout is skipped).",
     )
     fingerprint_row: Annotated[int, Field(ge=0)] | None = Field(
-        None, description="Row of `fingerprint_matrix` holding this rollout's fingerprint (instead of a list)."
+        None,
+        description="Row of `fingerprint_matrix` holding this rollout's fingerprint (instead of a list).",
     )
     reward: float | None = Field(None, description="Raw reward; when given, the shaped reward is returned.")
 

@@ -38,9 +38,7 @@ def fit_labels(stored: NDArray[np.float32], config: RunConfig) -> NDArray[np.int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if x.shape[1] > _BORUVKA_MAX_DIM:
-            single_linkage, _ = _hdbscan_prims_kdtree(
-                x, min_samples, 1.0, "euclidean", None, _LEAF_SIZE, False
-            )
+            single_linkage, _ = _hdbscan_prims_kdtree(x, min_samples, 1.0, "euclidean", None, _LEAF_SIZE, False)
         else:
             single_linkage, _ = _hdbscan_boruvka_kdtree(
                 x, min_samples, 1.0, "euclidean", None, _LEAF_SIZE, True, False, _CORE_DIST_N_JOBS

@@ -83,12 +83,9 @@ class RunConfig:
 
     def updated(self, patch: Mapping[str, Any], *, has_memory: bool) -> RunConfig:
         """This config with `patch` applied; refuses changes that would alter the results of a run with memory."""
-        merged = dataclasses.replace(self, **dict(patch)) if patch else self
+        merged = RunConfig.from_mapping({**self.as_dict(), **patch}) if patch else self
         if has_memory:
-            changed = {
-                f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(merged, f.name)
-            }
-            # dim may be filled in once (it is implied by the stored memory), never changed.
+            changed = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(merged, f.name)}
             forbidden = sorted(changed - self.MUTABLE_WITH_MEMORY)
             if forbidden:
                 raise Conflict(

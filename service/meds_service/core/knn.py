@@ -38,7 +38,7 @@ def vote(neighbour_labels: NDArray[np.int64]) -> NDArray[np.int64]:
     rows = np.sort(neighbour_labels, axis=1)
     counts = (rows[:, :, None] == rows[:, None, :]).sum(axis=2)
     # argmax returns the first maximum: on ascending rows that is the smallest of the most frequent labels.
-    return rows[np.arange(len(rows)), np.argmax(counts, axis=1)]
+    return np.asarray(rows[np.arange(len(rows)), np.argmax(counts, axis=1)], dtype=np.int64)
 
 
 def certain_top_k(scores: NDArray[np.float32], k: int, searchable: int, bound: float) -> NDArray[np.bool_]:
@@ -49,9 +49,7 @@ def certain_top_k(scores: NDArray[np.float32], k: int, searchable: int, bound: f
     return np.asarray(gap > 2 * bound)
 
 
-def band_vote(
-    similarities: NDArray[np.float64], labels: NDArray[np.int64], k: int, bound: float
-) -> int | None:
+def band_vote(similarities: NDArray[np.float64], labels: NDArray[np.int64], k: int, bound: float) -> int | None:
     """Vote from exact-enough similarities of one query to all searchable vectors, or None when ambiguous.
 
     Vectors more than 2*bound above the k-th similarity are certainly neighbours, those more than 2*bound

@@ -32,4 +32,4 @@ def unit_rows(x: NDArray[np.float64]) -> NDArray[np.float64]:
     """
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     norms[norms < 10 * np.finfo(np.float64).eps] = 1.0
-    return x / norms[:, None]
+    return np.asarray(x / norms[:, None], dtype=np.float64)

@@ -52,7 +52,11 @@ class RolloutResult:
 
     def as_duplicate(self) -> RolloutResult:
         return RolloutResult(
-            self.rollout_id, RolloutStatus.DUPLICATE, self.cluster, self.cluster_size, self.penalty,
+            self.rollout_id,
+            RolloutStatus.DUPLICATE,
+            self.cluster,
+            self.cluster_size,
+            self.penalty,
             self.shaped_reward,
         )
 

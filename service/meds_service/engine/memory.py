@@ -132,7 +132,7 @@ class ErrorMemory:
         self.index_device = index_device
         self.max_dim = max_dim
         self.observer: EngineObserver = observer or _NullObserver()
-        self._on_pending = on_pending or (lambda: None)
+        self.on_pending = on_pending or (lambda: None)
         self._runs: dict[str, RunMemory] = {}
         self._runs_lock = threading.Lock()
         self.loaded = False
@@ -152,7 +152,7 @@ class ErrorMemory:
             self._runs[record.name] = run
         self.loaded = True
         if any(run.pending for run in self._runs.values()):
-            self._on_pending()
+            self.on_pending()
 
     def _adopt_state(self, run: RunMemory, key: MemoryKey, state: KeyState) -> None:
         assert run.index is not None
@@ -214,7 +214,7 @@ class ErrorMemory:
                 for key in run.keys:
                     run.refresh_pending(key)
                 if run.pending:
-                    self._on_pending()
+                    self.on_pending()
             return config, created
 
     def delete(self, name: str) -> None:
@@ -297,7 +297,12 @@ class ErrorMemory:
             cluster = None if predicted[j] == NO_CLUSTER else int(predicted[j])
             reward = None if np.isnan(shaped[j]) else float(shaped[j])
             results[row] = RolloutResult(
-                batch.rollout_ids[row], RolloutStatus.SCORED, cluster, int(out_sizes[j]), float(penalties[j]), reward
+                batch.rollout_ids[row],
+                RolloutStatus.SCORED,
+                cluster,
+                int(out_sizes[j]),
+                float(penalties[j]),
+                reward,
             )
         appends, fits = self._appends(run, config, by_key, stored)
         return results, ScoredBatch(appends, [results[r] for r in rows.tolist()], fits)
@@ -396,7 +401,7 @@ class ErrorMemory:
             run.refresh_pending(append.key)
         run.rollouts += len(scored.results)
         if run.pending:
-            self._on_pending()
+            self.on_pending()
 
     def _assemble(
         self,
@@ -447,7 +452,7 @@ class ErrorMemory:
         future = self.refitter.submit(run.name, config, keys)
         started = time.perf_counter()
         future.add_done_callback(lambda f: setattr(f, "meds_seconds", time.perf_counter() - started))
-        future.add_done_callback(lambda _: self._on_pending())
+        future.add_done_callback(lambda _: self.on_pending())
         for key in keys:
             run.inflight[key] = future
         return future
@@ -604,9 +609,7 @@ def _group_rows(batch: RolloutBatch, rows: NDArray[np.intp]) -> dict[MemoryKey, 
     return {MemoryKey(p, Group(g)): np.asarray(v, dtype=np.intp) for (p, g), v in positions.items()}
 
 
-def _batches(
-    keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: int
-) -> Iterable[list[MemoryKey]]:
+def _batches(keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: int) -> Iterable[list[MemoryKey]]:
     job: list[MemoryKey] = []
     vectors = 0
     for key in keys:

@@ -23,8 +23,8 @@ import numpy as np
 
 from ..core.config import RunConfig
 from ..core.errors import StoreUnavailable
-from ..core.types import Fit, Group, KeyState, MemoryKey, RolloutResult, RolloutStatus, ScoredBatch
 from ..core.records import KeyHead, RunCounts, RunRecord
+from ..core.types import Fit, Group, KeyState, MemoryKey, RolloutResult, RolloutStatus, ScoredBatch
 
 DB_FILE = "meds.sqlite3"
 LOCK_FILE = "meds.lock"
@@ -227,8 +227,7 @@ class SQLiteStore:
                 return {}
             if keys is None:
                 rows = db.execute(
-                    "SELECT key_id, prompt_id, grp, start, n, fit_start, fitted_upto, labels "
-                    "FROM keys WHERE run_id=?",
+                    "SELECT key_id, prompt_id, grp, start, n, fit_start, fitted_upto, labels FROM keys WHERE run_id=?",
                     (run_id,),
                 ).fetchall()
             else:
@@ -289,7 +288,7 @@ class SQLiteStore:
                         "INSERT INTO keys(run_id, prompt_id, grp, start, n) VALUES(?, ?, ?, ?, ?)",
                         (run_id, key.prompt_id, int(key.group), append.new_start, n_new),
                     )
-                    key_id = cur.lastrowid
+                    key_id = int(cur.lastrowid or 0)
                 else:
                     key_id, n_old = row
                     if n_old != append.first_seq:
@@ -304,10 +303,7 @@ class SQLiteStore:
             db.executemany(
                 "INSERT INTO rollouts(run_id, rollout_id, cluster, cluster_size, penalty, shaped_reward) "
                 "VALUES(?, ?, ?, ?, ?, ?)",
-                [
-                    (run_id, r.rollout_id, r.cluster, r.cluster_size, r.penalty, r.shaped_reward)
-                    for r in batch.results
-                ],
+                [(run_id, r.rollout_id, r.cluster, r.cluster_size, r.penalty, r.shaped_reward) for r in batch.results],
             )
             _save_fits(db, run_id, batch.fits)
 

@@ -1,0 +1,39 @@
+# Set-up and checks. `make serve` and `make test` each create the virtualenv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned to the CPU build that lies on this machine's disk; never let a resolver pick another.
+TORCH ?= torch==2.13.0
+
+.PHONY: serve test test-fast lint bench install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+
+## Start the service on the embedded SQLite store (./meds-data) at http://127.0.0.1:8000
+serve: install
+	$(BIN)/meds serve
+
+## The full test suite: unit tests with the coverage gate, then everything else (Redis tests start their own server)
+test: install-test
+	$(BIN)/pytest tests/unit --cov=meds_service --cov-report=term --cov-fail-under=90 -q
+	$(BIN)/pytest tests --ignore=tests/unit -q
+
+lint: install-test
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service
+	$(BIN)/mypy service/meds_service
+
+bench: install-test
+	$(BIN)/python bench/bench_score.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

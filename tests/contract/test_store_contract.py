@@ -1,0 +1,119 @@
+"""The MemoryStore contract, run against every store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meds_service.core.config import RunConfig
+from meds_service.core.errors import StoreUnavailable
+from meds_service.core.types import (
+    Fit,
+    Group,
+    KeyAppend,
+    MemoryKey,
+    RolloutResult,
+    RolloutStatus,
+    ScoredBatch,
+)
+from meds_service.engine.ports import MemoryStore
+
+W = MemoryKey("p1", Group.WRONG)
+C = MemoryKey("p1", Group.CORRECT)
+CONFIG = RunConfig(dim=4)
+
+
+def vectors(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
+
+
+def result(rid: str, size: int = 0, shaped: float | None = None) -> RolloutResult:
+    return RolloutResult(rid, RolloutStatus.SCORED, None if size == 0 else 1, size, 0.1 * size, shaped)
+
+
+def test_runs_roundtrip_and_delete(store: MemoryStore) -> None:
+    assert store.get_run("a") is None and store.list_runs() == []
+    record = store.save_run("a", RunConfig(alpha=0.3))
+    assert record.name == "a" and record.config.alpha == 0.3 and record.created_at > 0
+    store.save_run("a", RunConfig(alpha=0.4))
+    assert store.get_run("a").config.alpha == 0.4  # type: ignore[union-attr]
+    assert store.get_run("a").created_at == record.created_at  # type: ignore[union-attr]
+    store.save_run("b", RunConfig())
+    assert [r.name for r in store.list_runs()] == ["a", "b"]
+    assert store.delete_run("a") and not store.delete_run("a")
+    assert [r.name for r in store.list_runs()] == ["b"]
+
+
+def test_commit_load_and_results(store: MemoryStore) -> None:
+    v1, v2 = vectors(3, 1), vectors(2, 2)
+    store.commit(
+        "r",
+        CONFIG,
+        ScoredBatch(
+            [KeyAppend(W, 0, v1, 0), KeyAppend(C, 0, v2[:1], 0)],
+            [result("a"), result("b", 2, 0.5), result("c")],
+            [Fit(C, np.array([-1]), 0, 1)],
+        ),
+    )
+    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 3, v2, 0)], [result("d")]))
+    states = store.load_keys("r", None, 4)
+    assert set(states) == {W, C}
+    assert np.array_equal(states[W].vectors, np.vstack([v1, v2])) and states[W].start == 0 and states[W].n == 5
+    assert states[C].labels.tolist() == [-1] and states[C].fitted_upto == 1
+    assert list(store.load_keys("r", [C, MemoryKey("nope", Group.WRONG)], 4)) == [C]
+    found = store.find_results("r", ["a", "b", "zzz"])
+    assert set(found) == {"a", "b"} and found["b"].cluster_size == 2 and found["b"].shaped_reward == 0.5
+    assert store.find_results("other", ["a"]) == {}
+    counts = store.counts("r")
+    assert (counts.keys, counts.vectors, counts.rollouts) == (2, 6, 4)
+    heads = store.key_heads("r")
+    assert heads[W].n == 5 and heads[W].fitted_upto == 0 and heads[C].fitted_upto == 1
+    assert store.get_run("r").config.dim == 4  # type: ignore[union-attr]
+
+
+def test_many_results_lookup(store: MemoryStore) -> None:
+    ids = [f"id-{i}" for i in range(2500)]
+    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(1), 0)], [result(i) for i in ids]))
+    assert len(store.find_results("r", [*ids, "missing"])) == 2500
+
+
+def test_rollout_ids_are_unique_per_run(store: MemoryStore) -> None:
+    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(1), 0)], [result("a")]))
+    with pytest.raises(StoreUnavailable):
+        store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 1, vectors(1), 0)], [result("a")]))
+    # Atomic: the failed batch left nothing behind.
+    assert store.counts("r").vectors == 1
+    store.commit("s", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(1), 0)], [result("a")]))
+
+
+def test_fits_never_go_backwards(store: MemoryStore) -> None:
+    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(4), 0)], []))
+    assert store.save_fits("r", [Fit(W, np.array([0, 0, 1, 1]), 0, 4)]) == 1
+    assert store.save_fits("r", [Fit(W, np.array([0, 0]), 0, 2)]) == 0  # older than the stored fit
+    assert store.load_keys("r", [W], 4)[W].labels.tolist() == [0, 0, 1, 1]
+    assert store.save_fits("missing", [Fit(W, np.array([0]), 0, 1)]) == 0
+
+
+def test_capped_memory_forgets_old_vectors(store: MemoryStore) -> None:
+    v = vectors(10, 3)
+    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, v[:4], 0)], []))
+    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 4, v[4:7], 2)], []))
+    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 7, v[7:], 5)], []))
+    state = store.load_keys("r", [W], 4)[W]
+    assert state.start == 5 and state.n == 10 and np.array_equal(state.vectors, v[5:])
+    assert store.counts("r").vectors == 5
+
+
+def test_delete_run_removes_everything(store: MemoryStore) -> None:
+    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(2), 0)], [result("a")]))
+    assert store.delete_run("r")
+    assert store.load_keys("r", None, 4) == {} and store.find_results("r", ["a"]) == {}
+    assert store.counts("r").rollouts == 0 and store.key_heads("r") == {}
+    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(1), 0)], [result("a")]))
+    assert store.counts("r").vectors == 1
+
+
+def test_ping_and_info(store: MemoryStore) -> None:
+    store.ping()
+    assert store.info()["backend"] in ("sqlite", "redis")
+    assert store.spec()[0] in ("sqlite", "redis")

@@ -1,0 +1,113 @@
+"""The kNN vote and the proofs that float32 neighbour sets equal scikit-learn's."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.neighbors import NearestNeighbors
+
+from meds_service.core import knn
+from meds_service.core.preprocess import unit_rows
+
+
+def test_vote_most_frequent_ties_to_smallest() -> None:
+    rows = np.array([[1, 2, 3], [2, 2, -1], [-1, 0, 0], [5, -1, 5], [3, 1, 1], [4, 4, 4], [0, -1, 7]])
+    assert knn.vote(rows).tolist() == [1, 2, 0, 5, 1, 4, -1]
+
+
+def test_vote_single_neighbour() -> None:
+    assert knn.vote(np.array([[7], [-1]])).tolist() == [7, -1]
+
+
+def test_certain_top_k() -> None:
+    scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.9, 0.8, 0.7, 0.7], [0.9, 0.8, 0.7, 0.7 - 1e-9]], dtype=np.float32)
+    bound = knn.float32_bound(14)
+    assert knn.certain_top_k(scores, 3, 10, bound).tolist() == [True, False, False]
+    # Fewer stored vectors than k: every one is a neighbour.
+    assert knn.certain_top_k(scores[:, :2], 3, 2, bound).tolist() == [True, True, True]
+
+
+def test_bounds_grow_with_dimension_and_stay_tiny() -> None:
+    assert knn.float32_bound(14) < knn.float32_bound(4096) < 1e-3
+    assert knn.float64_bound(14) < 1e-6
+    assert knn.float32_bound(14, safety=8.0) > knn.float32_bound(14)
+
+
+def test_band_vote_resolves_single_label_band_and_refuses_mixed() -> None:
+    labels = np.array([0, 0, 1, 1, 2])
+    sims = np.array([0.9, 0.5, 0.5, 0.5, 0.1])
+    # Top 3 = 0.9 plus two of three tied at 0.5 with labels {0, 1, 1}: mixed band -> undecidable here.
+    assert knn.band_vote(sims, labels, 3, 1e-9) is None
+    same = np.array([0, 1, 1, 1, 2])
+    # The tie band holds only label 1: any choice votes 1.
+    assert knn.band_vote(sims, same, 3, 1e-9) == 1
+    assert knn.band_vote(np.array([0.9, 0.8]), np.array([4, -1]), 3, 1e-9) == -1
+
+
+def sklearn_vote(history: np.ndarray, labels: np.ndarray, query: np.ndarray, k: int) -> int:
+    nn = NearestNeighbors(n_neighbors=min(k, len(history)), metric="cosine", algorithm="brute").fit(history)
+    _, idx = nn.kneighbors(query.reshape(1, -1))
+    values, counts = np.unique(labels[idx[0]], return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
+def test_reference_vote_is_the_sklearn_computation() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        history = rng.integers(-2, 3, size=(12, 3)).astype(np.float64)
+        labels = rng.integers(-1, 3, size=12)
+        query = rng.integers(-2, 3, size=3).astype(np.float64)
+        assert knn.reference_vote(history, labels, query, 3) == sklearn_vote(history, labels, query, 3)
+
+
+def engine_style_vote(history: np.ndarray, labels: np.ndarray, query: np.ndarray, k: int) -> tuple[int, str]:
+    """The three tiers as the engine runs them (numpy float32 inner products stand in for FAISS)."""
+    base = unit_rows(history).astype(np.float32)
+    q = unit_rows(query[None, :]).astype(np.float32)[0]
+    sims32 = base @ q
+    order = np.argsort(-sims32, kind="stable")[: k + 1]
+    k_eff = min(k, len(base))
+    if knn.certain_top_k(sims32[order][None, :], k_eff, len(base), knn.float32_bound(history.shape[1]))[0]:
+        return int(knn.vote(labels[order[:k_eff]][None, :])[0]), "float32"
+    label = knn.band_vote(
+        base.astype(np.float64) @ q.astype(np.float64), labels, k, knn.float64_bound(history.shape[1])
+    )
+    if label is not None:
+        return label, "float64"
+    return knn.reference_vote(history, labels, query, k), "reference"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.integers(1, 30).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.lists(st.integers(-2, 2), min_size=3, max_size=3), min_size=n, max_size=n),
+            st.lists(st.integers(-1, 3), min_size=n, max_size=n),
+            st.lists(st.integers(-2, 2), min_size=3, max_size=3),
+            st.integers(1, 5),
+        )
+    )
+)
+def test_tiers_agree_with_sklearn_on_tie_heavy_grids(
+    case: tuple[list[list[int]], list[int], list[int], int],
+) -> None:
+    history_l, labels_l, query_l, k = case
+    history = np.array(history_l, dtype=np.float64)
+    labels = np.array(labels_l, dtype=np.int64)
+    query = np.array(query_l, dtype=np.float64)
+    got, _tier = engine_style_vote(history, labels, query, k)
+    assert got == sklearn_vote(history, labels, query, k)
+
+
+def test_tiers_agree_with_sklearn_on_random_data_mostly_in_float32() -> None:
+    rng = np.random.default_rng(3)
+    tiers = {"float32": 0, "float64": 0, "reference": 0}
+    for _ in range(500):
+        history = rng.standard_normal((rng.integers(1, 60), 14))
+        labels = rng.integers(-1, 4, size=len(history))
+        query = rng.standard_normal(14)
+        got, tier = engine_style_vote(history, labels, query, 3)
+        tiers[tier] += 1
+        assert got == sklearn_vote(history, labels, query, 3)
+    assert tiers["float32"] > 490
