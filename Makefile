@@ -28,7 +28,7 @@ test: install-test
 	$(BIN)/pytest tests --ignore=tests/unit -q
 
 lint: install-test
-	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff check service tests
 	$(BIN)/ruff format --check service
 	$(BIN)/mypy service/meds_service
 
