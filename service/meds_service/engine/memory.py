@@ -246,10 +246,10 @@ class ErrorMemory:
             known = self.store.find_results(name, batch.rollout_ids)
             fresh = np.array([rid not in known for rid in batch.rollout_ids], dtype=bool)
             rows = np.flatnonzero(fresh & batch.has_fingerprint)
-            scored, scored_batch = self._score_rows(run, config, batch, rows)
+            scored, scored_batch, normed = self._score_rows(run, config, batch, rows)
             if len(rows):
                 self.store.commit(name, config, scored_batch)
-                self._remember(run, config, scored_batch, batch, rows)
+                self._remember(run, config, scored_batch, normed)
         results = self._assemble(batch, known, fresh, scored)
         self._observe(results)
         return results
@@ -271,9 +271,10 @@ class ErrorMemory:
 
     def _score_rows(
         self, run: RunMemory, config: RunConfig, batch: RolloutBatch, rows: NDArray[np.intp]
-    ) -> tuple[dict[int, RolloutResult], ScoredBatch]:
+    ) -> tuple[dict[int, RolloutResult], ScoredBatch, list[NDArray[np.float32]]]:
+        """Results of the rollouts at `rows`, the batch to commit, and each append's normalised vectors."""
         if not len(rows):
-            return {}, ScoredBatch([], [])
+            return {}, ScoredBatch([], []), []
         stored = stored_vectors(batch.fingerprints[rows], config)
         feats = features(stored, config.layer_diff)
         normed = unit_rows(feats).astype(np.float32)
@@ -305,7 +306,8 @@ class ErrorMemory:
                 reward,
             )
         appends, fits = self._appends(run, config, by_key, stored)
-        return results, ScoredBatch(appends, [results[r] for r in rows.tolist()], fits)
+        normed_by_append = [normed[positions] for positions in by_key.values()]
+        return results, ScoredBatch(appends, [results[r] for r in rows.tolist()], fits), normed_by_append
 
     def _assign(
         self,
@@ -377,20 +379,15 @@ class ErrorMemory:
         return appends, fits
 
     def _remember(
-        self,
-        run: RunMemory,
-        config: RunConfig,
-        scored: ScoredBatch,
-        batch: RolloutBatch,
-        rows: NDArray[np.intp],
+        self, run: RunMemory, config: RunConfig, scored: ScoredBatch, normed: list[NDArray[np.float32]]
     ) -> None:
         """Mirror a committed batch into the cache and the index."""
         if run.index is None:
             run.index = ShardIndex(config.feature_dim, self.index_device)
         run.config = config
-        for append in scored.appends:
+        for append, vectors in zip(scored.appends, normed, strict=True):
             cached = run.keys.setdefault(append.key, CachedKey())
-            run.index.append(append.key, self._normalised(append.vectors, config))
+            run.index.append(append.key, vectors)
             cached.n = append.first_seq + len(append.vectors)
             if append.new_start > cached.start:
                 run.index.drop_front(append.key, append.new_start - cached.start)

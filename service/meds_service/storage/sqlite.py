@@ -88,11 +88,13 @@ class SQLiteStore:
                 self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={synchronous}")
+                self._db.execute("PRAGMA cache_size=-262144")  # 256 MiB: random-id inserts stay in memory
                 self._db.executescript(_SCHEMA)
             self._db.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
         self._run_ids: dict[str, int] = {}
+        self._key_ids: dict[tuple[int, str, int], int] = {}
 
     def spec(self) -> tuple[str, str]:
         """A picklable description from which a worker process opens its own read-only view."""
@@ -138,6 +140,7 @@ class SQLiteStore:
                 self._db.execute("COMMIT")
             except BaseException as exc:
                 self._db.execute("ROLLBACK")
+                self._key_ids.clear()  # it may hold ids of rows the rollback removed
                 if isinstance(exc, sqlite3.Error):
                     raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
                 raise
@@ -193,6 +196,7 @@ class SQLiteStore:
             db.execute("DELETE FROM rollouts WHERE run_id=?", (run_id,))
             db.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
         self._run_ids.pop(run, None)
+        self._key_ids.clear()  # row ids may be reused by later runs
         return True
 
     def counts(self, run: str) -> RunCounts:
@@ -276,36 +280,46 @@ class SQLiteStore:
         """Append a scored batch atomically: vectors, key counters, results (and the run's config)."""
         with self._write() as db:
             run_id = self._upsert_run(db, run, config)
-            for append in batch.appends:
-                key = append.key
-                n_new = append.first_seq + len(append.vectors)
-                row = db.execute(
-                    "SELECT key_id, n FROM keys WHERE run_id=? AND prompt_id=? AND grp=?",
-                    (run_id, key.prompt_id, int(key.group)),
-                ).fetchone()
-                if row is None:
-                    cur = db.execute(
-                        "INSERT INTO keys(run_id, prompt_id, grp, start, n) VALUES(?, ?, ?, ?, ?)",
-                        (run_id, key.prompt_id, int(key.group), append.new_start, n_new),
-                    )
-                    key_id = int(cur.lastrowid or 0)
-                else:
-                    key_id, n_old = row
-                    if n_old != append.first_seq:
-                        raise StoreUnavailable(f"key {key} changed under this writer (n={n_old})")
-                    db.execute("UPDATE keys SET start=?, n=? WHERE key_id=?", (append.new_start, n_new, key_id))
-                db.execute(
-                    "INSERT INTO chunks(key_id, first_seq, vectors) VALUES(?, ?, ?)",
-                    (key_id, append.first_seq, append.vectors.astype("<f4", copy=False).tobytes()),
-                )
-                if append.new_start > 0:  # a capped memory: forget what fell out of it
-                    _drop_dead_chunks(db, key_id, append.new_start, append.vectors.shape[1])
+            key_ids = [self._key_id(db, run_id, a.key) for a in batch.appends]
+            before = db.total_changes
+            db.executemany(
+                "UPDATE keys SET start=?, n=? WHERE key_id=? AND n=?",
+                [
+                    (a.new_start, a.first_seq + len(a.vectors), key_id, a.first_seq)
+                    for a, key_id in zip(batch.appends, key_ids, strict=True)
+                ],
+            )
+            if db.total_changes - before != len(batch.appends):
+                raise StoreUnavailable("a key of this batch changed under its only writer; nothing was stored")
+            db.executemany(
+                "INSERT INTO chunks(key_id, first_seq, vectors) VALUES(?, ?, ?)",
+                [
+                    (key_id, a.first_seq, a.vectors.astype("<f4", copy=False).tobytes())
+                    for a, key_id in zip(batch.appends, key_ids, strict=True)
+                ],
+            )
+            for a, key_id in zip(batch.appends, key_ids, strict=True):
+                if a.new_start > 0:  # a capped memory: forget what fell out of it
+                    _drop_dead_chunks(db, key_id, a.new_start, a.vectors.shape[1])
             db.executemany(
                 "INSERT INTO rollouts(run_id, rollout_id, cluster, cluster_size, penalty, shaped_reward) "
                 "VALUES(?, ?, ?, ?, ?, ?)",
                 [(run_id, r.rollout_id, r.cluster, r.cluster_size, r.penalty, r.shaped_reward) for r in batch.results],
             )
             _save_fits(db, run_id, batch.fits)
+
+    def _key_id(self, db: sqlite3.Connection, run_id: int, key: MemoryKey) -> int:
+        """The row id of a key, created empty when new (cached: this process is the only writer)."""
+        ident = (run_id, key.prompt_id, int(key.group))
+        key_id = self._key_ids.get(ident)
+        if key_id is None:
+            row = db.execute("SELECT key_id FROM keys WHERE run_id=? AND prompt_id=? AND grp=?", ident).fetchone()
+            if row is None:
+                row = db.execute(
+                    "INSERT INTO keys(run_id, prompt_id, grp, start, n) VALUES(?, ?, ?, 0, 0) RETURNING key_id", ident
+                ).fetchone()
+            key_id = self._key_ids[ident] = int(row[0])
+        return key_id
 
     def save_fits(self, run: str, fits: Sequence[Fit]) -> int:
         """Store new labels; a fit older than the stored one is ignored. Returns how many were saved."""
