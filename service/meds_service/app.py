@@ -17,7 +17,7 @@ from . import __version__
 from .api import errors
 from .api.middleware import RequestContext
 from .api.routes import health, v1
-from .api.schemas import ScoreRequest
+from .api.schemas import ReclusterRequest, ScoreRequest
 from .engine import ErrorMemory, RefitScheduler
 from .metrics import Metrics
 from .settings import Settings
@@ -78,13 +78,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
-        """The generated schema plus ScoreRequest, which the score route decodes itself (for speed)."""
+        """The generated schema plus the bodies that routes decode themselves (ScoreRequest for speed)."""
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            extra = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(extra.pop("$defs", {}))
-            components["ScoreRequest"] = extra
+            for model in (ScoreRequest, ReclusterRequest):
+                extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(extra.pop("$defs", {}))
+                components[model.__name__] = extra
             app.openapi_schema = schema
         return app.openapi_schema
 

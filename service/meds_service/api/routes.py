@@ -87,7 +87,19 @@ def run_json(engine: ErrorMemory, name: str) -> dict[str, Any]:
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
 
 
-@v1.put("/runs/{run}", response_model=RunResponse, status_code=200, summary="Create or update a run's config")
+@v1.put(
+    "/runs/{run}",
+    response_model=RunResponse,
+    status_code=200,
+    summary="Create or update a run's config",
+    responses={201: {"model": RunResponse, "description": "The run was created"}},
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RunConfig"}}},
+        }
+    },
+)
 async def put_run(run: RunName, request: Request, engine: EngineDep) -> Response:
     body = await request.body()
     try:
@@ -134,7 +146,17 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
     return json_response({"results": [result_json(r) for r in results]})
 
 
-@v1.post("/runs/{run}/recluster", response_model=ReclusterResponse, summary="Refit now and answer when done")
+@v1.post(
+    "/runs/{run}/recluster",
+    response_model=ReclusterResponse,
+    summary="Refit now and answer when done",
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReclusterRequest"}}},
+        }
+    },
+)
 async def recluster(run: RunName, request: Request, engine: EngineDep) -> Response:
     body = await request.body()
     try:
@@ -145,7 +167,7 @@ async def recluster(run: RunName, request: Request, engine: EngineDep) -> Respon
     return json_response(report)
 
 
-@v1.get("/runs/{run}/prompts/{prompt_id}", response_model=PromptResponse, summary="A prompt's memory")
+@v1.get("/runs/{run}/prompts/{prompt_id:path}", response_model=PromptResponse, summary="A prompt's memory")
 async def prompt(run: RunName, prompt_id: PromptId, engine: EngineDep) -> Response:
     return json_response(await run_in_threadpool(engine.prompt, run, prompt_id))
 
