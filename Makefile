@@ -16,7 +16,7 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/pip install --quiet -e ".[dev,bench]" -e "./client[fingerprint,trl,verl,openrlhf,test]"
 
 ## Start the service on the embedded SQLite store (./meds-data) at http://127.0.0.1:8000
 serve: install
@@ -28,9 +28,9 @@ test: install-test
 	$(BIN)/pytest tests --ignore=tests/unit -q
 
 lint: install-test
-	$(BIN)/ruff check service tests
-	$(BIN)/ruff format --check service
-	$(BIN)/mypy service/meds_service
+	$(BIN)/ruff check service client tests
+	$(BIN)/ruff format --check service client
+	$(BIN)/mypy service/meds_service client/meds_client
 
 bench: install-test
 	$(BIN)/python bench/bench_score.py

@@ -1,0 +1,289 @@
+"""Everything `MedsClient` and `AsyncMedsClient` share: request building, retry decisions, response
+parsing, chunking and degraded mode. The two clients differ only in how they send and sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from ._config import (
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_ROLLOUTS,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    OnError,
+    RetryPolicy,
+    is_retryable_status,
+    resolve_api_key,
+    resolve_base_url,
+    resolve_retries,
+    resolve_timeout,
+)
+from ._encoding import ScoreChunk, coerce_rollouts, plan_chunks
+from ._exceptions import (
+    APIConnectionError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    ConflictError,
+    MedsError,
+    NotFoundError,
+    make_status_error,
+)
+from ._types import PromptMemory, ReclusterResult, Rollout, Run, RunConfig, ScoreResult
+from ._version import __version__
+
+logger = logging.getLogger("meds_client")
+
+T = TypeVar("T")
+HttpClientT = TypeVar("HttpClientT", httpx.Client, httpx.AsyncClient)
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+NEVER_DEGRADED: tuple[type[MedsError], ...] = (AuthenticationError, ConflictError, NotFoundError)
+"""Errors that mean the client is misconfigured: zero penalties for a whole run would hide them."""
+
+
+@dataclass
+class ClientStats:
+    """Counters a trainer can log next to its own metrics."""
+
+    requests: int = 0
+    """HTTP attempts sent, retries included."""
+    retries: int = 0
+    degraded_batches: int = 0
+    """Score requests answered locally with status `error` (on_error="zero")."""
+    degraded_rollouts: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, count in counts.items():
+                setattr(self, name, getattr(self, name) + count)
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One logical API call: what to send, how to read the answer, and whether it may be retried."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    body: Any = None
+    retry: bool = True
+    accept: frozenset[int] = frozenset()
+    """Non-2xx statuses that are an answer, not an error (e.g. 503 from /readyz)."""
+
+
+class ScorePlan:
+    """A score call split into chunked requests, and the place where their results are reassembled."""
+
+    def __init__(self, run: str, chunks: list[ScoreChunk], size: int) -> None:
+        self.run = run
+        self.chunks = chunks
+        self._results: list[ScoreResult | None] = [None] * size
+
+    def call(self, chunk: ScoreChunk) -> Call[list[ScoreResult]]:
+        expected = [item["rollout_id"] for item in chunk.body["rollouts"]]
+        return Call("POST", f"/v1/runs/{self.run}/score", _score_parser(expected), body=chunk.body)
+
+    def fill(self, chunk: ScoreChunk, results: list[ScoreResult]) -> None:
+        for position, result in zip(chunk.positions, results, strict=True):
+            self._results[position] = result
+
+    def results(self) -> list[ScoreResult]:
+        return [result for result in self._results if result is not None]
+
+
+class BaseMedsClient(Generic[HttpClientT]):
+    """Configuration, endpoint definitions and policies shared by the sync and async clients."""
+
+    _http: HttpClientT
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retries: int | RetryPolicy = DEFAULT_MAX_RETRIES,
+        max_batch_rollouts: int = DEFAULT_MAX_BATCH_ROLLOUTS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        on_error: OnError = "raise",
+    ) -> None:
+        if on_error not in ("raise", "zero"):
+            raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+        if max_batch_rollouts < 1 or max_batch_bytes < 1:
+            raise ValueError("max_batch_rollouts and max_batch_bytes must be positive")
+        self.base_url = resolve_base_url(base_url)
+        self.api_key = resolve_api_key(api_key)
+        self.timeout = resolve_timeout(timeout)
+        self.retry_policy = resolve_retries(retries)
+        self.max_batch_rollouts = max_batch_rollouts
+        self.max_batch_bytes = max_batch_bytes
+        self.on_error: OnError = on_error
+        self.stats = ClientStats()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r}, on_error={self.on_error!r})"
+
+    # -- endpoint definitions ------------------------------------------------------------------
+
+    def _put_run_call(self, run: str, config: RunConfig | Mapping[str, Any] | None) -> Call[Run]:
+        def parse(response: httpx.Response) -> Run:
+            return Run.from_json(_json_object(response), created=response.status_code == 201)
+
+        return Call("PUT", f"/v1/runs/{_run_path(run)}", parse, body=dict(config or {}))
+
+    def _get_run_call(self, run: str) -> Call[Run]:
+        return Call("GET", f"/v1/runs/{_run_path(run)}", lambda r: Run.from_json(_json_object(r)))
+
+    def _list_runs_call(self) -> Call[list[Run]]:
+        return Call("GET", "/v1/runs", lambda r: [Run.from_json(item) for item in _json_object(r)["runs"]])
+
+    def _delete_run_call(self, run: str) -> Call[None]:
+        return Call("DELETE", f"/v1/runs/{_run_path(run)}", lambda r: None)
+
+    def _recluster_call(self, run: str, all_keys: bool) -> Call[ReclusterResult]:
+        path = f"/v1/runs/{_run_path(run)}/recluster"
+        return Call("POST", path, lambda r: ReclusterResult.from_json(_json_object(r)), body={"all": all_keys})
+
+    def _get_prompt_call(self, run: str, prompt_id: str) -> Call[PromptMemory]:
+        path = f"/v1/runs/{_run_path(run)}/prompts/{quote(prompt_id, safe='')}"
+        return Call("GET", path, lambda r: PromptMemory.from_json(_json_object(r)))
+
+    def _health_call(self) -> Call[dict[str, Any]]:
+        return Call("GET", "/healthz", _json_or_status)
+
+    def _ready_call(self) -> Call[bool]:
+        return Call("GET", "/readyz", lambda r: r.status_code == 200, retry=False, accept=frozenset({503}))
+
+    def _score_plan(self, run: str, rollouts: Iterable[Rollout | Mapping[str, Any]], step: int | None) -> ScorePlan:
+        items = coerce_rollouts(rollouts)
+        chunks = plan_chunks(items, max_rollouts=self.max_batch_rollouts, max_bytes=self.max_batch_bytes, step=step)
+        return ScorePlan(_run_path(run), chunks, len(items))
+
+    # -- sending policy ------------------------------------------------------------------------
+
+    def _build_request(self, call: Call[Any]) -> httpx.Request:
+        headers = {"Accept": "application/json", "User-Agent": f"meds-client/{__version__}"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        content = None
+        if call.body is not None:
+            headers["Content-Type"] = "application/json"
+            content = json.dumps(call.body, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        return self._http.build_request(
+            call.method, self.base_url + call.path, headers=headers, content=content, timeout=self.timeout
+        )
+
+    def _is_answer(self, call: Call[Any], response: httpx.Response) -> bool:
+        return response.is_success or response.status_code in call.accept
+
+    def _delay_after_status(self, call: Call[Any], response: httpx.Response, attempt: int) -> float:
+        """Seconds to wait before resending after an error status; raises when it must not be resent."""
+        error = self._status_error(response)
+        if not (call.retry and is_retryable_status(response.status_code) and attempt < self.retry_policy.max_retries):
+            raise error
+        delay = self.retry_policy.delay(attempt, response)
+        self._log_retry(call, attempt, delay, str(error))
+        return delay
+
+    def _delay_after_transport_error(
+        self, call: Call[Any], request: httpx.Request, exc: httpx.TransportError, attempt: int
+    ) -> float:
+        """Seconds to wait before resending after a connection error or timeout; raises when out of tries."""
+        if not (call.retry and attempt < self.retry_policy.max_retries):
+            cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
+            raise cls(f"{call.method} {request.url}: {type(exc).__name__}: {exc}", request=request) from exc
+        delay = self.retry_policy.backoff(attempt)
+        self._log_retry(call, attempt, delay, f"{type(exc).__name__}: {exc}")
+        return delay
+
+    def _log_retry(self, call: Call[Any], attempt: int, delay: float, reason: str) -> None:
+        self.stats.add(retries=1)
+        logger.info(
+            "retrying %s %s in %.2fs (retry %d of %d): %s",
+            call.method,
+            call.path,
+            delay,
+            attempt + 1,
+            self.retry_policy.max_retries,
+            reason,
+        )
+
+    def _status_error(self, response: httpx.Response) -> APIStatusError:
+        error = make_status_error(response)
+        if isinstance(error, AuthenticationError) and not self.api_key:
+            error.args = (f"{error.args[0]} (no API key configured: pass api_key= or set MEDS_API_KEY)",)
+        return error
+
+    @staticmethod
+    def _parse(call: Call[T], response: httpx.Response) -> T:
+        try:
+            return call.parse(response)
+        except APIResponseValidationError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            message = f"{call.method} {call.path}: unexpected response body ({type(exc).__name__}: {exc})"
+            raise APIResponseValidationError(message, response=response) from exc
+
+    def _degrade(self, plan: ScorePlan, chunk: ScoreChunk, error: MedsError) -> list[ScoreResult]:
+        """In degraded mode, stand in for a failed score request with penalty 0 and status `error`."""
+        if self.on_error == "raise" or isinstance(error, NEVER_DEGRADED):
+            raise error
+        rollout_ids = [item["rollout_id"] for item in chunk.body["rollouts"]]
+        self.stats.add(degraded_batches=1, degraded_rollouts=len(rollout_ids))
+        logger.error(
+            "MEDS scoring failed for %d rollouts of run %r; using penalty 0 with status 'error': %s",
+            len(rollout_ids),
+            plan.run,
+            error,
+        )
+        return [ScoreResult.error(rollout_id) for rollout_id in rollout_ids]
+
+
+def _run_path(run: str) -> str:
+    if not isinstance(run, str) or not RUN_ID_PATTERN.fullmatch(run):
+        raise ValueError(f"run must match [A-Za-z0-9._-]{{1,128}}, got {run!r}")
+    return run
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise APIResponseValidationError(f"response is not JSON: {exc}", response=response) from exc
+    if not isinstance(body, dict):
+        raise APIResponseValidationError("response is not a JSON object", response=response)
+    return body
+
+
+def _json_or_status(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {"status": response.text.strip()}
+    return body if isinstance(body, dict) else {"status": body}
+
+
+def _score_parser(expected_ids: list[str]) -> Callable[[httpx.Response], list[ScoreResult]]:
+    def parse(response: httpx.Response) -> list[ScoreResult]:
+        results = [ScoreResult.from_json(item) for item in _json_object(response)["results"]]
+        if [result.rollout_id for result in results] != expected_ids:
+            raise APIResponseValidationError(
+                f"{len(results)} results do not match the {len(expected_ids)} rollouts sent",
+                response=response,
+            )
+        return results
+
+    return parse

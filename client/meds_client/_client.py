@@ -1,0 +1,262 @@
+"""`MedsClient` (blocking) and `AsyncMedsClient` (asyncio/trio via anyio).
+
+Both share `BaseMedsClient`; each defines only `_send` (one call with retries) and the thin public
+methods that pass a call definition to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+
+from ._base import BaseMedsClient, Call, ScorePlan
+from ._config import (
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_ROLLOUTS,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    OnError,
+    RetryPolicy,
+)
+from ._encoding import ScoreChunk
+from ._exceptions import MedsError
+from ._types import PromptMemory, ReclusterResult, Rollout, Run, RunConfig, ScoreResult
+
+T = TypeVar("T")
+_ClientT = TypeVar("_ClientT", bound="MedsClient")
+_AsyncClientT = TypeVar("_AsyncClientT", bound="AsyncMedsClient")
+
+
+class MedsClient(BaseMedsClient[httpx.Client]):
+    """Blocking client of the MEDS service.
+
+    >>> with MedsClient("http://127.0.0.1:8000") as meds:                      # doctest: +SKIP
+    ...     results = meds.score("qwen-7b-grpo", rollouts, step=12)
+    ...     penalties = [r.penalty for r in results]
+
+    Configuration: `base_url` (default $MEDS_URL or http://127.0.0.1:8000), `api_key` (default
+    $MEDS_API_KEY, sent as a Bearer token), `timeout` (seconds or `httpx.Timeout`, default 60),
+    `retries` (count or `RetryPolicy`, default 3: 0.5 s doubling to 8 s with jitter, honouring
+    Retry-After up to 60 s, on connection errors, timeouts, 408, 429 and 5xx only), chunking
+    (`max_batch_rollouts`, `max_batch_bytes`) and `on_error` ("raise", or "zero" for degraded mode).
+    Pass `http_client` to bring your own `httpx.Client` (proxies, mounts, a mock transport); the
+    client then does not close it.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retries: int | RetryPolicy = DEFAULT_MAX_RETRIES,
+        max_batch_rollouts: int = DEFAULT_MAX_BATCH_ROLLOUTS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        on_error: OnError = "raise",
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            retries=retries,
+            max_batch_rollouts=max_batch_rollouts,
+            max_batch_bytes=max_batch_bytes,
+            on_error=on_error,
+        )
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.Client()
+
+    # -- the API -------------------------------------------------------------------------------
+
+    def score(
+        self, run: str, rollouts: Iterable[Rollout | Mapping[str, Any]], *, step: int | None = None
+    ) -> list[ScoreResult]:
+        """Score a batch against the run's memory, then remember it; one result per rollout, in order.
+
+        The run is created with the default config if it does not exist. Large batches are sent as
+        several requests (never splitting a prompt's rollouts when avoidable) and reassembled.
+        """
+        plan = self._score_plan(run, rollouts, step)
+        for chunk in plan.chunks:
+            plan.fill(chunk, self._score_chunk(plan, chunk))
+        return plan.results()
+
+    def put_run(self, run: str, config: RunConfig | Mapping[str, Any] | None = None) -> Run:
+        """Create a run, or update its config (a result-changing update on a run with memory → 409)."""
+        return self._send(self._put_run_call(run, config))
+
+    create_run = put_run
+
+    def get_run(self, run: str) -> Run:
+        """A run's config and statistics; `NotFoundError` if unknown."""
+        return self._send(self._get_run_call(run))
+
+    def list_runs(self) -> list[Run]:
+        return self._send(self._list_runs_call())
+
+    def delete_run(self, run: str) -> None:
+        """Forget a run's memory; `NotFoundError` if unknown."""
+        self._send(self._delete_run_call(run))
+
+    def recluster(self, run: str, *, all: bool = False) -> ReclusterResult:
+        """Refit the run's dirty keys now (every key with `all=True`)."""
+        return self._send(self._recluster_call(run, all))
+
+    def get_prompt(self, run: str, prompt_id: str) -> PromptMemory:
+        """The memory of one prompt: vectors, clusters and labels per group."""
+        return self._send(self._get_prompt_call(run, prompt_id))
+
+    def health(self) -> dict[str, Any]:
+        """The liveness answer of /healthz; raises if the service is not alive."""
+        return self._send(self._health_call())
+
+    def ready(self) -> bool:
+        """Whether /readyz says the service can take traffic (False on 503); no retries."""
+        return self._send(self._ready_call())
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self: _ClientT) -> _ClientT:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _score_chunk(self, plan: ScorePlan, chunk: ScoreChunk) -> list[ScoreResult]:
+        try:
+            return self._send(plan.call(chunk))
+        except MedsError as error:
+            return self._degrade(plan, chunk, error)
+
+    def _send(self, call: Call[T]) -> T:
+        request = self._build_request(call)
+        for attempt in itertools.count():
+            self.stats.add(requests=1)
+            try:
+                response = self._http.send(request)
+            except httpx.TransportError as exc:
+                delay = self._delay_after_transport_error(call, request, exc, attempt)
+            else:
+                if self._is_answer(call, response):
+                    return self._parse(call, response)
+                delay = self._delay_after_status(call, response, attempt)
+            self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class AsyncMedsClient(BaseMedsClient[httpx.AsyncClient]):
+    """Asynchronous client of the MEDS service; the same API as `MedsClient`, awaited."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retries: int | RetryPolicy = DEFAULT_MAX_RETRIES,
+        max_batch_rollouts: int = DEFAULT_MAX_BATCH_ROLLOUTS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        on_error: OnError = "raise",
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            retries=retries,
+            max_batch_rollouts=max_batch_rollouts,
+            max_batch_bytes=max_batch_bytes,
+            on_error=on_error,
+        )
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.AsyncClient()
+
+    async def score(
+        self, run: str, rollouts: Iterable[Rollout | Mapping[str, Any]], *, step: int | None = None
+    ) -> list[ScoreResult]:
+        """See `MedsClient.score`. Chunks are sent one after another, in order."""
+        plan = self._score_plan(run, rollouts, step)
+        for chunk in plan.chunks:
+            plan.fill(chunk, await self._score_chunk(plan, chunk))
+        return plan.results()
+
+    async def put_run(self, run: str, config: RunConfig | Mapping[str, Any] | None = None) -> Run:
+        """See `MedsClient.put_run`."""
+        return await self._send(self._put_run_call(run, config))
+
+    create_run = put_run
+
+    async def get_run(self, run: str) -> Run:
+        return await self._send(self._get_run_call(run))
+
+    async def list_runs(self) -> list[Run]:
+        return await self._send(self._list_runs_call())
+
+    async def delete_run(self, run: str) -> None:
+        await self._send(self._delete_run_call(run))
+
+    async def recluster(self, run: str, *, all: bool = False) -> ReclusterResult:
+        return await self._send(self._recluster_call(run, all))
+
+    async def get_prompt(self, run: str, prompt_id: str) -> PromptMemory:
+        return await self._send(self._get_prompt_call(run, prompt_id))
+
+    async def health(self) -> dict[str, Any]:
+        return await self._send(self._health_call())
+
+    async def ready(self) -> bool:
+        return await self._send(self._ready_call())
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self: _AsyncClientT) -> _AsyncClientT:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _score_chunk(self, plan: ScorePlan, chunk: ScoreChunk) -> list[ScoreResult]:
+        try:
+            return await self._send(plan.call(chunk))
+        except MedsError as error:
+            return self._degrade(plan, chunk, error)
+
+    async def _send(self, call: Call[T]) -> T:
+        request = self._build_request(call)
+        for attempt in itertools.count():
+            self.stats.add(requests=1)
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as exc:
+                delay = self._delay_after_transport_error(call, request, exc, attempt)
+            else:
+                if self._is_answer(call, response):
+                    return self._parse(call, response)
+                delay = self._delay_after_status(call, response, attempt)
+            await self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)

@@ -1,0 +1,172 @@
+"""Turning rollouts into score requests: validation, compact fingerprints, and chunking by prompt."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._types import Rollout
+
+logger = logging.getLogger("meds_client")
+
+MAX_ID_LENGTH = 512
+_FIXED_BYTES_PER_ROLLOUT = 160
+"""JSON keys, punctuation, booleans and the result of one rollout, rounded up."""
+_JSON_BYTES_PER_FLOAT = 24
+_BINARY_BYTES_PER_FLOAT = 6
+"""4 bytes of float32, as base64 (4/3), rounded up."""
+
+
+@dataclass(frozen=True)
+class ScoreChunk:
+    """One score request: the rollouts it carries and where they sit in the caller's list."""
+
+    positions: list[int]
+    body: dict[str, Any]
+
+
+def coerce_rollouts(rollouts: Iterable[Rollout | Mapping[str, Any]]) -> list[Rollout]:
+    """Accept `Rollout`s or plain dicts with the same keys; check what the service would reject anyway."""
+    coerced = [item if isinstance(item, Rollout) else Rollout(**item) for item in rollouts]
+    seen: set[str] = set()
+    for rollout in coerced:
+        _check_id("rollout_id", rollout.rollout_id)
+        _check_id("prompt_id", rollout.prompt_id)
+        if rollout.rollout_id in seen:
+            raise ValueError(f"rollout_id {rollout.rollout_id!r} appears twice in one batch")
+        seen.add(rollout.rollout_id)
+    return coerced
+
+
+def plan_chunks(
+    rollouts: Sequence[Rollout], *, max_rollouts: int, max_bytes: int, step: int | None
+) -> list[ScoreChunk]:
+    """Split a batch into requests without splitting a prompt's rollouts when it can be avoided.
+
+    Rollouts of one batch must not see each other (DESIGN §2); keys are per prompt, so keeping each
+    prompt's rollouts in one request keeps that true even when the batch needs several requests.
+    Only a single prompt with more rollouts than fit in a request is split (with a warning).
+    """
+    limit = max(1, min(max_rollouts, max_bytes // _estimated_bytes_per_rollout(rollouts)))
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for group in _positions_by_prompt(rollouts):
+        if len(group) > limit:
+            logger.warning(
+                "prompt %r has %d rollouts in one batch, more than one request holds (%d); splitting it",
+                rollouts[group[0]].prompt_id,
+                len(group),
+                limit,
+            )
+        for start in range(0, len(group), limit):
+            piece = group[start : start + limit]
+            if len(current) + len(piece) > limit:
+                chunks.append(current)
+                current = []
+            current.extend(piece)
+    if current:
+        chunks.append(current)
+    return [ScoreChunk(positions, encode_score_body([rollouts[i] for i in positions], step)) for positions in chunks]
+
+
+def encode_score_body(rollouts: Sequence[Rollout], step: int | None) -> dict[str, Any]:
+    """The JSON body of one score request.
+
+    If any fingerprint is a numpy array, all fingerprints go into one float32 `fingerprint_matrix`
+    (base64 of little-endian row-major bytes) and rollouts point at their row; otherwise they are sent
+    as JSON lists.
+    """
+    vectors = [_as_vector(r) for r in rollouts]
+    body: dict[str, Any] = {"rollouts": [_rollout_json(r) for r in rollouts]}
+    if step is not None:
+        body["step"] = int(step)
+    dims = {v.shape[0] for v in vectors if v is not None}
+    if len(dims) > 1:
+        raise ValueError(f"fingerprints in one batch must have one dimension, got {sorted(dims)}")
+    if any(isinstance(r.fingerprint, np.ndarray) for r in rollouts):
+        _attach_matrix(body, vectors)
+    else:
+        for item, vector in zip(body["rollouts"], vectors, strict=True):
+            item["fingerprint"] = None if vector is None else [float(x) for x in vector]
+    return body
+
+
+def encode_matrix(matrix: npt.NDArray[np.float32]) -> dict[str, Any]:
+    """The compact wire form of a float32 matrix."""
+    data = np.ascontiguousarray(matrix, dtype="<f4")
+    return {
+        "dtype": "float32",
+        "shape": list(data.shape),
+        "data": base64.b64encode(data.tobytes()).decode("ascii"),
+    }
+
+
+def decode_matrix(wire: Mapping[str, Any]) -> npt.NDArray[np.float32]:
+    """Inverse of `encode_matrix` (used by tests and tools)."""
+    if wire.get("dtype") != "float32":
+        raise ValueError(f"unsupported dtype {wire.get('dtype')!r}")
+    rows, cols = (int(n) for n in wire["shape"])
+    flat = np.frombuffer(base64.b64decode(wire["data"]), dtype="<f4")
+    return flat.reshape(rows, cols).astype(np.float32)
+
+
+def _attach_matrix(body: dict[str, Any], vectors: Sequence[npt.NDArray[np.float32] | None]) -> None:
+    present = [v for v in vectors if v is not None]
+    dim = present[0].shape[0] if present else 0
+    matrix = np.stack(present) if present else np.zeros((0, dim), dtype=np.float32)
+    body["fingerprint_matrix"] = encode_matrix(matrix)
+    row = 0
+    for item, vector in zip(body["rollouts"], vectors, strict=True):
+        item["fingerprint_row"] = None if vector is None else row
+        row += vector is not None
+
+
+def _as_vector(rollout: Rollout) -> npt.NDArray[np.float32] | None:
+    if rollout.fingerprint is None:
+        return None
+    vector = np.asarray(rollout.fingerprint, dtype=np.float64)
+    if vector.ndim != 1 or vector.size == 0:
+        raise ValueError(f"fingerprint of rollout {rollout.rollout_id!r} must be a non-empty 1-D vector")
+    if not np.all(np.isfinite(vector)) or np.any(np.abs(vector) > np.finfo(np.float32).max):
+        raise ValueError(f"fingerprint of rollout {rollout.rollout_id!r} has NaN, inf or float32-overflowing values")
+    return vector.astype(np.float32)
+
+
+def _rollout_json(rollout: Rollout) -> dict[str, Any]:
+    reward = None if rollout.reward is None else float(rollout.reward)
+    if reward is not None and not math.isfinite(reward):
+        raise ValueError(f"reward of rollout {rollout.rollout_id!r} is not finite")
+    correct = None if rollout.correct is None else bool(rollout.correct)
+    return {
+        "rollout_id": rollout.rollout_id,
+        "prompt_id": rollout.prompt_id,
+        "correct": correct,
+        "reward": reward,
+    }
+
+
+def _positions_by_prompt(rollouts: Sequence[Rollout]) -> list[list[int]]:
+    groups: dict[str, list[int]] = {}
+    for position, rollout in enumerate(rollouts):
+        groups.setdefault(rollout.prompt_id, []).append(position)
+    return list(groups.values())
+
+
+def _estimated_bytes_per_rollout(rollouts: Sequence[Rollout]) -> int:
+    dim = max((len(r.fingerprint) for r in rollouts if r.fingerprint is not None), default=0)
+    binary = any(isinstance(r.fingerprint, np.ndarray) for r in rollouts)
+    per_float = _BINARY_BYTES_PER_FLOAT if binary else _JSON_BYTES_PER_FLOAT
+    ids = max((len(r.rollout_id) + len(r.prompt_id) for r in rollouts), default=0)
+    return _FIXED_BYTES_PER_ROLLOUT + 2 * ids + dim * per_float
+
+
+def _check_id(name: str, value: object) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_LENGTH:
+        raise ValueError(f"{name} must be a string of 1 to {MAX_ID_LENGTH} characters, got {value!r}")

@@ -1,0 +1,231 @@
+"""MEDS for TRL's `GRPOTrainer`.
+
+Two pieces, used together:
+
+- `MedsGRPOTrainer`: a `GRPOTrainer` that, right after generation, fingerprints every completion
+  with the policy model (one no-grad forward pass) and hands the fingerprints to reward functions
+  as the `meds_fingerprint` column, through TRL's own extra-fields path.
+- `MedsPenaltyReward` (or `AsyncMedsPenaltyReward`): a reward function that sends fingerprints and
+  correctness to the service and returns, per completion, the change MEDS makes to the accuracy
+  reward (`-p` for a wrong one). Listed next to the accuracy reward with equal weights, the summed
+  reward is the shaped reward, before GRPO's group normalisation, as in the reference.
+
+```python
+trainer = MedsGRPOTrainer(
+    model=model, args=GRPOConfig(...), train_dataset=dataset,
+    reward_funcs=[accuracy, MedsPenaltyReward(MedsClient(), "my-run", accuracy=accuracy)],
+)
+```
+
+Completions the service could not score (degraded mode) get `None`, which TRL ignores for that
+function (it is not a fake zero). TRL calls reward functions per process on its slice of a group;
+MEDS keys memory by prompt on the server, so split groups are fine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import trl
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.grpo_trainer import GRPOTrainer
+
+from .._client import AsyncMedsClient, MedsClient
+from .._prompt_id import prompt_id
+from .._types import FingerprintLike, Rollout, ScoreResult
+from ..fingerprint import DEFAULT_BATCH_SIZE, Tokenizer, fingerprint_sequences
+from ._shaping import DEFAULT_CORRECTNESS_THRESHOLD, Shaping, correctness_from_scores, new_rollout_ids
+
+FINGERPRINT_COLUMN = "meds_fingerprint"
+PROMPT_ID_COLUMN = "prompt_id"
+REWARD_NAME = "meds_penalty"
+
+AccuracyReward = Callable[..., Sequence[float | None]]
+
+__all__ = ["FINGERPRINT_COLUMN", "AsyncMedsPenaltyReward", "MedsGRPOTrainer", "MedsPenaltyReward"]
+
+
+class MedsGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` that adds the policy's layer-logit fingerprint of every completion to the inputs
+    of reward functions (column `meds_fingerprint`: a float32 array, or None without `\\boxed{`).
+
+    `meds_last_n_layers` keeps only the deepest layers (the reference uses 14; None keeps all and
+    lets the run's `last_n_layers` decide). `meds_batch_size` rows go through the model at once.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        meds_last_n_layers: int | None = None,
+        meds_batch_size: int = DEFAULT_BATCH_SIZE,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.meds_last_n_layers = meds_last_n_layers
+        self.meds_batch_size = meds_batch_size
+
+    def _generate(self, prompts: list[Any]) -> Any:
+        generated = super()._generate(prompts)
+        prompt_ids, completion_ids, extra_fields = generated[0], generated[1], generated[5]
+        if not isinstance(extra_fields, dict):
+            raise TypeError(f"unexpected GRPOTrainer._generate result in TRL {trl.__version__}; MEDS supports TRL 1.x")
+        extra_fields[FINGERPRINT_COLUMN] = self._fingerprint_completions(prompt_ids, completion_ids)
+        return generated
+
+    def _fingerprint_completions(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+    ) -> list[npt.NDArray[np.float32] | None]:
+        sequences = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        starts = [len(p) for p in prompt_ids]
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=getattr(self.args, "ds3_gather_for_generation", True),
+            ) as model,
+            torch.no_grad(),
+            self.accelerator.autocast(),
+        ):
+            return fingerprint_sequences(
+                model,
+                cast(Tokenizer, self.processing_class),
+                sequences,
+                starts,
+                last_n_layers=self.meds_last_n_layers,
+                batch_size=self.meds_batch_size,
+            )
+
+
+class _PenaltyRewardBase:
+    """What the sync and async reward functions share: reading TRL's inputs and shaping the answer."""
+
+    __name__ = REWARD_NAME
+
+    def __init__(
+        self,
+        run: str,
+        *,
+        accuracy: AccuracyReward,
+        threshold: float = DEFAULT_CORRECTNESS_THRESHOLD,
+        prompt_id_fn: Callable[[str], str] = prompt_id,
+    ) -> None:
+        self.run = run
+        self.accuracy = accuracy
+        self.threshold = threshold
+        self.prompt_id_fn = prompt_id_fn
+
+    def _rollouts(
+        self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Rollout], list[float | None]]:
+        """The rollouts to score, and the accuracy reward of each completion."""
+        if FINGERPRINT_COLUMN not in kwargs:
+            raise KeyError(
+                f"no {FINGERPRINT_COLUMN!r} column: train with MedsGRPOTrainer, or return it from your rollout_func"
+            )
+        accuracy = list(
+            self.accuracy(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+        )
+        if PROMPT_ID_COLUMN in kwargs:
+            keys = [str(key) for key in kwargs[PROMPT_ID_COLUMN]]
+        else:
+            keys = [self.prompt_id_fn(_prompt_text(prompt)) for prompt in prompts]
+        correct = correctness_from_scores(accuracy, self.threshold)
+        fingerprints: list[FingerprintLike | None] = list(kwargs[FINGERPRINT_COLUMN])
+        ids = new_rollout_ids(len(keys), prefix=_step_prefix(kwargs))
+        rollouts = [Rollout(*row) for row in zip(ids, keys, correct, fingerprints, strict=True)]
+        return rollouts, accuracy
+
+    def _rewards(
+        self,
+        results: Sequence[ScoreResult],
+        rollouts: Sequence[Rollout],
+        accuracy: Sequence[float | None],
+        kwargs: dict[str, Any],
+    ) -> list[float | None]:
+        """Per completion: shaped minus raw accuracy reward; None where the service gave no verdict."""
+        shaping = Shaping.from_results(results, [r.correct for r in rollouts])
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric):
+            for name, value in shaping.metrics().items():
+                log_metric(name, value)
+        raw = np.array([0.0 if a is None else a for a in accuracy], dtype=np.float64)
+        deltas = shaping.shape(raw) - raw
+        return [None if r.status == "error" else float(d) for r, d in zip(results, deltas, strict=True)]
+
+
+class MedsPenaltyReward(_PenaltyRewardBase):
+    """TRL reward function (blocking) returning the MEDS change to the accuracy reward per completion.
+
+    `accuracy` is your correctness reward function (called with TRL's arguments; a completion is
+    correct when it returns at least `threshold`). Prompts are keyed by the dataset's `prompt_id`
+    column when there is one, else by `prompt_id_fn` of the prompt text (the last user message of a
+    conversational prompt).
+    """
+
+    def __init__(
+        self,
+        client: MedsClient,
+        run: str,
+        *,
+        accuracy: AccuracyReward,
+        threshold: float = DEFAULT_CORRECTNESS_THRESHOLD,
+        prompt_id_fn: Callable[[str], str] = prompt_id,
+    ) -> None:
+        super().__init__(run, accuracy=accuracy, threshold=threshold, prompt_id_fn=prompt_id_fn)
+        self.client = client
+
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Any], **kwargs: Any
+    ) -> list[float | None]:
+        rollouts, accuracy = self._rollouts(prompts, completions, completion_ids, kwargs)
+        results = self.client.score(self.run, rollouts, step=_global_step(kwargs))
+        return self._rewards(results, rollouts, accuracy, kwargs)
+
+
+class AsyncMedsPenaltyReward(_PenaltyRewardBase):
+    """`MedsPenaltyReward` over `AsyncMedsClient`: TRL awaits it concurrently with other async rewards."""
+
+    def __init__(
+        self,
+        client: AsyncMedsClient,
+        run: str,
+        *,
+        accuracy: AccuracyReward,
+        threshold: float = DEFAULT_CORRECTNESS_THRESHOLD,
+        prompt_id_fn: Callable[[str], str] = prompt_id,
+    ) -> None:
+        super().__init__(run, accuracy=accuracy, threshold=threshold, prompt_id_fn=prompt_id_fn)
+        self.client = client
+
+    async def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Any], **kwargs: Any
+    ) -> list[float | None]:
+        rollouts, accuracy = self._rollouts(prompts, completions, completion_ids, kwargs)
+        results = await self.client.score(self.run, rollouts, step=_global_step(kwargs))
+        return self._rewards(results, rollouts, accuracy, kwargs)
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A standard prompt is its text; a conversational one is keyed by its last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    user = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    content = (user or list(prompt))[-1]["content"]
+    if isinstance(content, list):  # typed content blocks
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return str(content)
+
+
+def _global_step(kwargs: dict[str, Any]) -> int | None:
+    state = kwargs.get("trainer_state")
+    step = getattr(state, "global_step", None)
+    return int(step) if step is not None else None
+
+
+def _step_prefix(kwargs: dict[str, Any]) -> str:
+    step = _global_step(kwargs)
+    return f"trl-s{step}-" if step is not None else "trl-"

@@ -1,0 +1,86 @@
+"""Tiny randomly initialised causal LMs and a BPE tokenizer trained in-process, for tests.
+
+They let a trainer integration be exercised end to end on a CPU with no downloads: the same code path
+as a real model, in milliseconds. Needs the `fingerprint` extra (transformers brings `tokenizers`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+CORPUS = [
+    "Question: what is 2 + 3? Answer: the sum is \\boxed{5}.",
+    "Compute 7 * 6. We multiply and get \\boxed{42}.",
+    "Solve x + 1 = 4. Subtract one: x = 3, so \\boxed{3}.",
+    "The area of a 2 by 9 rectangle is \\boxed{18}.",
+    "Think step by step. First add, then divide. Final answer: \\boxed{12}.",
+    "What is the remainder of 17 divided by 5? It is \\boxed{2}.",
+    "Let us count the apples and pears: 3 + 4 = 7, answer \\boxed{7}.",
+]
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+HIDDEN_SIZE = 32
+NUM_LAYERS = 3
+
+__all__ = ["CORPUS", "NUM_LAYERS", "tiny_model", "tiny_tokenizer"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (~300 tokens) trained on a few maths sentences; a new object per call."""
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="right",
+    )
+
+
+@functools.cache
+def _trained_tokenizer_json() -> str:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # type: ignore[assignment]
+    tokenizer.decoder = decoders.ByteLevel()  # type: ignore[assignment]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return str(tokenizer.to_str())
+
+
+def tiny_model(kind: str, *, vocab_size: int | None = None, seed: int = 0) -> PreTrainedModel:
+    """A tiny fp32 causal LM of the given architecture: "llama", "qwen2" or "gpt_neox"."""
+    if kind not in _CONFIGS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(_CONFIGS)}")
+    config_class, extra = _CONFIGS[kind]
+    config = config_class(
+        vocab_size=vocab_size or len(tiny_tokenizer()),
+        hidden_size=HIDDEN_SIZE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    model.eval()  # type: ignore[no-untyped-call]
+    return model
+
+
+_CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "llama": (LlamaConfig, {"num_key_value_heads": 2}),
+    "qwen2": (Qwen2Config, {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "gpt_neox": (GPTNeoXConfig, {"use_parallel_residual": True}),  # output embedding is `embed_out`
+}

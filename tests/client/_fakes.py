@@ -1,0 +1,93 @@
+"""Test doubles of the client suite: a scripted fake MEDS service for httpx.MockTransport, and a
+blocking view of the async client so that one test body drives both clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from meds_client import AsyncMedsClient, RetryPolicy
+
+Responder = Callable[[httpx.Request], httpx.Response]
+
+
+class FakeService:
+    """Answers like the MEDS API; `script` queues responses (or exceptions) that are used first."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.script: list[httpx.Response | Exception | Responder] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.script:
+            step = self.script.pop(0)
+            if isinstance(step, Exception):
+                raise step
+            return step(request) if callable(step) else step
+        return self.default(request)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(r.content) for r in self.requests if r.content]
+
+    @staticmethod
+    def default(request: httpx.Request) -> httpx.Response:
+        headers = {"X-Request-ID": "req-default"}
+        if request.url.path.endswith("/score"):
+            return httpx.Response(
+                200,
+                json={"results": [score_result(r) for r in json.loads(request.content)["rollouts"]]},
+                headers=headers,
+            )
+        return httpx.Response(200, json={"status": "ok"}, headers=headers)
+
+
+def score_result(rollout: dict[str, Any]) -> dict[str, Any]:
+    """A deterministic verdict: wrong rollouts with a fingerprint get 0.1, others 0."""
+    has_fingerprint = rollout.get("fingerprint") is not None or rollout.get("fingerprint_row") is not None
+    wrong = rollout["correct"] is False and has_fingerprint
+    return {
+        "rollout_id": rollout["rollout_id"],
+        "status": "scored" if has_fingerprint else "skipped",
+        "cluster": 0 if wrong else None,
+        "cluster_size": 1 if wrong else 0,
+        "penalty": 0.1 if wrong else 0.0,
+        "shaped_reward": None,
+    }
+
+
+def error_response(
+    status: int, *, request_id: str | None = "req-1", headers: dict[str, str] | None = None
+) -> httpx.Response:
+    body = {"error": {"type": "some_error", "message": f"failed with {status}", "request_id": request_id}}
+    return httpx.Response(status, json=body, headers=headers or {})
+
+
+class SyncView:
+    """Calls an AsyncMedsClient's coroutine methods as if they were blocking, all on one event loop
+    (so that pooled connections stay on the loop that opened them)."""
+
+    def __init__(self, client: AsyncMedsClient) -> None:
+        self._client = client
+        self._loop = asyncio.new_event_loop()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not asyncio.iscoroutinefunction(attribute):
+            return attribute
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return self._loop.run_until_complete(attribute(*args, **kwargs))
+
+        return run
+
+    def close_view(self) -> None:
+        self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()
+
+
+FAST_RETRIES = RetryPolicy(max_retries=3, initial_delay=0.0, jitter=0.0)
