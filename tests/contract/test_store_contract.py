@@ -7,15 +7,7 @@ import pytest
 
 from meds_service.core.config import RunConfig
 from meds_service.core.errors import StoreUnavailable
-from meds_service.core.types import (
-    Fit,
-    Group,
-    KeyAppend,
-    MemoryKey,
-    RolloutResult,
-    RolloutStatus,
-    ScoredBatch,
-)
+from meds_service.core.types import Fit, Group, KeyAppend, MemoryKey, RolloutResult, RolloutStatus, ScoredBatch
 from meds_service.engine.ports import MemoryStore
 
 W = MemoryKey("p1", Group.WRONG)
@@ -31,13 +23,18 @@ def result(rid: str, size: int = 0, shaped: float | None = None) -> RolloutResul
     return RolloutResult(rid, RolloutStatus.SCORED, None if size == 0 else 1, size, 0.1 * size, shaped)
 
 
+def append(key: MemoryKey, first: int, x: np.ndarray, start: int = 0, ids: list[str] | None = None) -> KeyAppend:
+    ids = ids or [f"{key.prompt_id}-{int(key.group)}-{first + i}" for i in range(len(x))]
+    return KeyAppend(key, first, x, start, ids, [result(i) for i in ids])
+
+
 def test_runs_roundtrip_and_delete(store: MemoryStore) -> None:
     assert store.get_run("a") is None and store.list_runs() == []
     record = store.save_run("a", RunConfig(alpha=0.3))
     assert record.name == "a" and record.config.alpha == 0.3 and record.created_at > 0
     store.save_run("a", RunConfig(alpha=0.4))
-    assert store.get_run("a").config.alpha == 0.4  # type: ignore[union-attr]
-    assert store.get_run("a").created_at == record.created_at  # type: ignore[union-attr]
+    again = store.get_run("a")
+    assert again is not None and again.config.alpha == 0.4 and again.created_at == record.created_at
     store.save_run("b", RunConfig())
     assert [r.name for r in store.list_runs()] == ["a", "b"]
     assert store.delete_run("a") and not store.delete_run("a")
@@ -46,71 +43,72 @@ def test_runs_roundtrip_and_delete(store: MemoryStore) -> None:
 
 def test_commit_load_and_results(store: MemoryStore) -> None:
     v1, v2 = vectors(3, 1), vectors(2, 2)
-    store.commit(
-        "r",
-        CONFIG,
-        ScoredBatch(
-            [KeyAppend(W, 0, v1, 0), KeyAppend(C, 0, v2[:1], 0)],
-            [result("a"), result("b", 2, 0.5), result("c")],
-            [Fit(C, np.array([-1]), 0, 1)],
-        ),
-    )
-    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 3, v2, 0)], [result("d")]))
+    results = [result("a"), result("b", 2, 0.5), result("c")]
+    store.commit("r", CONFIG, ScoredBatch(
+        [KeyAppend(W, 0, v1, 0, ["a", "b", "c"], results), append(C, 0, v2[:1])],
+        [Fit(C, np.array([-1]), 0, 1)],
+    ))  # fmt: skip
+    store.commit("r", CONFIG, ScoredBatch([append(W, 3, v2, ids=["d", "e"])]))
     states = store.load_keys("r", None, 4)
     assert set(states) == {W, C}
     assert np.array_equal(states[W].vectors, np.vstack([v1, v2])) and states[W].start == 0 and states[W].n == 5
-    assert states[C].labels.tolist() == [-1] and states[C].fitted_upto == 1
+    assert states[C].labels.tolist() == [-1] and states[C].fitted_upto == 1 and states[W].fitted_upto == 0
     assert list(store.load_keys("r", [C, MemoryKey("nope", Group.WRONG)], 4)) == [C]
-    found = store.find_results("r", ["a", "b", "zzz"])
-    assert set(found) == {"a", "b"} and found["b"].cluster_size == 2 and found["b"].shaped_reward == 0.5
-    assert store.find_results("other", ["a"]) == {}
+    found = store.find_results("r", ["p1"] * 4, ["a", "b", "zzz", "e"])
+    assert set(found) == {"a", "b", "e"} and found["b"] == results[1] and found["a"].cluster is None
+    assert found["b"].shaped_reward == 0.5 and found["a"].shaped_reward is None
+    assert store.find_results("r", ["other-prompt"], ["a"]) == {}  # ids are scoped by prompt
+    assert store.find_results("other", ["p1"], ["a"]) == {}
     counts = store.counts("r")
-    assert (counts.keys, counts.vectors, counts.rollouts) == (2, 6, 4)
+    assert (counts.keys, counts.vectors, counts.rollouts) == (2, 6, 6)
     heads = store.key_heads("r")
     assert heads[W].n == 5 and heads[W].fitted_upto == 0 and heads[C].fitted_upto == 1
-    assert store.get_run("r").config.dim == 4  # type: ignore[union-attr]
+    run = store.get_run("r")
+    assert run is not None and run.config.dim == 4
 
 
 def test_many_results_lookup(store: MemoryStore) -> None:
     ids = [f"id-{i}" for i in range(2500)]
-    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(1), 0)], [result(i) for i in ids]))
-    assert len(store.find_results("r", [*ids, "missing"])) == 2500
+    store.commit("r", CONFIG, ScoredBatch([append(W, 0, vectors(2500), ids=ids)]))
+    assert len(store.find_results("r", ["p1"] * 2501, [*ids, "missing"])) == 2500
 
 
-def test_rollout_ids_are_unique_per_run(store: MemoryStore) -> None:
-    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(1), 0)], [result("a")]))
+def test_a_batch_out_of_sequence_is_refused_whole(store: MemoryStore) -> None:
+    store.commit("r", CONFIG, ScoredBatch([append(W, 0, vectors(1))]))
     with pytest.raises(StoreUnavailable):
-        store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 1, vectors(1), 0)], [result("a")]))
-    # Atomic: the failed batch left nothing behind.
-    assert store.counts("r").vectors == 1
-    store.commit("s", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(1), 0)], [result("a")]))
+        store.commit("r", CONFIG, ScoredBatch([append(C, 0, vectors(1)), append(W, 5, vectors(1))]))
+    assert store.counts("r").vectors == 1 and store.counts("r").keys == 1  # atomic: nothing of it stayed
+    store.commit("r", CONFIG, ScoredBatch([append(C, 0, vectors(1)), append(W, 1, vectors(1))]))
+    assert store.counts("r").vectors == 3
 
 
 def test_fits_never_go_backwards(store: MemoryStore) -> None:
-    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(4), 0)], []))
+    store.commit("r", CONFIG, ScoredBatch([append(W, 0, vectors(4))]))
     assert store.save_fits("r", [Fit(W, np.array([0, 0, 1, 1]), 0, 4)]) == 1
     assert store.save_fits("r", [Fit(W, np.array([0, 0]), 0, 2)]) == 0  # older than the stored fit
     assert store.load_keys("r", [W], 4)[W].labels.tolist() == [0, 0, 1, 1]
+    assert store.key_heads("r")[W].fitted_upto == 4
     assert store.save_fits("missing", [Fit(W, np.array([0]), 0, 1)]) == 0
 
 
-def test_capped_memory_forgets_old_vectors(store: MemoryStore) -> None:
+def test_capped_memory_forgets_old_vectors_but_not_ids(store: MemoryStore) -> None:
     v = vectors(10, 3)
-    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, v[:4], 0)], []))
-    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 4, v[4:7], 2)], []))
-    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 7, v[7:], 5)], []))
+    store.commit("r", CONFIG, ScoredBatch([append(W, 0, v[:4])]))
+    store.commit("r", CONFIG, ScoredBatch([append(W, 4, v[4:7], 2)]))
+    store.commit("r", CONFIG, ScoredBatch([append(W, 7, v[7:], 5)]))
     state = store.load_keys("r", [W], 4)[W]
     assert state.start == 5 and state.n == 10 and np.array_equal(state.vectors, v[5:])
-    assert store.counts("r").vectors == 5
+    assert store.counts("r").vectors == 5 and store.counts("r").rollouts == 10
+    assert "p1-0-0" in store.find_results("r", ["p1"], ["p1-0-0"])  # a retry of an evicted rollout
 
 
 def test_delete_run_removes_everything(store: MemoryStore) -> None:
-    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(2), 0)], [result("a")]))
+    store.commit("r", CONFIG, ScoredBatch([append(W, 0, vectors(2), ids=["a", "b"])]))
     assert store.delete_run("r")
-    assert store.load_keys("r", None, 4) == {} and store.find_results("r", ["a"]) == {}
+    assert store.load_keys("r", None, 4) == {} and store.find_results("r", ["p1"], ["a"]) == {}
     assert store.counts("r").rollouts == 0 and store.key_heads("r") == {}
-    store.commit("r", CONFIG, ScoredBatch([KeyAppend(W, 0, vectors(1), 0)], [result("a")]))
-    assert store.counts("r").vectors == 1
+    store.commit("r", CONFIG, ScoredBatch([append(W, 0, vectors(1), ids=["a"])]))
+    assert store.counts("r").vectors == 1 and "a" in store.find_results("r", ["p1"], ["a"])
 
 
 def test_ping_and_info(store: MemoryStore) -> None:

@@ -166,7 +166,7 @@ def test_duplicates_return_the_first_result_and_store_nothing(engine: ErrorMemor
     again = engine.score("d", to_batch(steps[-1], 3))
     assert {r.status for r in again} <= {RolloutStatus.DUPLICATE, RolloutStatus.SKIPPED}
     assert engine.stats("d") == before
-    first = engine.store.find_results("d", [r.rollout_id for r in steps[-1]])
+    first = engine.store.find_results("d", [r.prompt_id for r in steps[-1]], [r.rollout_id for r in steps[-1]])
     for r in again:
         if r.status is RolloutStatus.DUPLICATE:
             stored = first[r.rollout_id]
@@ -207,7 +207,7 @@ def test_skipped_rollouts_are_not_remembered(engine: ErrorMemory) -> None:
     results = engine.score("s", to_batch([RefRollout("a", "p", False, None, 0.5)], 3))
     assert results[0].status is RolloutStatus.SKIPPED and results[0].shaped_reward == 0.5
     assert engine.stats("s")["vectors"] == 0 and engine.stats("s")["rollouts"] == 0
-    assert engine.store.find_results("s", ["a"]) == {}
+    assert engine.store.find_results("s", ["p"], ["a"]) == {}
 
 
 class HeldRefitter:

@@ -10,9 +10,13 @@ import pytest
 
 from meds_service.core.config import RunConfig
 from meds_service.core.errors import StoreUnavailable
-from meds_service.core.types import Group, KeyAppend, MemoryKey, ScoredBatch
+from meds_service.core.types import Group, KeyAppend, MemoryKey, RolloutResult, RolloutStatus, ScoredBatch
 from meds_service.storage.sqlite import SQLiteStore
 from meds_service.workers import open_store, refit_job
+
+
+def result(rid: str) -> RolloutResult:
+    return RolloutResult(rid, RolloutStatus.SCORED, None, 0, 0.0, None)
 
 
 def test_one_writer_per_data_folder(tmp_path: Path) -> None:
@@ -34,7 +38,8 @@ def test_read_only_view_sees_commits_and_refits_from_it(tmp_path: Path) -> None:
     writer = SQLiteStore(tmp_path)
     key = MemoryKey("p", Group.WRONG)
     x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
-    writer.commit("r", RunConfig(dim=3), ScoredBatch([KeyAppend(key, 0, x, 0)], []))
+    ids = [f"r{i}" for i in range(6)]
+    writer.commit("r", RunConfig(dim=3), ScoredBatch([KeyAppend(key, 0, x, 0, ids, [result(i) for i in ids])]))
     reader = open_store(writer.spec(), read_only=True)
     assert np.array_equal(reader.load_keys("r", [key], 3)[key].vectors, x)
     with pytest.raises(StoreUnavailable):

@@ -88,20 +88,22 @@ class KeyState:
 
 @dataclass(frozen=True, slots=True)
 class KeyAppend:
-    """Vectors appended to one key by one committed batch."""
+    """What one committed batch adds to one key: vectors (sequence numbers from first_seq) and their
+    rollouts' ids and results; `new_start` is the key's first live sequence number afterwards."""
 
     key: MemoryKey
     first_seq: int
     vectors: NDArray[np.float32]
     new_start: int
+    rollout_ids: list[str]
+    results: list[RolloutResult]
 
 
 @dataclass(frozen=True, slots=True)
 class ScoredBatch:
     """Everything one score request adds to a run's memory: committed atomically."""
 
-    appends: list[KeyAppend]
-    results: list[RolloutResult]  # only the scored ones: skipped rollouts are not remembered
+    appends: list[KeyAppend]  # only scored rollouts: skipped ones are not remembered
     fits: list[Fit] = field(default_factory=list)  # labels known without HDBSCAN (keys of < 2 vectors)
 
 

@@ -243,7 +243,7 @@ class ErrorMemory:
         with run.lock:
             self._ensure_alive(run)
             config = self._config_for(run, batch)
-            known = self.store.find_results(name, batch.rollout_ids)
+            known = self.store.find_results(name, batch.prompt_ids, batch.rollout_ids)
             fresh = np.array([rid not in known for rid in batch.rollout_ids], dtype=bool)
             rows = np.flatnonzero(fresh & batch.has_fingerprint)
             scored, scored_batch, normed = self._score_rows(run, config, batch, rows)
@@ -274,7 +274,7 @@ class ErrorMemory:
     ) -> tuple[dict[int, RolloutResult], ScoredBatch, list[NDArray[np.float32]]]:
         """Results of the rollouts at `rows`, the batch to commit, and each append's normalised vectors."""
         if not len(rows):
-            return {}, ScoredBatch([], []), []
+            return {}, ScoredBatch([]), []
         stored = stored_vectors(batch.fingerprints[rows], config)
         feats = features(stored, config.layer_diff)
         normed = unit_rows(feats).astype(np.float32)
@@ -305,9 +305,9 @@ class ErrorMemory:
                 float(penalties[j]),
                 reward,
             )
-        appends, fits = self._appends(run, config, by_key, stored)
+        appends, fits = self._appends(run, config, by_key, stored, [results[r] for r in rows.tolist()])
         normed_by_append = [normed[positions] for positions in by_key.values()]
-        return results, ScoredBatch(appends, [results[r] for r in rows.tolist()], fits), normed_by_append
+        return results, ScoredBatch(appends, fits), normed_by_append
 
     def _assign(
         self,
@@ -366,6 +366,7 @@ class ErrorMemory:
         config: RunConfig,
         by_key: dict[MemoryKey, NDArray[np.intp]],
         stored: NDArray[np.float32],
+        results: list[RolloutResult],
     ) -> tuple[list[KeyAppend], list[Fit]]:
         appends, fits = [], []
         cap = config.max_memory_per_key
@@ -373,7 +374,9 @@ class ErrorMemory:
             cached = run.keys.get(key) or CachedKey()
             n_new = cached.n + len(positions)
             new_start = max(cached.start, n_new - cap) if cap else cached.start
-            appends.append(KeyAppend(key, cached.n, stored[positions], new_start))
+            key_results = [results[j] for j in positions.tolist()]
+            ids = [r.rollout_id for r in key_results]
+            appends.append(KeyAppend(key, cached.n, stored[positions], new_start, ids, key_results))
             if n_new - new_start < 2:  # HDBSCAN needs two points: such a key's labels are all noise
                 fits.append(Fit(key, np.full(n_new - new_start, -1, np.int64), new_start, n_new))
         return appends, fits
@@ -396,7 +399,7 @@ class ErrorMemory:
             run.keys[fit.key].take_fit(fit)
         for append in scored.appends:
             run.refresh_pending(append.key)
-        run.rollouts += len(scored.results)
+        run.rollouts += sum(len(a.rollout_ids) for a in scored.appends)
         if run.pending:
             self.on_pending()
 

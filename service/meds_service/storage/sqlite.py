@@ -1,9 +1,14 @@
 """The embedded store: one SQLite file in WAL mode, the zero-setup default for one machine.
 
-Every score request is one transaction (vectors, key counters and rollout results), committed before the
-HTTP response is sent; with `synchronous=FULL` a commit survives a power cut as well as a SIGKILL. The
-process that serves the API is the only writer (an exclusive lock file guards the data folder); refit
-worker processes read the file through their own read-only connections.
+Layout: an append-only log of *chunks* (one per key per score request: its vectors, rollout ids, id hashes
+and results) plus small tables of runs, keys and fits. Appending is what keeps a commit cheap however long
+the run: a B-tree keyed by random rollout ids would rewrite pages all over the file on every request.
+Everything needed to find things again (which chunks a key has, which rollout ids were seen) is a
+catalog in memory, rebuilt by scanning the log at start and kept current incrementally.
+
+Every score request is one transaction, committed (fsync with `synchronous=FULL`) before the HTTP answer.
+The API process is the only writer (a lock file guards the folder); refit workers open read-only views
+that follow the log.
 """
 
 from __future__ import annotations
@@ -16,55 +21,78 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ..core.config import RunConfig
-from ..core.errors import StoreUnavailable
+from ..core.errors import Conflict, StoreUnavailable
 from ..core.records import KeyHead, RunCounts, RunRecord
 from ..core.types import Fit, Group, KeyState, MemoryKey, RolloutResult, RolloutStatus, ScoredBatch
+from .idindex import IdIndex, rollout_hashes
 
 DB_FILE = "meds.sqlite3"
 LOCK_FILE = "meds.lock"
 _SQL_VARS = 900  # stay far below SQLite's bound-parameter limit
+_POS_BITS = 20  # id-index values: chunk_id << 20 | position in chunk
+_NO_CLUSTER = np.iinfo(np.int32).min
+_RESULT = np.dtype([("cluster", "<i4"), ("size", "<i4"), ("penalty", "<f8"), ("shaped", "<f8")])
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
-    run_id INTEGER PRIMARY KEY,
+    run_id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL UNIQUE,
     config TEXT NOT NULL,
     created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS keys(
-    key_id INTEGER PRIMARY KEY,
+    key_id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id INTEGER NOT NULL,
     prompt_id TEXT NOT NULL,
     grp INTEGER NOT NULL,
-    start INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    fit_start INTEGER NOT NULL DEFAULT 0,
-    fitted_upto INTEGER NOT NULL DEFAULT 0,
-    labels BLOB,
     UNIQUE(run_id, prompt_id, grp)
 );
 CREATE TABLE IF NOT EXISTS chunks(
+    chunk_id INTEGER PRIMARY KEY AUTOINCREMENT,
     key_id INTEGER NOT NULL,
     first_seq INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    count INTEGER NOT NULL,
     vectors BLOB NOT NULL,
-    PRIMARY KEY(key_id, first_seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rollouts(
-    run_id INTEGER NOT NULL,
-    rollout_id TEXT NOT NULL,
-    cluster INTEGER,
-    cluster_size INTEGER NOT NULL,
-    penalty REAL NOT NULL,
-    shaped_reward REAL,
-    PRIMARY KEY(run_id, rollout_id)
-) WITHOUT ROWID;
+    hashes BLOB NOT NULL,
+    ids BLOB NOT NULL,
+    results BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fits(
+    key_id INTEGER PRIMARY KEY,
+    fit_start INTEGER NOT NULL,
+    fitted_upto INTEGER NOT NULL,
+    labels BLOB NOT NULL
+);
 """
+
+
+@dataclass
+class _Key:
+    key_id: int
+    run_id: int
+    key: MemoryKey
+    start: int = 0
+    n: int = 0
+    fit_start: int = 0
+    fitted_upto: int = 0
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (chunk_id, first_seq, count)
+
+
+@dataclass
+class _Run:
+    run_id: int
+    name: str
+    keys: dict[MemoryKey, _Key] = field(default_factory=dict)
+    ids: IdIndex = field(default_factory=IdIndex)
 
 
 class SQLiteStore:
@@ -78,23 +106,28 @@ class SQLiteStore:
         self.read_only = read_only
         self._lock = threading.RLock()
         self._lock_fd: int | None = None
+        self._runs: dict[str, _Run] = {}
+        self._run_names: dict[int, str] = {}
+        self._keys: dict[int, _Key] = {}
+        self._seen_key = self._seen_chunk = 0
         try:
             if read_only:
-                uri = f"file:{self.path}?mode=ro"
-                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+                self._db = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+                )
             else:
                 self.data_dir.mkdir(parents=True, exist_ok=True)
                 self._take_folder_lock()
                 self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={synchronous}")
-                self._db.execute("PRAGMA cache_size=-262144")  # 256 MiB: random-id inserts stay in memory
                 self._db.executescript(_SCHEMA)
             self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB
+            with self._lock:
+                self._follow_log(with_ids=not read_only)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
-        self._run_ids: dict[str, int] = {}
-        self._key_ids: dict[tuple[int, str, int], int] = {}
 
     def spec(self) -> tuple[str, str]:
         """A picklable description from which a worker process opens its own read-only view."""
@@ -118,12 +151,17 @@ class SQLiteStore:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
+    def info(self) -> dict[str, Any]:
+        return {"backend": "sqlite", "path": str(self.path)}
+
     # ---- plumbing ---------------------------------------------------------------------------------
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
+                if self.read_only:
+                    self._follow_log(with_ids=False)
                 yield self._db
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"SQLite read failed: {exc}") from exc
@@ -134,25 +172,63 @@ class SQLiteStore:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"SQLite store busy: {exc}") from exc
+                raise StoreUnavailable(f"SQLite store busy or unwritable: {exc}") from exc
             try:
                 yield self._db
                 self._db.execute("COMMIT")
             except BaseException as exc:
                 self._db.execute("ROLLBACK")
-                self._key_ids.clear()  # it may hold ids of rows the rollback removed
                 if isinstance(exc, sqlite3.Error):
                     raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
                 raise
 
-    def _run_id(self, db: sqlite3.Connection, run: str) -> int | None:
-        run_id = self._run_ids.get(run)
-        if run_id is None:
-            row = db.execute("SELECT run_id FROM runs WHERE name=?", (run,)).fetchone()
-            if row is None:
-                return None
-            run_id = self._run_ids[run] = int(row[0])
-        return run_id
+    def _follow_log(self, *, with_ids: bool) -> None:
+        """Bring the catalog up to date with rows added since the last look (all of them at start)."""
+        db = self._db
+        for run_id, name in db.execute("SELECT run_id, name FROM runs").fetchall():
+            if name not in self._runs or self._runs[name].run_id != run_id:
+                self._runs[name] = _Run(run_id, name)
+                self._run_names[run_id] = name
+        rows = db.execute(
+            "SELECT key_id, run_id, prompt_id, grp FROM keys WHERE key_id > ? ORDER BY key_id", (self._seen_key,)
+        ).fetchall()
+        for key_id, run_id, prompt_id, grp in rows:
+            self._add_key(key_id, run_id, MemoryKey(prompt_id, Group(grp)))
+            self._seen_key = key_id
+        rows = db.execute(
+            "SELECT chunk_id, key_id, first_seq, start, count, hashes FROM chunks WHERE chunk_id > ? ORDER BY chunk_id",
+            (self._seen_chunk,),
+        ).fetchall()
+        for chunk_id, key_id, first_seq, start, count, hashes in rows:
+            entry = self._keys.get(key_id)
+            if entry is not None:
+                self._add_chunk(entry, chunk_id, first_seq, start, count)
+                if with_ids:
+                    self._remember_ids(entry, chunk_id, np.frombuffer(hashes, dtype="<u8"))
+            self._seen_chunk = chunk_id
+        if with_ids:
+            for key_id, fit_start, fitted_upto in db.execute("SELECT key_id, fit_start, fitted_upto FROM fits"):
+                if key_id in self._keys:
+                    self._keys[key_id].fit_start, self._keys[key_id].fitted_upto = fit_start, fitted_upto
+
+    def _add_key(self, key_id: int, run_id: int, key: MemoryKey) -> _Key:
+        entry = self._keys[key_id] = _Key(key_id, run_id, key)
+        name = self._run_names.get(run_id)
+        if name is not None:
+            self._runs[name].keys[key] = entry
+        return entry
+
+    @staticmethod
+    def _add_chunk(entry: _Key, chunk_id: int, first_seq: int, start: int, count: int) -> None:
+        entry.chunks.append((chunk_id, first_seq, count))
+        entry.n = first_seq + count
+        entry.start = start
+
+    def _remember_ids(self, entry: _Key, chunk_id: int, hashes: np.ndarray) -> None:
+        name = self._run_names.get(entry.run_id)
+        if name is not None:
+            values = (np.int64(chunk_id) << _POS_BITS) | np.arange(len(hashes), dtype=np.int64)
+            self._runs[name].ids.insert(hashes.astype(np.uint64), values)
 
     def ping(self) -> None:
         with self._read() as db:
@@ -176,202 +252,250 @@ class SQLiteStore:
             row = db.execute("SELECT created_at FROM runs WHERE name=?", (run,)).fetchone()
         return RunRecord(run, config, float(row[0]))
 
-    def _upsert_run(self, db: sqlite3.Connection, run: str, config: RunConfig) -> int:
-        db.execute(
+    def _upsert_run(self, db: sqlite3.Connection, run: str, config: RunConfig) -> _Run:
+        row = db.execute(
             "INSERT INTO runs(name, config, created_at) VALUES(?, ?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET config=excluded.config",
+            "ON CONFLICT(name) DO UPDATE SET config=excluded.config RETURNING run_id",
             (run, json.dumps(config.as_dict()), time.time()),
-        )
-        run_id = self._run_id(db, run)
-        assert run_id is not None
-        return run_id
+        ).fetchone()
+        entry = self._runs.get(run)
+        if entry is None or entry.run_id != row[0]:
+            entry = self._runs[run] = _Run(int(row[0]), run)
+            self._run_names[entry.run_id] = run
+        return entry
 
     def delete_run(self, run: str) -> bool:
         with self._write() as db:
-            run_id = self._run_id(db, run)
-            if run_id is None:
+            entry = self._runs.get(run)
+            if entry is None:
                 return False
-            db.execute("DELETE FROM chunks WHERE key_id IN (SELECT key_id FROM keys WHERE run_id=?)", (run_id,))
-            db.execute("DELETE FROM keys WHERE run_id=?", (run_id,))
-            db.execute("DELETE FROM rollouts WHERE run_id=?", (run_id,))
-            db.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
-        self._run_ids.pop(run, None)
-        self._key_ids.clear()  # row ids may be reused by later runs
+            key_ids = [k.key_id for k in entry.keys.values()]
+            chunk_ids = [c[0] for k in entry.keys.values() for c in k.chunks]
+            for table, column, ids in (
+                ("chunks", "chunk_id", chunk_ids),
+                ("fits", "key_id", key_ids),
+                ("keys", "key_id", key_ids),
+            ):
+                for lo in range(0, len(ids), _SQL_VARS):
+                    part = ids[lo : lo + _SQL_VARS]
+                    db.execute(f"DELETE FROM {table} WHERE {column} IN ({','.join('?' * len(part))})", part)
+            db.execute("DELETE FROM runs WHERE run_id=?", (entry.run_id,))
+        for key_id in key_ids:
+            self._keys.pop(key_id, None)
+        self._run_names.pop(entry.run_id, None)
+        del self._runs[run]
         return True
 
     def counts(self, run: str) -> RunCounts:
-        with self._read() as db:
-            run_id = self._run_id(db, run)
-            if run_id is None:
+        with self._read():
+            entry = self._runs.get(run)
+            if entry is None:
                 return RunCounts(0, 0, 0)
-            keys, vectors = db.execute(
-                "SELECT count(*), coalesce(sum(n - start), 0) FROM keys WHERE run_id=?", (run_id,)
-            ).fetchone()
-            (rollouts,) = db.execute("SELECT count(*) FROM rollouts WHERE run_id=?", (run_id,)).fetchone()
-        return RunCounts(int(keys), int(vectors), int(rollouts))
+            keys = entry.keys.values()
+            return RunCounts(len(keys), sum(k.n - k.start for k in keys), sum(k.n for k in keys))
 
     # ---- memory -----------------------------------------------------------------------------------
 
     def key_heads(self, run: str) -> dict[MemoryKey, KeyHead]:
-        """Counters of every key of a run (no vectors): what start-up and refit scheduling need."""
-        with self._read() as db:
-            run_id = self._run_id(db, run)
-            if run_id is None:
+        """Counters of every key of a run (no vectors)."""
+        with self._read():
+            entry = self._runs.get(run)
+            if entry is None:
                 return {}
-            rows = db.execute(
-                "SELECT prompt_id, grp, start, n, fit_start, fitted_upto FROM keys WHERE run_id=?", (run_id,)
-            ).fetchall()
-        return {MemoryKey(p, Group(g)): KeyHead(s, n, fs, fu) for p, g, s, n, fs, fu in rows}
+            return {k: KeyHead(e.start, e.n, e.fit_start, e.fitted_upto) for k, e in entry.keys.items()}
 
     def load_keys(self, run: str, keys: Sequence[MemoryKey] | None, dim: int) -> dict[MemoryKey, KeyState]:
-        """Vectors and last fit of the given keys (all keys of the run when `keys` is None)."""
+        """Live vectors and last fit of the given keys (all keys of the run when `keys` is None)."""
         with self._read() as db:
-            run_id = self._run_id(db, run)
-            if run_id is None:
+            entry = self._runs.get(run)
+            if entry is None:
                 return {}
-            if keys is None:
-                rows = db.execute(
-                    "SELECT key_id, prompt_id, grp, start, n, fit_start, fitted_upto, labels FROM keys WHERE run_id=?",
-                    (run_id,),
-                ).fetchall()
-            else:
-                rows = []
-                for key in keys:
-                    row = db.execute(
-                        "SELECT key_id, prompt_id, grp, start, n, fit_start, fitted_upto, labels "
-                        "FROM keys WHERE run_id=? AND prompt_id=? AND grp=?",
-                        (run_id, key.prompt_id, int(key.group)),
-                    ).fetchone()
-                    if row is not None:
-                        rows.append(row)
-            states = {}
-            for key_id, prompt_id, grp, start, n, fit_start, fitted_upto, labels in rows:
-                chunks = db.execute(
-                    "SELECT first_seq, vectors FROM chunks WHERE key_id=? ORDER BY first_seq", (key_id,)
-                ).fetchall()
-                states[MemoryKey(prompt_id, Group(grp))] = KeyState(
-                    vectors=_join_chunks(chunks, start, n, dim),
-                    start=start,
-                    labels=_decode_labels(labels),
-                    fit_start=fit_start,
-                    fitted_upto=fitted_upto,
+            wanted = list(entry.keys.values()) if keys is None else [entry.keys[k] for k in keys if k in entry.keys]
+            live = {c[0]: k for k in wanted for c in k.chunks if c[1] + c[2] > k.start}
+            blobs = _fetch(db, "SELECT chunk_id, vectors FROM chunks WHERE chunk_id IN ({})", list(live))
+            fits = {
+                row[0]: row[1:]
+                for row in _fetch(
+                    db,
+                    "SELECT key_id, fit_start, fitted_upto, labels FROM fits WHERE key_id IN ({})",
+                    [k.key_id for k in wanted],
                 )
+            }
+        vectors_of: dict[int, list[tuple[int, bytes]]] = {}
+        for chunk_id, blob in blobs:
+            vectors_of.setdefault(live[chunk_id].key_id, []).append((chunk_id, blob))
+        states = {}
+        for k in wanted:
+            fit_start, fitted_upto, labels = fits.get(k.key_id, (0, 0, b""))
+            states[k.key] = KeyState(
+                vectors=_join_chunks(k, vectors_of.get(k.key_id, []), dim),
+                start=k.start,
+                labels=np.frombuffer(labels, dtype="<i4").astype(np.int64),
+                fit_start=fit_start,
+                fitted_upto=fitted_upto,
+            )
         return states
 
-    def find_results(self, run: str, rollout_ids: Sequence[str]) -> dict[str, RolloutResult]:
-        """Stored results of the rollouts among `rollout_ids` that this run has already scored."""
-        found: dict[str, RolloutResult] = {}
+    def find_results(self, run: str, prompt_ids: Sequence[str], rollout_ids: Sequence[str]) -> dict[str, RolloutResult]:
+        """Stored results of those rollouts (by prompt and rollout id) that this run has already scored."""
         with self._read() as db:
-            run_id = self._run_id(db, run)
-            if run_id is None:
-                return found
-            for lo in range(0, len(rollout_ids), _SQL_VARS):
-                part = rollout_ids[lo : lo + _SQL_VARS]
-                rows = db.execute(
-                    "SELECT rollout_id, cluster, cluster_size, penalty, shaped_reward FROM rollouts "
-                    f"WHERE run_id=? AND rollout_id IN ({','.join('?' * len(part))})",
-                    (run_id, *part),
-                ).fetchall()
-                for rid, cluster, size, penalty, shaped in rows:
-                    found[rid] = RolloutResult(rid, RolloutStatus.SCORED, cluster, size, penalty, shaped)
-        return found
+            entry = self._runs.get(run)
+            if entry is None or not len(entry.ids):
+                return {}
+            found = entry.ids.lookup(rollout_hashes(prompt_ids, rollout_ids))
+            hits = np.flatnonzero(found >= 0)
+            if not len(hits):
+                return {}
+            chunks = {int(found[i]) >> _POS_BITS for i in hits}
+            rows = {
+                chunk_id: (orjson.loads(ids), np.frombuffer(results, dtype=_RESULT))
+                for chunk_id, ids, results in _fetch(
+                    db, "SELECT chunk_id, ids, results FROM chunks WHERE chunk_id IN ({})", list(chunks)
+                )
+            }
+        out = {}
+        for i in hits.tolist():
+            chunk_id, position = int(found[i]) >> _POS_BITS, int(found[i]) & ((1 << _POS_BITS) - 1)
+            ids, results = rows[chunk_id]
+            if ids[position] != rollout_ids[i]:
+                raise Conflict(f"rollout id {rollout_ids[i]!r} collides with another id's hash; use another id")
+            out[rollout_ids[i]] = _result(rollout_ids[i], results[position])
+        return out
 
     def commit(self, run: str, config: RunConfig, batch: ScoredBatch) -> None:
-        """Append a scored batch atomically: vectors, key counters, results (and the run's config)."""
+        """Append a scored batch atomically: one chunk per key, new keys, fits (and the run's config)."""
         with self._write() as db:
-            run_id = self._upsert_run(db, run, config)
-            key_ids = [self._key_id(db, run_id, a.key) for a in batch.appends]
-            before = db.total_changes
+            entry = self._upsert_run(db, run, config)
+            keys = [self._key_entry(db, entry, a.key) for a in batch.appends]
+            for a, k in zip(batch.appends, keys, strict=True):
+                if a.first_seq != k.n:
+                    raise StoreUnavailable(f"key {a.key} changed under its only writer; nothing was stored")
+            hashes = [rollout_hashes([a.key.prompt_id] * len(a.rollout_ids), a.rollout_ids) for a in batch.appends]
             db.executemany(
-                "UPDATE keys SET start=?, n=? WHERE key_id=? AND n=?",
+                "INSERT INTO chunks(key_id, first_seq, start, count, vectors, hashes, ids, results) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (a.new_start, a.first_seq + len(a.vectors), key_id, a.first_seq)
-                    for a, key_id in zip(batch.appends, key_ids, strict=True)
+                    (
+                        k.key_id,
+                        a.first_seq,
+                        a.new_start,
+                        len(a.rollout_ids),
+                        a.vectors.astype("<f4").tobytes(),
+                        h.astype("<u8").tobytes(),
+                        orjson.dumps(a.rollout_ids),
+                        _pack_results(a.results),
+                    )
+                    for a, k, h in zip(batch.appends, keys, hashes, strict=True)
                 ],
             )
-            if db.total_changes - before != len(batch.appends):
-                raise StoreUnavailable("a key of this batch changed under its only writer; nothing was stored")
-            db.executemany(
-                "INSERT INTO chunks(key_id, first_seq, vectors) VALUES(?, ?, ?)",
-                [
-                    (key_id, a.first_seq, a.vectors.astype("<f4", copy=False).tobytes())
-                    for a, key_id in zip(batch.appends, key_ids, strict=True)
-                ],
-            )
-            for a, key_id in zip(batch.appends, key_ids, strict=True):
-                if a.new_start > 0:  # a capped memory: forget what fell out of it
-                    _drop_dead_chunks(db, key_id, a.new_start, a.vectors.shape[1])
-            db.executemany(
-                "INSERT INTO rollouts(run_id, rollout_id, cluster, cluster_size, penalty, shaped_reward) "
-                "VALUES(?, ?, ?, ?, ?, ?)",
-                [(run_id, r.rollout_id, r.cluster, r.cluster_size, r.penalty, r.shaped_reward) for r in batch.results],
-            )
-            _save_fits(db, run_id, batch.fits)
+            (last,) = db.execute("SELECT seq FROM sqlite_sequence WHERE name='chunks'").fetchone()
+            first = last - len(batch.appends) + 1
+            dead = [
+                c[0]
+                for a, k in zip(batch.appends, keys, strict=True)
+                if a.new_start > k.start
+                for c in k.chunks
+                if k.start < c[1] + c[2] <= a.new_start
+            ]
+            for lo in range(0, len(dead), _SQL_VARS):  # a capped memory forgets vectors, keeps ids and results
+                part = dead[lo : lo + _SQL_VARS]
+                db.execute(f"UPDATE chunks SET vectors=x'' WHERE chunk_id IN ({','.join('?' * len(part))})", part)
+            _save_fits(db, {k.key: k for k in keys}, batch.fits)
+        for offset, (a, k) in enumerate(zip(batch.appends, keys, strict=True)):
+            if k.key_id not in self._keys:
+                self._keys[k.key_id] = entry.keys[k.key] = k
+                self._seen_key = max(self._seen_key, k.key_id)
+            self._add_chunk(k, first + offset, a.first_seq, a.new_start, len(a.rollout_ids))
+        self._seen_chunk = last
+        if hashes:
+            chunk_ids = np.repeat(np.arange(first, last + 1, dtype=np.int64), [len(h) for h in hashes])
+            positions = np.concatenate([np.arange(len(h), dtype=np.int64) for h in hashes])
+            entry.ids.insert(np.concatenate(hashes), (chunk_ids << _POS_BITS) | positions)
+        for fit in batch.fits:
+            self._adopt_fit(entry.keys[fit.key], fit)
 
-    def _key_id(self, db: sqlite3.Connection, run_id: int, key: MemoryKey) -> int:
-        """The row id of a key, created empty when new (cached: this process is the only writer)."""
-        ident = (run_id, key.prompt_id, int(key.group))
-        key_id = self._key_ids.get(ident)
-        if key_id is None:
-            row = db.execute("SELECT key_id FROM keys WHERE run_id=? AND prompt_id=? AND grp=?", ident).fetchone()
-            if row is None:
-                row = db.execute(
-                    "INSERT INTO keys(run_id, prompt_id, grp, start, n) VALUES(?, ?, ?, 0, 0) RETURNING key_id", ident
-                ).fetchone()
-            key_id = self._key_ids[ident] = int(row[0])
-        return key_id
+    def _key_entry(self, db: sqlite3.Connection, run: _Run, key: MemoryKey) -> _Key:
+        entry = run.keys.get(key)
+        if entry is None:
+            (key_id,) = db.execute(
+                "INSERT INTO keys(run_id, prompt_id, grp) VALUES(?, ?, ?) RETURNING key_id",
+                (run.run_id, key.prompt_id, int(key.group)),
+            ).fetchone()
+            # Into the catalog only once committed: a rollback must not leave it behind.
+            entry = _Key(int(key_id), run.run_id, key)
+        return entry
 
     def save_fits(self, run: str, fits: Sequence[Fit]) -> int:
         """Store new labels; a fit older than the stored one is ignored. Returns how many were saved."""
         with self._write() as db:
-            run_id = self._run_id(db, run)
-            return 0 if run_id is None else _save_fits(db, run_id, fits)
+            entry = self._runs.get(run)
+            if entry is None:
+                return 0
+            saved = _save_fits(db, entry.keys, fits)
+        for fit in fits:
+            if fit.key in entry.keys:
+                self._adopt_fit(entry.keys[fit.key], fit)
+        return saved
 
-    def info(self) -> dict[str, Any]:
-        return {"backend": "sqlite", "path": str(self.path)}
-
-
-def _join_chunks(chunks: list[tuple[int, bytes]], start: int, n: int, dim: int) -> np.ndarray:
-    parts = [np.frombuffer(blob, dtype="<f4").reshape(-1, dim) for _, blob in chunks]
-    if not parts:
-        return np.zeros((0, dim), dtype=np.float32)
-    first_seq = chunks[0][0]
-    allrows = np.concatenate(parts).astype(np.float32, copy=False)
-    rows = allrows[start - first_seq : n - first_seq]
-    return np.ascontiguousarray(rows)
+    @staticmethod
+    def _adopt_fit(entry: _Key, fit: Fit) -> None:
+        if fit.fitted_upto >= entry.fitted_upto and fit.fit_start >= entry.fit_start:
+            entry.fit_start, entry.fitted_upto = fit.fit_start, fit.fitted_upto
 
 
-def _decode_labels(blob: bytes | None) -> np.ndarray:
-    if not blob:
-        return np.zeros(0, dtype=np.int64)
-    return np.frombuffer(blob, dtype="<i4").astype(np.int64)
-
-
-def _drop_dead_chunks(db: sqlite3.Connection, key_id: int, new_start: int, dim: int) -> None:
-    """Delete chunks whose every vector fell out of a capped memory (sequence numbers below new_start)."""
-    rows = db.execute(
-        "SELECT first_seq, length(vectors) FROM chunks WHERE key_id=? AND first_seq < ?", (key_id, new_start)
-    ).fetchall()
-    dead = [first for first, nbytes in rows if first + nbytes // (4 * dim) <= new_start]
-    db.executemany("DELETE FROM chunks WHERE key_id=? AND first_seq=?", [(key_id, f) for f in dead])
-
-
-def _save_fits(db: sqlite3.Connection, run_id: int, fits: Sequence[Fit]) -> int:
+def _save_fits(db: sqlite3.Connection, keys: dict[MemoryKey, _Key], fits: Sequence[Fit]) -> int:
     saved = 0
     for fit in fits:
+        entry = keys.get(fit.key)
+        if entry is None:
+            continue
         cur = db.execute(
-            "UPDATE keys SET labels=?, fit_start=?, fitted_upto=? "
-            "WHERE run_id=? AND prompt_id=? AND grp=? AND fitted_upto<=? AND fit_start<=?",
-            (
-                fit.labels.astype("<i4").tobytes(),
-                fit.fit_start,
-                fit.fitted_upto,
-                run_id,
-                fit.key.prompt_id,
-                int(fit.key.group),
-                fit.fitted_upto,
-                fit.fit_start,
-            ),
+            "INSERT INTO fits(key_id, fit_start, fitted_upto, labels) VALUES(?, ?, ?, ?) "
+            "ON CONFLICT(key_id) DO UPDATE SET fit_start=excluded.fit_start, fitted_upto=excluded.fitted_upto, "
+            "labels=excluded.labels WHERE excluded.fitted_upto >= fits.fitted_upto "
+            "AND excluded.fit_start >= fits.fit_start",
+            (entry.key_id, fit.fit_start, fit.fitted_upto, fit.labels.astype("<i4").tobytes()),
         )
         saved += cur.rowcount
     return saved
+
+
+def _fetch(db: sqlite3.Connection, sql: str, ids: list[int]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    for lo in range(0, len(ids), _SQL_VARS):
+        part = ids[lo : lo + _SQL_VARS]
+        rows.extend(db.execute(sql.format(",".join("?" * len(part))), part).fetchall())
+    return rows
+
+
+def _join_chunks(entry: _Key, blobs: list[tuple[int, bytes]], dim: int) -> np.ndarray:
+    """The key's live vectors (sequence numbers start..n) from its chunks' blobs."""
+    first_of = {c[0]: c[1] for c in entry.chunks}
+    parts = sorted((first_of[chunk_id], blob) for chunk_id, blob in blobs)
+    if not parts:
+        return np.zeros((0, dim), dtype=np.float32)
+    rows = np.concatenate([np.frombuffer(blob, dtype="<f4").reshape(-1, dim) for _, blob in parts])
+    skip = entry.start - parts[0][0]
+    return np.ascontiguousarray(rows[skip:], dtype=np.float32)
+
+
+def _pack_results(results: Sequence[RolloutResult]) -> bytes:
+    packed = np.empty(len(results), dtype=_RESULT)
+    packed["cluster"] = [_NO_CLUSTER if r.cluster is None else r.cluster for r in results]
+    packed["size"] = [r.cluster_size for r in results]
+    packed["penalty"] = [r.penalty for r in results]
+    packed["shaped"] = [np.nan if r.shaped_reward is None else r.shaped_reward for r in results]
+    return packed.tobytes()
+
+
+def _result(rollout_id: str, row: np.void) -> RolloutResult:
+    cluster = int(row["cluster"])
+    shaped = float(row["shaped"])
+    return RolloutResult(
+        rollout_id,
+        RolloutStatus.SCORED,
+        None if cluster == _NO_CLUSTER else cluster,
+        int(row["size"]),
+        float(row["penalty"]),
+        None if np.isnan(shaped) else shaped,
+    )

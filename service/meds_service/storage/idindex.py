@@ -1,0 +1,95 @@
+"""An exact in-memory set of 64-bit rollout hashes with a value each, vectorised with numpy.
+
+Open addressing with linear probing over two flat arrays (16 bytes a slot, at most half full), so that a
+batch of thousands of ids is looked up or inserted in a few numpy operations. Hash 0 marks an empty slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xxhash
+from numpy.typing import NDArray
+
+_MIN_CAPACITY = 1024
+
+
+def rollout_hashes(prompt_ids: Sequence[str], rollout_ids: Sequence[str]) -> NDArray[np.uint64]:
+    """Stable 64-bit hashes (XXH3) of (prompt_id, rollout_id); never 0 (0 marks an empty slot)."""
+    digest = xxhash.xxh3_64_intdigest
+    out = np.fromiter(
+        (digest(f"{p}\x00{r}".encode()) for p, r in zip(prompt_ids, rollout_ids, strict=True)),
+        dtype=np.uint64,
+        count=len(rollout_ids),
+    )
+    out[out == 0] = 1
+    return out
+
+
+class IdIndex:
+    """hash -> int64 value; lookups and inserts take whole arrays."""
+
+    def __init__(self, capacity: int = _MIN_CAPACITY) -> None:
+        size = _MIN_CAPACITY
+        while size < 2 * capacity:
+            size *= 2
+        self._keys = np.zeros(size, dtype=np.uint64)
+        self._values = np.zeros(size, dtype=np.int64)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._keys.nbytes + self._values.nbytes)
+
+    def lookup(self, hashes: NDArray[np.uint64]) -> NDArray[np.int64]:
+        """Values of the given hashes, -1 where absent."""
+        mask = np.uint64(len(self._keys) - 1)
+        found = np.full(len(hashes), -1, dtype=np.int64)
+        active = np.arange(len(hashes))
+        slots = hashes & mask
+        while len(active):
+            stored = self._keys[slots]
+            hit = stored == hashes[active]
+            found[active[hit]] = self._values[slots[hit]]
+            going = ~hit & (stored != 0)
+            active, slots = active[going], (slots[going] + np.uint64(1)) & mask
+        return found
+
+    def insert(self, hashes: NDArray[np.uint64], values: NDArray[np.int64]) -> None:
+        """Add hashes that are not present yet (and distinct among themselves)."""
+        if self._count + len(hashes) > len(self._keys) // 2:
+            self._grow(self._count + len(hashes))
+        self._place(hashes, values)
+        self._count += len(hashes)
+
+    def _place(self, hashes: NDArray[np.uint64], values: NDArray[np.int64]) -> None:
+        mask = np.uint64(len(self._keys) - 1)
+        pending = np.arange(len(hashes))
+        slots = hashes & mask
+        while len(pending):
+            free = self._keys[slots] == 0
+            # Of the pending hashes probing the same free slot, the first takes it; the rest probe on.
+            candidates = np.flatnonzero(free)
+            _, first = np.unique(slots[candidates], return_index=True)
+            winners = candidates[first]
+            self._keys[slots[winners]] = hashes[pending[winners]]
+            self._values[slots[winners]] = values[pending[winners]]
+            placed = np.zeros(len(pending), dtype=bool)
+            placed[winners] = True
+            moving = ~placed & ~free  # losers of a contested free slot retry it (now taken: they move on next)
+            slots = np.where(moving, (slots + np.uint64(1)) & mask, slots)
+            pending, slots = pending[~placed], slots[~placed]
+
+    def _grow(self, needed: int) -> None:
+        keys, values = self._keys, self._values
+        size = len(keys)
+        while size < 2 * needed:
+            size *= 2
+        self._keys = np.zeros(size, dtype=np.uint64)
+        self._values = np.zeros(size, dtype=np.int64)
+        live = keys != 0
+        self._place(keys[live], values[live])

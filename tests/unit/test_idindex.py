@@ -1,0 +1,36 @@
+"""The vectorised hash index behaves like a dict, through growth and heavy collisions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meds_service.storage.idindex import IdIndex, rollout_hashes
+
+
+def test_matches_a_dict_through_growth() -> None:
+    rng = np.random.default_rng(0)
+    index, reference = IdIndex(), {}
+    for batch in range(40):
+        hashes = np.unique(rng.integers(1, 2**63, size=int(rng.integers(1, 5000)), dtype=np.uint64))
+        hashes = hashes[[int(h) not in reference for h in hashes]]
+        values = rng.integers(0, 2**40, size=len(hashes))
+        index.insert(hashes, values)
+        reference.update(zip(hashes.tolist(), values.tolist(), strict=True))
+        probe = np.concatenate([hashes[:50], rng.integers(1, 2**63, size=50, dtype=np.uint64)])
+        want = [reference.get(int(h), -1) for h in probe]
+        assert index.lookup(probe).tolist() == want, batch
+    assert len(index) == len(reference) and index.nbytes >= 32 * len(reference)
+
+
+def test_clustered_hashes_probe_correctly() -> None:
+    index = IdIndex()
+    hashes = np.arange(1, 3000, dtype=np.uint64) * np.uint64(4096)  # all collide on the low bits
+    index.insert(hashes, np.arange(len(hashes), dtype=np.int64))
+    assert index.lookup(hashes).tolist() == list(range(len(hashes)))
+    assert index.lookup(np.array([7, 4096 * 5000], dtype=np.uint64)).tolist() == [-1, -1]
+
+
+def test_rollout_hashes_are_stable_and_scoped_by_prompt() -> None:
+    a = rollout_hashes(["p", "p", "q"], ["r1", "r2", "r1"])
+    assert len(set(a.tolist())) == 3 and (a != 0).all()
+    assert rollout_hashes(["p"], ["r1"])[0] == a[0]
