@@ -28,12 +28,12 @@ test: install-test
 	$(BIN)/pytest tests --ignore=tests/unit -q
 
 lint: install-test
-	$(BIN)/ruff check service client tests
+	$(BIN)/ruff check service client tests bench
 	$(BIN)/ruff format --check service client
 	$(BIN)/mypy service/meds_service client/meds_client
 
 bench: install-test
-	$(BIN)/python bench/bench_score.py
+	$(BIN)/python -m bench.bench_score
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

@@ -83,18 +83,20 @@ def encode_score_body(rollouts: Sequence[Rollout], step: int | None) -> dict[str
     (base64 of little-endian row-major bytes) and rollouts point at their row; otherwise they are sent
     as JSON lists.
     """
-    vectors = [_as_vector(r) for r in rollouts]
     body: dict[str, Any] = {"rollouts": [_rollout_json(r) for r in rollouts]}
     if step is not None:
         body["step"] = int(step)
-    dims = {v.shape[0] for v in vectors if v is not None}
-    if len(dims) > 1:
-        raise ValueError(f"fingerprints in one batch must have one dimension, got {sorted(dims)}")
+    present = [i for i, r in enumerate(rollouts) if r.fingerprint is not None]
+    matrix = _fingerprint_matrix(rollouts, present)
     if any(isinstance(r.fingerprint, np.ndarray) for r in rollouts):
-        _attach_matrix(body, vectors)
+        body["fingerprint_matrix"] = encode_matrix(matrix)
+        rows = dict(zip(present, range(len(present)), strict=True))
+        for i, item in enumerate(body["rollouts"]):
+            item["fingerprint_row"] = rows.get(i)
     else:
-        for item, vector in zip(body["rollouts"], vectors, strict=True):
-            item["fingerprint"] = None if vector is None else [float(x) for x in vector]
+        lists = dict(zip(present, matrix.tolist(), strict=True))
+        for i, item in enumerate(body["rollouts"]):
+            item["fingerprint"] = lists.get(i)
     return body
 
 
@@ -117,26 +119,23 @@ def decode_matrix(wire: Mapping[str, Any]) -> npt.NDArray[np.float32]:
     return flat.reshape(rows, cols).astype(np.float32)
 
 
-def _attach_matrix(body: dict[str, Any], vectors: Sequence[npt.NDArray[np.float32] | None]) -> None:
-    present = [v for v in vectors if v is not None]
-    dim = present[0].shape[0] if present else 0
-    matrix = np.stack(present) if present else np.zeros((0, dim), dtype=np.float32)
-    body["fingerprint_matrix"] = encode_matrix(matrix)
-    row = 0
-    for item, vector in zip(body["rollouts"], vectors, strict=True):
-        item["fingerprint_row"] = None if vector is None else row
-        row += vector is not None
-
-
-def _as_vector(rollout: Rollout) -> npt.NDArray[np.float32] | None:
-    if rollout.fingerprint is None:
-        return None
-    vector = np.asarray(rollout.fingerprint, dtype=np.float64)
-    if vector.ndim != 1 or vector.size == 0:
-        raise ValueError(f"fingerprint of rollout {rollout.rollout_id!r} must be a non-empty 1-D vector")
-    if not np.all(np.isfinite(vector)) or np.any(np.abs(vector) > np.finfo(np.float32).max):
-        raise ValueError(f"fingerprint of rollout {rollout.rollout_id!r} has NaN, inf or float32-overflowing values")
-    return vector.astype(np.float32)
+def _fingerprint_matrix(rollouts: Sequence[Rollout], present: list[int]) -> npt.NDArray[np.float32]:
+    """The fingerprints of `present` rollouts as one float32 matrix, checked once for the whole batch."""
+    vectors = [np.asarray(rollouts[i].fingerprint, dtype=np.float64) for i in present]
+    for i, vector in zip(present, vectors, strict=True):
+        if vector.ndim != 1 or vector.size == 0:
+            raise ValueError(f"fingerprint of rollout {rollouts[i].rollout_id!r} must be a non-empty 1-D vector")
+    dims = {v.shape[0] for v in vectors}
+    if len(dims) > 1:
+        raise ValueError(f"fingerprints in one batch must have one dimension, got {sorted(dims)}")
+    if not vectors:
+        return np.zeros((0, 0), dtype=np.float32)
+    matrix = np.stack(vectors)
+    bad = ~np.isfinite(matrix).all(axis=1) | (np.abs(matrix) > np.finfo(np.float32).max).any(axis=1)
+    if bad.any():
+        rollout_id = rollouts[present[int(np.argmax(bad))]].rollout_id
+        raise ValueError(f"fingerprint of rollout {rollout_id!r} has NaN, inf or float32-overflowing values")
+    return matrix.astype(np.float32)
 
 
 def _rollout_json(rollout: Rollout) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -30,7 +31,7 @@ class _BulkHistogram(Collector):
         self.total = 0.0
         self._lock = threading.Lock()
 
-    def observe_many(self, values: Sequence[float]) -> None:
+    def observe_many(self, values: Sequence[float] | NDArray[np.float64]) -> None:
         arr = np.asarray(values, dtype=np.float64)
         if not len(arr):
             return
@@ -115,7 +116,7 @@ class Metrics:
     def rollouts(self, status: str, count: int) -> None:
         self.rollouts_total.labels(status).inc(count)
 
-    def penalties(self, values: Sequence[float]) -> None:
+    def penalties(self, values: Sequence[float] | NDArray[np.float64]) -> None:
         self.penalty.observe_many(values)
 
     def refit_done(self, keys: int, vectors: int, seconds: float) -> None:

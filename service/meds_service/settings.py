@@ -45,6 +45,7 @@ class Settings(BaseSettings):
 
     # kNN index: FAISS on a GPU when CUDA is visible ("auto"), or forced to one device.
     index_device: Literal["auto", "cpu", "cuda"] = "auto"
+    index_threads: int = Field(1, ge=1)
 
     @field_validator("api_keys", mode="before")
     @classmethod

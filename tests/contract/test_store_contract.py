@@ -7,7 +7,16 @@ import pytest
 
 from meds_service.core.config import RunConfig
 from meds_service.core.errors import StoreUnavailable
-from meds_service.core.types import Fit, Group, KeyAppend, MemoryKey, RolloutResult, RolloutStatus, ScoredBatch
+from meds_service.core.types import (
+    Fit,
+    Group,
+    KeyAppend,
+    MemoryKey,
+    RolloutResult,
+    RolloutStatus,
+    ScoredBatch,
+    result_records,
+)
 from meds_service.engine.ports import MemoryStore
 
 W = MemoryKey("p1", Group.WRONG)
@@ -25,7 +34,7 @@ def result(rid: str, size: int = 0, shaped: float | None = None) -> RolloutResul
 
 def append(key: MemoryKey, first: int, x: np.ndarray, start: int = 0, ids: list[str] | None = None) -> KeyAppend:
     ids = ids or [f"{key.prompt_id}-{int(key.group)}-{first + i}" for i in range(len(x))]
-    return KeyAppend(key, first, x, start, ids, [result(i) for i in ids])
+    return KeyAppend(key, first, x, start, ids, result_records([result(i) for i in ids]))
 
 
 def test_runs_roundtrip_and_delete(store: MemoryStore) -> None:
@@ -45,7 +54,7 @@ def test_commit_load_and_results(store: MemoryStore) -> None:
     v1, v2 = vectors(3, 1), vectors(2, 2)
     results = [result("a"), result("b", 2, 0.5), result("c")]
     store.commit("r", CONFIG, ScoredBatch(
-        [KeyAppend(W, 0, v1, 0, ["a", "b", "c"], results), append(C, 0, v2[:1])],
+        [KeyAppend(W, 0, v1, 0, ["a", "b", "c"], result_records(results)), append(C, 0, v2[:1])],
         [Fit(C, np.array([-1]), 0, 1)],
     ))  # fmt: skip
     store.commit("r", CONFIG, ScoredBatch([append(W, 3, v2, ids=["d", "e"])]))

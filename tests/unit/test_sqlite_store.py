@@ -10,7 +10,15 @@ import pytest
 
 from meds_service.core.config import RunConfig
 from meds_service.core.errors import StoreUnavailable
-from meds_service.core.types import Group, KeyAppend, MemoryKey, RolloutResult, RolloutStatus, ScoredBatch
+from meds_service.core.types import (
+    Group,
+    KeyAppend,
+    MemoryKey,
+    RolloutResult,
+    RolloutStatus,
+    ScoredBatch,
+    result_records,
+)
 from meds_service.storage.sqlite import SQLiteStore
 from meds_service.workers import open_store, refit_job
 
@@ -39,7 +47,9 @@ def test_read_only_view_sees_commits_and_refits_from_it(tmp_path: Path) -> None:
     key = MemoryKey("p", Group.WRONG)
     x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
     ids = [f"r{i}" for i in range(6)]
-    writer.commit("r", RunConfig(dim=3), ScoredBatch([KeyAppend(key, 0, x, 0, ids, [result(i) for i in ids])]))
+    writer.commit(
+        "r", RunConfig(dim=3), ScoredBatch([KeyAppend(key, 0, x, 0, ids, result_records([result(i) for i in ids]))])
+    )
     reader = open_store(writer.spec(), read_only=True)
     assert np.array_equal(reader.load_keys("r", [key], 3)[key].vectors, x)
     with pytest.raises(StoreUnavailable):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import math
+import time
 from typing import Annotated, Any
 
 import orjson
@@ -12,7 +14,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from ..core.errors import InvalidInput, StoreUnavailable, Unauthorized
-from ..core.types import RolloutResult
+from ..core.types import NO_CLUSTER32, STATUSES, ScoreOutcome
 from ..engine import ErrorMemory
 from ..settings import Settings
 from .codec import SchemaError, decode_score_request, describe
@@ -64,15 +66,24 @@ def json_response(payload: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status_code, media_type="application/json")
 
 
-def result_json(result: RolloutResult) -> dict[str, Any]:
-    return {
-        "rollout_id": result.rollout_id,
-        "status": result.status.value,
-        "cluster": result.cluster,
-        "cluster_size": result.cluster_size,
-        "penalty": result.penalty,
-        "shaped_reward": result.shaped_reward,
-    }
+def results_json(outcome: ScoreOutcome) -> list[dict[str, Any]]:
+    """The `results` list of a score answer, built from columns (fast for 10^4 rollouts)."""
+    names = [s.value for s in STATUSES]
+    records = outcome.records
+    clusters = [None if c == NO_CLUSTER32 else c for c in records["cluster"].tolist()]
+    shaped = [None if math.isnan(x) else x for x in records["shaped"].tolist()]
+    return [
+        {"rollout_id": rid, "status": names[st], "cluster": c, "cluster_size": z, "penalty": p, "shaped_reward": sh}
+        for rid, st, c, z, p, sh in zip(
+            outcome.rollout_ids,
+            outcome.status.tolist(),
+            clusters,
+            records["size"].tolist(),
+            records["penalty"].tolist(),
+            shaped,
+            strict=True,
+        )
+    ]
 
 
 def run_json(engine: ErrorMemory, name: str) -> dict[str, Any]:
@@ -140,10 +151,18 @@ async def delete_run(run: RunName, engine: EngineDep) -> Response:
     },
 )
 async def score(run: RunName, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+    started = time.perf_counter()
     body = await request.body()
+    received = time.perf_counter()
     batch, _step = decode_score_request(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
+    decoded = time.perf_counter()
     results = await run_in_threadpool(engine.score, run, batch)
-    return json_response({"results": [result_json(r) for r in results]})
+    scored = time.perf_counter()
+    response = json_response({"results": results_json(results)})
+    timings = {"receive": received - started, "decode": decoded - received, "score": scored - decoded,
+               "encode": time.perf_counter() - scored}  # fmt: skip
+    response.headers["server-timing"] = ", ".join(f"{k};dur={1e3 * v:.1f}" for k, v in timings.items())
+    return response
 
 
 @v1.post(

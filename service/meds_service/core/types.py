@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -39,6 +40,12 @@ class RolloutStatus(enum.Enum):
     DUPLICATE = "duplicate"
 
 
+STATUSES = (RolloutStatus.SCORED, RolloutStatus.SKIPPED, RolloutStatus.DUPLICATE)  # codes 0, 1, 2
+NO_CLUSTER32 = np.iinfo(np.int32).min  # `cluster` of a result without a prediction
+# One rollout's result as stored and passed around in bulk: 24 bytes; shaped is NaN when there is none.
+RESULT_DTYPE = np.dtype([("cluster", "<i4"), ("size", "<i4"), ("penalty", "<f8"), ("shaped", "<f8")])
+
+
 @dataclass(frozen=True, slots=True)
 class RolloutResult:
     """What a client gets back for one rollout (and what is stored for idempotent retries)."""
@@ -50,15 +57,45 @@ class RolloutResult:
     penalty: float
     shaped_reward: float | None
 
-    def as_duplicate(self) -> RolloutResult:
-        return RolloutResult(
-            self.rollout_id,
-            RolloutStatus.DUPLICATE,
-            self.cluster,
-            self.cluster_size,
-            self.penalty,
-            self.shaped_reward,
+    @classmethod
+    def from_record(cls, rollout_id: str, status: RolloutStatus, record: np.void) -> RolloutResult:
+        cluster, shaped = int(record["cluster"]), float(record["shaped"])
+        return cls(
+            rollout_id,
+            status,
+            None if cluster == NO_CLUSTER32 else cluster,
+            int(record["size"]),
+            float(record["penalty"]),
+            None if np.isnan(shaped) else shaped,
         )
+
+
+def result_records(results: Sequence[RolloutResult]) -> NDArray[np.void]:
+    """RESULT_DTYPE records of results (the inverse of RolloutResult.from_record)."""
+    records = np.empty(len(results), dtype=RESULT_DTYPE)
+    records["cluster"] = [NO_CLUSTER32 if r.cluster is None else r.cluster for r in results]
+    records["size"] = [r.cluster_size for r in results]
+    records["penalty"] = [r.penalty for r in results]
+    records["shaped"] = [np.nan if r.shaped_reward is None else r.shaped_reward for r in results]
+    return records
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreOutcome:
+    """The results of one score request in columns (request order): cheap to build for 10^4 rollouts."""
+
+    rollout_ids: list[str]
+    status: NDArray[np.int8]  # index into STATUSES
+    records: NDArray[np.void]  # RESULT_DTYPE
+
+    def __len__(self) -> int:
+        return len(self.rollout_ids)
+
+    def __getitem__(self, i: int) -> RolloutResult:
+        return RolloutResult.from_record(self.rollout_ids[i], STATUSES[int(self.status[i])], self.records[i])
+
+    def __iter__(self) -> Iterator[RolloutResult]:
+        return (self[i] for i in range(len(self)))
 
 
 @dataclass(slots=True)
@@ -96,7 +133,7 @@ class KeyAppend:
     vectors: NDArray[np.float32]
     new_start: int
     rollout_ids: list[str]
-    results: list[RolloutResult]
+    results: NDArray[np.void]  # RESULT_DTYPE, one per rollout id
 
 
 @dataclass(frozen=True, slots=True)

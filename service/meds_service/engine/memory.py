@@ -28,6 +28,9 @@ from ..core.errors import InvalidInput, NotFound, StoreUnavailable
 from ..core.penalty import NO_CLUSTER, shape
 from ..core.preprocess import features, stored_vectors, unit_rows
 from ..core.types import (
+    NO_CLUSTER32,
+    RESULT_DTYPE,
+    STATUSES,
     Fit,
     Group,
     KeyAppend,
@@ -37,6 +40,7 @@ from ..core.types import (
     RolloutResult,
     RolloutStatus,
     ScoredBatch,
+    ScoreOutcome,
 )
 from ..storage.index import ShardIndex
 from .ports import EngineObserver, MemoryStore, Refitter
@@ -97,11 +101,34 @@ class RunMemory:
             self.pending.discard(key)
 
 
+# Labels of missing neighbours (fewer stored vectors than k): distinct, and larger than any real label, so
+# they never win a vote nor break a tie.
+_NO_NEIGHBOUR = np.int64(np.iinfo(np.int64).max)
+
+
+@dataclass(frozen=True)
+class _KeyView:
+    """What one key's queries are judged against: the fitted, live part of its memory."""
+
+    key: MemoryKey
+    lo: int  # index rows lo..hi hold the fitted vectors
+    hi: int
+    labels: NDArray[np.int64]
+    sizes: NDArray[np.int64]
+
+    @classmethod
+    def of(cls, key: MemoryKey, cached: CachedKey) -> _KeyView:
+        lo_seq = max(cached.fit_start, cached.start)
+        labels = cached.labels[lo_seq - cached.fit_start : cached.fitted_upto - cached.fit_start]
+        sizes = cached.sizes if len(labels) == len(cached.labels) else cluster_sizes(labels)
+        return cls(key, lo_seq - cached.start, cached.fitted_upto - cached.start, labels, sizes)
+
+
 class _NullObserver:
     def rollouts(self, status: str, count: int) -> None:
         pass
 
-    def penalties(self, values: Sequence[float]) -> None:
+    def penalties(self, values: Sequence[float] | NDArray[np.float64]) -> None:
         pass
 
     def refit_done(self, keys: int, vectors: int, seconds: float) -> None:
@@ -237,7 +264,7 @@ class ErrorMemory:
 
     # ---- scoring ------------------------------------------------------------------------------------
 
-    def score(self, name: str, batch: RolloutBatch) -> list[RolloutResult]:
+    def score(self, name: str, batch: RolloutBatch) -> ScoreOutcome:
         """Score a batch against the memory as it was before it, remember it, and return results in order."""
         run = self._run_or_create(name)
         with run.lock:
@@ -246,13 +273,14 @@ class ErrorMemory:
             known = self.store.find_results(name, batch.prompt_ids, batch.rollout_ids)
             fresh = np.array([rid not in known for rid in batch.rollout_ids], dtype=bool)
             rows = np.flatnonzero(fresh & batch.has_fingerprint)
-            scored, scored_batch, normed = self._score_rows(run, config, batch, rows)
+            records = np.empty(len(rows), dtype=RESULT_DTYPE)
             if len(rows):
-                self.store.commit(name, config, scored_batch)
-                self._remember(run, config, scored_batch, normed)
-        results = self._assemble(batch, known, fresh, scored)
-        self._observe(results)
-        return results
+                scored, normed = self._score_rows(run, config, batch, rows, records)
+                self.store.commit(name, config, scored)
+                self._remember(run, config, scored, normed)
+        outcome = self._assemble(batch, known, rows, records)
+        self._observe(outcome, records)
+        return outcome
 
     def _config_for(self, run: RunMemory, batch: RolloutBatch) -> RunConfig:
         """The run's config, with `dim` fixed by this batch's fingerprints when it was still open."""
@@ -270,95 +298,107 @@ class ErrorMemory:
         return config
 
     def _score_rows(
-        self, run: RunMemory, config: RunConfig, batch: RolloutBatch, rows: NDArray[np.intp]
-    ) -> tuple[dict[int, RolloutResult], ScoredBatch, list[NDArray[np.float32]]]:
-        """Results of the rollouts at `rows`, the batch to commit, and each append's normalised vectors."""
-        if not len(rows):
-            return {}, ScoredBatch([]), []
+        self,
+        run: RunMemory,
+        config: RunConfig,
+        batch: RolloutBatch,
+        rows: NDArray[np.intp],
+        records: NDArray[np.void],
+    ) -> tuple[ScoredBatch, list[NDArray[np.float32]]]:
+        """Fill `records` for the rollouts at `rows`; return the batch to commit and each append's
+        normalised vectors (for the index once committed)."""
         stored = stored_vectors(batch.fingerprints[rows], config)
         feats = features(stored, config.layer_diff)
         normed = unit_rows(feats).astype(np.float32)
         by_key = _group_rows(batch, rows)
         if config.consistency == "exact":
             self._refit_touched(run, config, by_key.keys())
-        predicted = np.full(len(rows), NO_CLUSTER, dtype=np.int64)
-        sizes = np.zeros(len(rows), dtype=np.int64)
-        fitted = config.fitted_groups()
-        for key, positions in by_key.items():
-            cached = run.keys.get(key)
-            if cached is None or key.group not in fitted or not cached.has_fit:
-                continue
-            labels, key_sizes = self._assign(run, config, key, cached, normed[positions], feats[positions])
-            predicted[positions] = labels
-            sizes[positions] = key_sizes
-        groups = batch.groups[rows]
-        out_sizes, penalties, shaped = shape(groups, predicted, sizes, batch.rewards[rows], config)
-        results: dict[int, RolloutResult] = {}
-        for j, row in enumerate(rows.tolist()):
-            cluster = None if predicted[j] == NO_CLUSTER else int(predicted[j])
-            reward = None if np.isnan(shaped[j]) else float(shaped[j])
-            results[row] = RolloutResult(
-                batch.rollout_ids[row],
-                RolloutStatus.SCORED,
-                cluster,
-                int(out_sizes[j]),
-                float(penalties[j]),
-                reward,
-            )
-        appends, fits = self._appends(run, config, by_key, stored, [results[r] for r in rows.tolist()])
-        normed_by_append = [normed[positions] for positions in by_key.values()]
-        return results, ScoredBatch(appends, fits), normed_by_append
+        predicted, sizes = self._assign(run, config, by_key, normed, feats)
+        out_sizes, penalties, shaped = shape(batch.groups[rows], predicted, sizes, batch.rewards[rows], config)
+        records["cluster"] = np.where(predicted == NO_CLUSTER, NO_CLUSTER32, predicted)
+        records["size"] = out_sizes
+        records["penalty"] = penalties
+        records["shaped"] = shaped
+        ids = [batch.rollout_ids[r] for r in rows.tolist()]
+        appends, fits = self._appends(run, config, by_key, stored, ids, records)
+        return ScoredBatch(appends, fits), [normed[positions] for positions in by_key.values()]
 
     def _assign(
         self,
         run: RunMemory,
         config: RunConfig,
-        key: MemoryKey,
-        cached: CachedKey,
+        by_key: dict[MemoryKey, NDArray[np.intp]],
         queries: NDArray[np.float32],
         query_features: NDArray[np.float64],
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        """Predicted labels and cluster sizes of one key's new vectors, exact to the reference."""
-        assert run.index is not None
-        lo_seq = max(cached.fit_start, cached.start)
-        labels = cached.labels[lo_seq - cached.fit_start : cached.fitted_upto - cached.fit_start]
-        key_sizes = cached.sizes if len(labels) == len(cached.labels) else cluster_sizes(labels)
-        lo, hi = lo_seq - cached.start, cached.fitted_upto - cached.start
-        k = config.knn_k
-        searchable = hi - lo
-        scores, ids = run.index.search(key, lo, hi, queries, k + 1)
-        k_eff = min(k, searchable)
-        bound = knn.float32_bound(run.index.dim, run.index.rounding_safety)
-        sure = knn.certain_top_k(scores, k_eff, searchable, bound)
-        predicted = np.empty(len(queries), dtype=np.int64)
-        if sure.any():
-            predicted[sure] = knn.vote(labels[ids[sure, :k_eff]])
-        for q in np.flatnonzero(~sure).tolist():
-            predicted[q] = self._assign_near_tie(run, config, key, labels, queries[q], query_features[q], lo, hi)
-        return predicted, key_sizes[predicted + 1]
+        """Predicted label and cluster size of every query (NO_CLUSTER where its key has no fit yet).
 
-    def _assign_near_tie(
+        One FAISS search per key fills a [queries, k+1] table of similarities and neighbour labels; the
+        certainty test and the vote then run on the whole table at once (see core/knn.py for the proof).
+        """
+        n, k = len(queries), config.knn_k
+        predicted = np.full(n, NO_CLUSTER, dtype=np.int64)
+        sizes = np.zeros(n, dtype=np.int64)
+        if run.index is None:
+            return predicted, sizes
+        scores = np.full((n, k + 1), -np.inf, dtype=np.float32)
+        neighbours = np.repeat(_NO_NEIGHBOUR - np.arange(k, dtype=np.int64)[None, :], n, axis=0)
+        size_of = np.zeros(n, dtype=np.int64)  # offset of the row's key in `all_sizes`
+        k_eff = np.zeros(n, dtype=np.int64)
+        searchable = np.zeros(n, dtype=np.int64)
+        key_of = np.full(n, -1, dtype=np.int64)
+        views: list[_KeyView] = []
+        size_parts: list[NDArray[np.int64]] = []
+        size_offset = 0
+        fitted = config.fitted_groups()
+        for key, positions in by_key.items():
+            cached = run.keys.get(key)
+            if cached is None or key.group not in fitted or not cached.has_fit:
+                continue
+            view = _KeyView.of(key, cached)
+            found, ids = run.index.search(key, view.lo, view.hi, queries[positions], k + 1)
+            m = view.hi - view.lo
+            scores[positions, : found.shape[1]] = found
+            top = min(k, m)
+            neighbours[positions, :top] = view.labels[ids[:, :top]]
+            k_eff[positions], searchable[positions], key_of[positions] = top, m, len(views)
+            size_of[positions] = size_offset
+            views.append(view)
+            size_parts.append(view.sizes)
+            size_offset += len(view.sizes)
+        rows = np.flatnonzero(key_of >= 0)
+        if not len(rows):
+            return predicted, sizes
+        bound = knn.float32_bound(run.index.dim, run.index.rounding_safety)
+        kk = k_eff[rows]
+        gap = scores[rows, kk - 1].astype(np.float64) - scores[rows, np.minimum(kk, k)].astype(np.float64)
+        sure = (searchable[rows] <= kk) | (gap > 2 * bound)
+        predicted[rows[sure]] = knn.vote(neighbours[rows[sure]])
+        for row in rows[~sure].tolist():
+            predicted[row] = self._near_tie(run, config, views[key_of[row]], queries[row], query_features[row])
+        all_sizes = np.concatenate(size_parts)
+        sizes[rows] = all_sizes[size_of[rows] + predicted[rows] + 1]
+        return predicted, sizes
+
+    def _near_tie(
         self,
         run: RunMemory,
         config: RunConfig,
-        key: MemoryKey,
-        labels: NDArray[np.int64],
+        view: _KeyView,
         query: NDArray[np.float32],
         query_features: NDArray[np.float64],
-        lo: int,
-        hi: int,
     ) -> int:
         """A query whose float32 neighbour set is not provably the reference's: decide it more exactly."""
         assert run.index is not None
-        similarities = run.index.rows(key, lo, hi).astype(np.float64) @ query.astype(np.float64)
-        label = knn.band_vote(similarities, labels, config.knn_k, knn.float64_bound(run.index.dim))
+        similarities = run.index.rows(view.key, view.lo, view.hi).astype(np.float64) @ query.astype(np.float64)
+        label = knn.band_vote(similarities, view.labels, config.knn_k, knn.float64_bound(run.index.dim))
         if label is not None:
             self.observer.knn_fallback("float64")
             return label
         self.observer.knn_fallback("reference")
-        state = self.store.load_keys(run.name, [key], config.stored_dim)[key]
-        history = features(state.vectors[lo:hi], config.layer_diff)
-        return knn.reference_vote(history, labels, query_features, config.knn_k)
+        state = self.store.load_keys(run.name, [view.key], config.stored_dim)[view.key]
+        history = features(state.vectors[view.lo : view.hi], config.layer_diff)
+        return knn.reference_vote(history, view.labels, query_features, config.knn_k)
 
     def _appends(
         self,
@@ -366,7 +406,8 @@ class ErrorMemory:
         config: RunConfig,
         by_key: dict[MemoryKey, NDArray[np.intp]],
         stored: NDArray[np.float32],
-        results: list[RolloutResult],
+        rollout_ids: list[str],
+        records: NDArray[np.void],
     ) -> tuple[list[KeyAppend], list[Fit]]:
         appends, fits = [], []
         cap = config.max_memory_per_key
@@ -374,9 +415,8 @@ class ErrorMemory:
             cached = run.keys.get(key) or CachedKey()
             n_new = cached.n + len(positions)
             new_start = max(cached.start, n_new - cap) if cap else cached.start
-            key_results = [results[j] for j in positions.tolist()]
-            ids = [r.rollout_id for r in key_results]
-            appends.append(KeyAppend(key, cached.n, stored[positions], new_start, ids, key_results))
+            ids = [rollout_ids[j] for j in positions.tolist()]
+            appends.append(KeyAppend(key, cached.n, stored[positions], new_start, ids, records[positions]))
             if n_new - new_start < 2:  # HDBSCAN needs two points: such a key's labels are all noise
                 fits.append(Fit(key, np.full(n_new - new_start, -1, np.int64), new_start, n_new))
         return appends, fits
@@ -403,31 +443,36 @@ class ErrorMemory:
         if run.pending:
             self.on_pending()
 
+    @staticmethod
     def _assemble(
-        self,
-        batch: RolloutBatch,
-        known: dict[str, RolloutResult],
-        fresh: NDArray[np.bool_],
-        scored: dict[int, RolloutResult],
-    ) -> list[RolloutResult]:
-        results = []
-        for i, rid in enumerate(batch.rollout_ids):
-            if not fresh[i]:
-                results.append(known[rid].as_duplicate())
-            elif i in scored:
-                results.append(scored[i])
-            else:
-                reward = None if np.isnan(batch.rewards[i]) else float(batch.rewards[i])
-                results.append(RolloutResult(rid, RolloutStatus.SKIPPED, None, 0, 0.0, reward))
-        return results
+        batch: RolloutBatch, known: dict[str, RolloutResult], rows: NDArray[np.intp], scored: NDArray[np.void]
+    ) -> ScoreOutcome:
+        n = len(batch)
+        status = np.full(n, STATUSES.index(RolloutStatus.SKIPPED), dtype=np.int8)
+        records = np.zeros(n, dtype=RESULT_DTYPE)
+        records["cluster"] = NO_CLUSTER32
+        records["shaped"] = batch.rewards  # skipped rollouts: penalty 0, reward unchanged
+        status[rows] = STATUSES.index(RolloutStatus.SCORED)
+        records[rows] = scored
+        if known:
+            for i, rid in enumerate(batch.rollout_ids):
+                first = known.get(rid)
+                if first is not None:
+                    status[i] = STATUSES.index(RolloutStatus.DUPLICATE)
+                    records[i] = (
+                        NO_CLUSTER32 if first.cluster is None else first.cluster,
+                        first.cluster_size,
+                        first.penalty,
+                        np.nan if first.shaped_reward is None else first.shaped_reward,
+                    )
+        return ScoreOutcome(batch.rollout_ids, status, records)
 
-    def _observe(self, results: Sequence[RolloutResult]) -> None:
-        counts: dict[str, int] = {}
-        for r in results:
-            counts[r.status.value] = counts.get(r.status.value, 0) + 1
-        for status, count in counts.items():
-            self.observer.rollouts(status, count)
-        self.observer.penalties([r.penalty for r in results if r.status is RolloutStatus.SCORED])
+    def _observe(self, outcome: ScoreOutcome, scored: NDArray[np.void]) -> None:
+        counts = np.bincount(outcome.status, minlength=len(STATUSES))
+        for status, count in zip(STATUSES, counts.tolist(), strict=True):
+            if count:
+                self.observer.rollouts(status.value, count)
+        self.observer.penalties(scored["penalty"])
 
     # ---- refits -------------------------------------------------------------------------------------
 

@@ -19,6 +19,12 @@ from numpy.typing import NDArray
 log = logging.getLogger(__name__)
 
 
+def set_threads(threads: int) -> None:
+    """OpenMP threads FAISS may use in this process. Per-key searches are tiny: one thread avoids the
+    spin-waiting of idle OpenMP workers, which costs far more than it saves on a small host."""
+    faiss.omp_set_num_threads(threads)
+
+
 def gpu_count() -> int:
     try:
         return int(faiss.get_num_gpus())

@@ -14,11 +14,13 @@ that follow the log.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import sqlite3
 import threading
 import time
+from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,15 +33,13 @@ import orjson
 from ..core.config import RunConfig
 from ..core.errors import Conflict, StoreUnavailable
 from ..core.records import KeyHead, RunCounts, RunRecord
-from ..core.types import Fit, Group, KeyState, MemoryKey, RolloutResult, RolloutStatus, ScoredBatch
+from ..core.types import RESULT_DTYPE, Fit, Group, KeyState, MemoryKey, RolloutResult, RolloutStatus, ScoredBatch
 from .idindex import IdIndex, rollout_hashes
 
 DB_FILE = "meds.sqlite3"
 LOCK_FILE = "meds.lock"
 _SQL_VARS = 900  # stay far below SQLite's bound-parameter limit
 _POS_BITS = 20  # id-index values: chunk_id << 20 | position in chunk
-_NO_CLUSTER = np.iinfo(np.int32).min
-_RESULT = np.dtype([("cluster", "<i4"), ("size", "<i4"), ("penalty", "<f8"), ("shaped", "<f8")])
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
@@ -84,7 +84,14 @@ class _Key:
     n: int = 0
     fit_start: int = 0
     fitted_upto: int = 0
-    chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (chunk_id, first_seq, count)
+    # Chunks in order, as flat integer arrays (no Python object per chunk: long runs have millions).
+    chunk_ids: array[int] = field(default_factory=lambda: array("q"))
+    firsts: array[int] = field(default_factory=lambda: array("q"))
+    counts: array[int] = field(default_factory=lambda: array("q"))
+
+    def chunks(self) -> Iterator[tuple[int, int, int]]:
+        """(chunk_id, first_seq, count) of every chunk."""
+        return zip(self.chunk_ids, self.firsts, self.counts, strict=True)
 
 
 @dataclass
@@ -220,7 +227,9 @@ class SQLiteStore:
 
     @staticmethod
     def _add_chunk(entry: _Key, chunk_id: int, first_seq: int, start: int, count: int) -> None:
-        entry.chunks.append((chunk_id, first_seq, count))
+        entry.chunk_ids.append(chunk_id)
+        entry.firsts.append(first_seq)
+        entry.counts.append(count)
         entry.n = first_seq + count
         entry.start = start
 
@@ -270,7 +279,7 @@ class SQLiteStore:
             if entry is None:
                 return False
             key_ids = [k.key_id for k in entry.keys.values()]
-            chunk_ids = [c[0] for k in entry.keys.values() for c in k.chunks]
+            chunk_ids = [c for k in entry.keys.values() for c in k.chunk_ids]
             for table, column, ids in (
                 ("chunks", "chunk_id", chunk_ids),
                 ("fits", "key_id", key_ids),
@@ -311,7 +320,7 @@ class SQLiteStore:
             if entry is None:
                 return {}
             wanted = list(entry.keys.values()) if keys is None else [entry.keys[k] for k in keys if k in entry.keys]
-            live = {c[0]: k for k in wanted for c in k.chunks if c[1] + c[2] > k.start}
+            live = {c[0]: k for k in wanted for c in k.chunks() if c[1] + c[2] > k.start}
             blobs = _fetch(db, "SELECT chunk_id, vectors FROM chunks WHERE chunk_id IN ({})", list(live))
             fits = {
                 row[0]: row[1:]
@@ -348,7 +357,7 @@ class SQLiteStore:
                 return {}
             chunks = {int(found[i]) >> _POS_BITS for i in hits}
             rows = {
-                chunk_id: (orjson.loads(ids), np.frombuffer(results, dtype=_RESULT))
+                chunk_id: (orjson.loads(ids), np.frombuffer(results, dtype=RESULT_DTYPE))
                 for chunk_id, ids, results in _fetch(
                     db, "SELECT chunk_id, ids, results FROM chunks WHERE chunk_id IN ({})", list(chunks)
                 )
@@ -359,7 +368,7 @@ class SQLiteStore:
             ids, results = rows[chunk_id]
             if ids[position] != rollout_ids[i]:
                 raise Conflict(f"rollout id {rollout_ids[i]!r} collides with another id's hash; use another id")
-            out[rollout_ids[i]] = _result(rollout_ids[i], results[position])
+            out[rollout_ids[i]] = RolloutResult.from_record(rollout_ids[i], RolloutStatus.SCORED, results[position])
         return out
 
     def commit(self, run: str, config: RunConfig, batch: ScoredBatch) -> None:
@@ -370,7 +379,14 @@ class SQLiteStore:
             for a, k in zip(batch.appends, keys, strict=True):
                 if a.first_seq != k.n:
                     raise StoreUnavailable(f"key {a.key} changed under its only writer; nothing was stored")
-            hashes = [rollout_hashes([a.key.prompt_id] * len(a.rollout_ids), a.rollout_ids) for a in batch.appends]
+            sizes = [len(a.rollout_ids) for a in batch.appends]
+            bounds = np.cumsum([0, *sizes]).tolist()
+            all_hashes = rollout_hashes(
+                [a.key.prompt_id for a in batch.appends for _ in a.rollout_ids],
+                [rid for a in batch.appends for rid in a.rollout_ids],
+            )
+            hashes = [all_hashes[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+            results = [a.results.astype(RESULT_DTYPE, copy=False).tobytes() for a in batch.appends]
             db.executemany(
                 "INSERT INTO chunks(key_id, first_seq, start, count, vectors, hashes, ids, results) "
                 "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
@@ -383,9 +399,9 @@ class SQLiteStore:
                         a.vectors.astype("<f4").tobytes(),
                         h.astype("<u8").tobytes(),
                         orjson.dumps(a.rollout_ids),
-                        _pack_results(a.results),
+                        result,
                     )
-                    for a, k, h in zip(batch.appends, keys, hashes, strict=True)
+                    for a, k, h, result in zip(batch.appends, keys, hashes, results, strict=True)
                 ],
             )
             (last,) = db.execute("SELECT seq FROM sqlite_sequence WHERE name='chunks'").fetchone()
@@ -394,7 +410,7 @@ class SQLiteStore:
                 c[0]
                 for a, k in zip(batch.appends, keys, strict=True)
                 if a.new_start > k.start
-                for c in k.chunks
+                for c in k.chunks()
                 if k.start < c[1] + c[2] <= a.new_start
             ]
             for lo in range(0, len(dead), _SQL_VARS):  # a capped memory forgets vectors, keeps ids and results
@@ -470,32 +486,10 @@ def _fetch(db: sqlite3.Connection, sql: str, ids: list[int]) -> list[tuple[Any, 
 
 def _join_chunks(entry: _Key, blobs: list[tuple[int, bytes]], dim: int) -> np.ndarray:
     """The key's live vectors (sequence numbers start..n) from its chunks' blobs."""
-    first_of = {c[0]: c[1] for c in entry.chunks}
+    first_of = dict(zip(entry.chunk_ids, entry.firsts, strict=True))
     parts = sorted((first_of[chunk_id], blob) for chunk_id, blob in blobs)
     if not parts:
         return np.zeros((0, dim), dtype=np.float32)
     rows = np.concatenate([np.frombuffer(blob, dtype="<f4").reshape(-1, dim) for _, blob in parts])
     skip = entry.start - parts[0][0]
     return np.ascontiguousarray(rows[skip:], dtype=np.float32)
-
-
-def _pack_results(results: Sequence[RolloutResult]) -> bytes:
-    packed = np.empty(len(results), dtype=_RESULT)
-    packed["cluster"] = [_NO_CLUSTER if r.cluster is None else r.cluster for r in results]
-    packed["size"] = [r.cluster_size for r in results]
-    packed["penalty"] = [r.penalty for r in results]
-    packed["shaped"] = [np.nan if r.shaped_reward is None else r.shaped_reward for r in results]
-    return packed.tobytes()
-
-
-def _result(rollout_id: str, row: np.void) -> RolloutResult:
-    cluster = int(row["cluster"])
-    shaped = float(row["shaped"])
-    return RolloutResult(
-        rollout_id,
-        RolloutStatus.SCORED,
-        None if cluster == _NO_CLUSTER else cluster,
-        int(row["size"]),
-        float(row["penalty"]),
-        None if np.isnan(shaped) else shaped,
-    )

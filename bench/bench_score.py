@@ -1,0 +1,418 @@
+"""The MEDS critical-path benchmark: the service against the reference procedure, on the same data.
+
+Replays a realistic run — 512 prompts x 16 rollouts per step, 14-dim fingerprints, prompts with recurring
+error modes — through the HTTP API with the real client, and in the same run times an in-process baseline
+that implements the reference procedure (a scikit-learn NearestNeighbors fit per rollout and a synchronous
+HDBSCAN refit of every touched key, as the authors' trainer does). Prints, with ratios:
+
+- critical-path latency of one step (median, p95) with 1, 5 and 20 epochs of memory;
+- background refit throughput (keys/s, vectors/s, every core) against the baseline's serial refits, and
+  whether the labels are identical;
+- bytes per stored rollout in the embedded store;
+- JSON lists against the compact base64 matrix;
+- 512- and 4,096-dim fingerprints;
+and writes the scaling curves (latency against batch size and against memory size) as CSV and PNG under
+bench/results/.
+
+    python -m bench.bench_score            # the full benchmark (about 15 minutes on 2 cores)
+    python -m bench.bench_score --quick    # a small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hdbscan
+import httpx
+import numpy as np
+from sklearn.preprocessing import normalize
+from tqdm import tqdm
+
+from bench.workload import Workload
+from meds_client import MedsClient, Rollout
+from tests.support.reference import ReferenceMEDS, RefRollout
+from tests.support.server import ProcessServer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Options:
+    prompts: int = 512
+    rollouts: int = 16
+    dim: int = 14
+    memory: tuple[int, ...] = (1, 5, 20)
+    samples: int = 5  # measured steps per memory size
+    baseline_samples: int = 3
+    batch_prompts: tuple[int, ...] = (16, 64, 256, 512, 1024, 2048)  # x 16 rollouts: 256 .. 32,768
+    batch_memory: int = 5
+    dims: tuple[int, ...] = (512, 4096)
+    dims_memory: int = 5
+    dims_samples: int = 3
+    out: Path = RESULTS
+
+    @classmethod
+    def quick(cls) -> Options:
+        return cls(
+            prompts=64,
+            memory=(1, 3),
+            samples=2,
+            baseline_samples=1,
+            batch_prompts=(16, 64, 128),
+            batch_memory=2,
+            dims=(512,),
+            dims_memory=1,
+            dims_samples=1,
+        )
+
+
+@dataclass
+class StepLog:
+    """Everything a run sent, in order, so that baselines and label checks replay the same data."""
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def rollouts_of(step: dict[str, Any]) -> list[Rollout]:
+    return [
+        Rollout(rid, pid, correct=bool(c), fingerprint=fp, reward=float(r))
+        for rid, pid, c, fp, r in zip(step["rollout_ids"], step["prompt_ids"], step["correct"],
+                                      step["fingerprints"], step["rewards"], strict=True)
+    ]  # fmt: skip
+
+
+def reference_rollouts(step: dict[str, Any]) -> list[RefRollout]:
+    return [
+        RefRollout(rid, pid, bool(c), fp.tolist(), float(r))
+        for rid, pid, c, fp, r in zip(step["rollout_ids"], step["prompt_ids"], step["correct"],
+                                      step["fingerprints"], step["rewards"], strict=True)
+    ]  # fmt: skip
+
+
+@contextmanager
+def service(data_dir: Path) -> Iterator[str]:
+    server = ProcessServer(data_dir, env={"MEDS_LOG_LEVEL": "warning", "MEDS_REFIT_INTERVAL_S": "0.05"})
+    server.start(timeout=120)
+    try:
+        yield server.base_url
+    finally:
+        server.stop()
+
+
+def counters(base_url: str) -> dict[str, float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    wanted = ("meds_refit_keys_total", "meds_refit_vectors_total")
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(wanted)}
+
+
+def drain(client: MedsClient, base_url: str, run: str) -> tuple[float, float, float]:
+    """Wait until the run has no pending or running refit; returns (seconds, keys, vectors) refitted."""
+    before = counters(base_url)
+    started = time.perf_counter()
+    while True:
+        stats = client.get_run(run).stats
+        if stats["pending_refits"] == 0 and stats["refits_in_flight"] == 0:
+            break
+        time.sleep(0.01)
+    seconds = time.perf_counter() - started
+    after = counters(base_url)
+    return (
+        seconds,
+        after.get("meds_refit_keys_total", 0) - before.get("meds_refit_keys_total", 0),
+        after.get("meds_refit_vectors_total", 0) - before.get("meds_refit_vectors_total", 0),
+    )
+
+
+def score(client: MedsClient, run: str, step: dict[str, Any]) -> tuple[float, list[Any]]:
+    rollouts = rollouts_of(step)
+    started = time.perf_counter()
+    results = client.score(run, rollouts)
+    return time.perf_counter() - started, results
+
+
+def stored_bytes(data_dir: Path) -> int:
+    """Bytes of live pages of the embedded store, WAL included (the file view a reader sees)."""
+    db = sqlite3.connect(f"file:{data_dir / 'meds.sqlite3'}?mode=ro", uri=True)
+    try:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(page_size * pages)
+    finally:
+        db.close()
+
+
+# ---- phases ---------------------------------------------------------------------------------------
+
+
+def grow_memory(opts: Options, client: MedsClient, base_url: str, wl: Workload, log: StepLog) -> dict[str, Any]:
+    """One run, one step per epoch: latency of every step against its memory size, refits drained between."""
+    total = max(opts.memory) + opts.samples
+    latency, refits = [], []
+    for _ in tqdm(range(total), desc=f"service: {opts.prompts}x{opts.rollouts} steps, growing memory"):
+        step = wl.step()
+        log.steps.append(step)
+        seconds, _ = score(client, "grow", step)
+        latency.append(seconds)
+        refits.append(drain(client, base_url, "grow"))
+    return {"latency": latency, "refits": refits}
+
+
+def baseline_steps(opts: Options, log: StepLog, memory: int, samples: int) -> dict[str, Any]:
+    """The reference procedure at `memory` epochs: seeded with the same earlier steps, then timed."""
+    reference = ReferenceMEDS()
+    history: dict[tuple[str, int], list[list[float]]] = {}
+    for step in log.steps[:memory]:
+        for pid, c, fp in zip(step["prompt_ids"], step["correct"], step["fingerprints"], strict=True):
+            history.setdefault((pid, int(bool(c))), []).append(fp.tolist())
+    for key, fps in tqdm(history.items(), desc=f"baseline: seeding {memory} epochs", leave=False):
+        reference.seed(key, fps)
+    times, refit_times, results = [], [], []
+    for step in tqdm(log.steps[memory : memory + samples], desc=f"baseline: steps at {memory} epochs", leave=False):
+        rollouts = reference_rollouts(step)
+        reference.refit_seconds = 0.0
+        started = time.perf_counter()
+        results.append(reference.step(rollouts))
+        times.append(time.perf_counter() - started)
+        refit_times.append(reference.refit_seconds)
+    return {"latency": times, "refit": refit_times, "results": results}
+
+
+def refit_throughput(opts: Options, client: MedsClient, log: StepLog) -> dict[str, Any]:
+    """Refit every key of the grown run: the service (worker processes) against serial reference refits."""
+    report = client.recluster("grow", all=True)
+    keys: dict[tuple[str, int], list[np.ndarray]] = {}
+    for step in log.steps:
+        for pid, c, fp in zip(step["prompt_ids"], step["correct"], step["fingerprints"], strict=True):
+            keys.setdefault((pid, int(bool(c))), []).append(fp)
+    started = time.perf_counter()
+    labels = {}
+    for key, fps in tqdm(keys.items(), desc="baseline: serial refit of every key", leave=False):
+        x = np.stack(fps).astype(np.float64)
+        labels[key] = (hdbscan.HDBSCAN(min_cluster_size=2, min_samples=1).fit_predict(normalize(x))
+                       if len(x) >= 2 else np.full(len(x), -1))  # fmt: skip
+    baseline_seconds = time.perf_counter() - started
+    differing = 0
+    for (pid, group), want in tqdm(labels.items(), desc="comparing labels", leave=False):
+        got = client.get_prompt("grow", pid).groups["correct" if group else "wrong"].labels
+        differing += list(got) != want.tolist()
+    vectors = sum(len(v) for v in keys.values())
+    return {
+        "keys": report.refitted_keys,
+        "vectors": report.vectors,
+        "service_seconds": report.seconds,
+        "baseline_seconds": baseline_seconds,
+        "baseline_keys": len(keys),
+        "baseline_vectors": vectors,
+        "labels_compared": len(labels),
+        "labels_differing": differing,
+    }
+
+
+def encodings(opts: Options, client: MedsClient, wl: Workload) -> dict[str, list[float]]:
+    """The same kind of step sent as JSON lists and as the base64 float32 matrix."""
+    out: dict[str, list[float]] = {"json": [], "binary": []}
+    for _ in tqdm(range(opts.samples), desc="encodings", leave=False):
+        for name in ("json", "binary"):
+            step = wl.step()
+            rollouts = rollouts_of(step)
+            if name == "json":
+                rollouts = [Rollout(r.rollout_id, r.prompt_id, correct=r.correct, fingerprint=np.asarray(
+                    r.fingerprint).tolist(), reward=r.reward) for r in rollouts]  # fmt: skip
+            started = time.perf_counter()
+            client.score("encodings", rollouts)
+            out[name].append(time.perf_counter() - started)
+    return out
+
+
+def batch_sizes(opts: Options, client: MedsClient, base_url: str) -> list[dict[str, Any]]:
+    wl = Workload(prompts=max(opts.batch_prompts), rollouts=opts.rollouts, dim=opts.dim, seed=7)
+    for _ in tqdm(range(opts.batch_memory), desc="batch-size run: building memory"):
+        client.score("batches", rollouts_of(wl.step()))
+        drain(client, base_url, "batches")
+    rows = []
+    for prompts in tqdm(opts.batch_prompts, desc="batch sizes"):
+        times = []
+        for _ in range(3):
+            step = wl.step(list(range(prompts)))
+            times.append(score(client, "batches", step)[0])
+            drain(client, base_url, "batches")
+        rows.append({"rollouts": prompts * opts.rollouts, "median_ms": 1e3 * statistics.median(times),
+                     "max_ms": 1e3 * max(times)})  # fmt: skip
+    return rows
+
+
+def high_dims(opts: Options, client: MedsClient, base_url: str) -> list[dict[str, Any]]:
+    rows = []
+    for dim in opts.dims:
+        wl = Workload(prompts=opts.prompts, rollouts=opts.rollouts, dim=dim, seed=dim)
+        run = f"dim{dim}"
+        for _ in tqdm(range(opts.dims_memory), desc=f"dim {dim}: building memory"):
+            client.score(run, rollouts_of(wl.step()))
+            drain(client, base_url, run)
+        times, refit = [], []
+        for _ in tqdm(range(opts.dims_samples), desc=f"dim {dim}: measured steps", leave=False):
+            times.append(score(client, run, wl.step())[0])
+            refit.append(drain(client, base_url, run)[0])
+        rows.append({"dim": dim, "memory_epochs": opts.dims_memory, "median_ms": 1e3 * statistics.median(times),
+                     "p95_ms": 1e3 * percentile(times, 95), "refit_s": statistics.median(refit)})  # fmt: skip
+    return rows
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(path: Path, x: list[float], ys: dict[str, list[float]], xlabel: str, title: str, logx: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, y in ys.items():
+        ax.plot(x, y, marker="o", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("critical-path latency (ms)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (about a minute)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where CSV, PNG and summary.json go")
+    args = parser.parse_args(argv)
+    opts = Options.quick() if args.quick else Options()
+    opts.out = args.out
+    opts.out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                           "platform": platform.platform()}, "quick": args.quick}  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="meds-bench-") as tmp:
+        data = Path(tmp) / "data"
+        with service(data) as base_url, MedsClient(base_url, max_batch_rollouts=65_536, timeout=600) as client:
+            wl = Workload(prompts=opts.prompts, rollouts=opts.rollouts, dim=opts.dim)
+            log = StepLog()
+            grown = grow_memory(opts, client, base_url, wl, log)
+            rollouts_stored = client.get_run("grow").stats["rollouts"]
+            summary["bytes_per_rollout"] = stored_bytes(data) / rollouts_stored
+            summary["rollouts_stored"] = rollouts_stored
+            summary["refit_throughput"] = refit_throughput(opts, client, log)
+            summary["encodings_ms"] = {k: 1e3 * statistics.median(v) for k, v in encodings(opts, client, wl).items()}
+            summary["batch_sizes"] = batch_sizes(opts, client, base_url)
+            summary["high_dims"] = high_dims(opts, client, base_url)
+
+    critical = []
+    for memory in opts.memory:
+        service_times = grown["latency"][memory : memory + opts.samples]
+        refits = grown["refits"][memory : memory + opts.samples]
+        base = baseline_steps(opts, log, memory, opts.baseline_samples)
+        served = [drain_keys / max(drain_s, 1e-9) for drain_s, drain_keys, _ in refits]
+        critical.append({
+            "memory_epochs": memory,
+            "service_median_ms": 1e3 * statistics.median(service_times),
+            "service_p95_ms": 1e3 * percentile(service_times, 95),
+            "baseline_median_ms": 1e3 * statistics.median(base["latency"]),
+            "baseline_p95_ms": 1e3 * percentile(base["latency"], 95),
+            "baseline_refit_median_ms": 1e3 * statistics.median(base["refit"]),
+            "service_background_refit_median_s": statistics.median(r[0] for r in refits),
+            "service_background_refit_keys_per_s": statistics.median(served),
+        })  # fmt: skip
+        critical[-1]["ratio"] = critical[-1]["baseline_median_ms"] / critical[-1]["service_median_ms"]
+    summary["critical_path"] = critical
+    memory_rows = [{"memory_epochs": e, "latency_ms": 1e3 * t} for e, t in enumerate(grown["latency"])]
+    summary["memory_curve"] = memory_rows
+
+    write_csv(opts.out / "latency_vs_memory.csv", memory_rows)
+    write_csv(opts.out / "latency_vs_batch.csv", summary["batch_sizes"])
+    write_csv(opts.out / "critical_path.csv", critical)
+    plot(opts.out / "latency_vs_memory.png", [r["memory_epochs"] for r in memory_rows],
+         {"service": [r["latency_ms"] for r in memory_rows]}, "epochs of memory",
+         f"one step of {opts.prompts * opts.rollouts} rollouts, dim {opts.dim}", logx=False)  # fmt: skip
+    plot(opts.out / "latency_vs_batch.png", [r["rollouts"] for r in summary["batch_sizes"]],
+         {"service (median)": [r["median_ms"] for r in summary["batch_sizes"]]}, "rollouts per request",
+         f"{opts.batch_memory} epochs of memory, dim {opts.dim}", logx=True)  # fmt: skip
+    (opts.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    report(opts, summary)
+    return 0
+
+
+def report(opts: Options, summary: dict[str, Any]) -> None:
+    n = opts.prompts * opts.rollouts
+    print(f"\nMEDS benchmark ({summary['machine']['cpus']} CPUs, Python {summary['machine']['python']})")
+    print(f"\nCritical path of one step: {opts.prompts} prompts x {opts.rollouts} rollouts = {n}, dim {opts.dim}")
+    print(f"{'memory':>8} {'service median':>15} {'p95':>9} {'baseline median':>16} {'p95':>9} {'ratio':>8}")
+    for row in summary["critical_path"]:
+        print(f"{row['memory_epochs']:>5} ep {row['service_median_ms']:>12.1f} ms {row['service_p95_ms']:>6.1f} ms "
+              f"{row['baseline_median_ms'] / 1e3:>13.2f} s {row['baseline_p95_ms'] / 1e3:>6.2f} s "
+              f"{row['ratio']:>7.0f}x")  # fmt: skip
+    r = summary["refit_throughput"]
+    service_kps, base_kps = r["keys"] / r["service_seconds"], r["baseline_keys"] / r["baseline_seconds"]
+    print(
+        f"\nRefit of every key ({r['keys']} keys, {r['vectors']} vectors, all cores)",
+        "vs the reference's serial refits:",
+    )
+    print(f"  service  {service_kps:8.0f} keys/s {r['vectors'] / r['service_seconds']:10.0f} vectors/s")
+    print(f"  baseline {base_kps:8.0f} keys/s {r['baseline_vectors'] / r['baseline_seconds']:10.0f} vectors/s")
+    print(
+        f"  ratio    {service_kps / base_kps:8.2f}x; labels identical on "
+        f"{r['labels_compared'] - r['labels_differing']}/{r['labels_compared']} keys"
+    )
+    for row in summary["critical_path"]:
+        print(
+            f"  background refit after a step at {row['memory_epochs']} ep: "
+            f"{row['service_background_refit_median_s']:.2f} s "
+            f"({row['service_background_refit_keys_per_s']:.0f} keys/s; the baseline spends "
+            f"{row['baseline_refit_median_ms'] / 1e3:.2f} s refitting on the critical path)"
+        )
+    print(
+        f"\nEmbedded store: {summary['bytes_per_rollout']:.0f} bytes per stored rollout "
+        f"({summary['rollouts_stored']} rollouts, dim {opts.dim})"
+    )
+    enc = summary["encodings_ms"]
+    print(
+        f"Encodings, one step: JSON lists {enc['json']:.1f} ms, base64 matrix {enc['binary']:.1f} ms "
+        f"({enc['json'] / enc['binary']:.2f}x)"
+    )
+    print("Batch size (latency_vs_batch.csv/.png): " + ", ".join(
+        f"{row['rollouts']}: {row['median_ms']:.1f} ms" for row in summary["batch_sizes"]))  # fmt: skip
+    for row in summary["high_dims"]:
+        print(
+            f"dim {row['dim']}: one step of {n} rollouts at {row['memory_epochs']} epochs of memory: "
+            f"median {row['median_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms; background refit {row['refit_s']:.1f} s"
+        )
+    print(f"\nResults in {opts.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The benchmark keeps working: a quick run produces every result it reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_run(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_score", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["refit_throughput"]["labels_differing"] == 0
+    assert all(row["ratio"] > 1 for row in summary["critical_path"])
+    assert 0 < summary["bytes_per_rollout"] < 1000
+    for name in ("latency_vs_memory", "latency_vs_batch"):
+        assert (tmp_path / f"{name}.csv").stat().st_size > 0 and (tmp_path / f"{name}.png").stat().st_size > 0
+    assert "Critical path of one step" in done.stdout
