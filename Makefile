@@ -22,10 +22,11 @@ install-test: $(BIN)/python
 serve: install
 	$(BIN)/meds serve
 
-## The full test suite: unit tests with the coverage gate, then everything else (Redis tests start their own server)
+## The full test suite: unit and contract tests (single components, real stores) with the coverage gate,
+## then integration, e2e, reliability, client and deploy tests. Redis tests start their own redis-server.
 test: install-test
-	$(BIN)/pytest tests/unit --cov=meds_service --cov-report=term --cov-fail-under=90 -q
-	$(BIN)/pytest tests --ignore=tests/unit -q
+	$(BIN)/pytest tests/unit tests/contract --cov=meds_service --cov-report=term --cov-fail-under=90 -q
+	$(BIN)/pytest tests --ignore=tests/unit --ignore=tests/contract -q
 
 lint: install-test
 	$(BIN)/ruff check service client tests bench

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from meds_service.settings import Settings
+from tests.support.redis_server import RedisServer
 from tests.support.server import thread_server
 
 
@@ -38,3 +39,19 @@ def start_server(make_settings: Callable[..., Settings]) -> Iterator[Callable[..
 def meds_server(start_server: Callable[..., str]) -> str:
     """Base URL of a real service on the embedded store, refits in worker processes."""
     return start_server()
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session (AOF, fsync always) on a free port."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_session: RedisServer) -> str:
+    """A clean Redis for one test."""
+    redis_session.flush()
+    return redis_session.url

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,9 +26,46 @@ from .engine import ErrorMemory, RefitScheduler
 from .metrics import Metrics
 from .settings import Settings
 from .storage.index import set_threads
-from .workers import LocalRefitter, open_store
+from .workers import LocalRefitter, QueueWorker, open_store
 
 log = logging.getLogger(__name__)
+
+
+class _Background:
+    """What refits in the background of `meds serve`: nothing, the local scheduler, or a queue consumer."""
+
+    def __init__(self, start: Callable[[], None] = lambda: None, stop: Callable[[], None] = lambda: None) -> None:
+        self.start, self.stop = start, stop
+
+
+def _background_refits(
+    settings: Settings, engine: ErrorMemory, refitter: LocalRefitter, metrics: Metrics
+) -> _Background:
+    if not settings.refit_background:
+        return _Background()
+    if not engine.shared:  # one process owns the memory: schedule its pending keys directly
+        scheduler = RefitScheduler(
+            engine,
+            interval_s=settings.refit_interval_s,
+            max_jobs=settings.refit_workers,
+            max_keys_per_job=settings.refit_max_keys_per_job,
+            max_vectors_per_job=settings.refit_max_vectors_per_job,
+        )
+        engine.on_pending = scheduler.wake
+        return _Background(scheduler.start, scheduler.stop)
+    # A shared store: consume the refit queue like a `meds worker` does, with this process's pool.
+    worker = QueueWorker(
+        engine.store, refitter, consumer=f"api-{socket.gethostname()}-{os.getpid()}",
+        batch=settings.refit_queue_batch, claim_idle_s=settings.refit_claim_idle_s, observer=metrics,
+    )  # fmt: skip
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="meds-refit-queue", daemon=True)
+
+    def halt() -> None:
+        stop.set()
+        thread.join(10)
+
+    return _Background(thread.start, halt)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -35,20 +75,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         set_threads(settings.index_threads)
-        store = open_store(settings.store_spec())
+        store = open_store(settings.store_spec(), settings.store_options())
         refitter = LocalRefitter(store.spec(), settings.refit_workers, processes=settings.refit_processes)
         engine = ErrorMemory(
             store, refitter, index_device=settings.index_device, max_dim=settings.max_dim, observer=metrics
         )
-        scheduler = RefitScheduler(
-            engine,
-            interval_s=settings.refit_interval_s,
-            max_jobs=settings.refit_workers,
-            max_keys_per_job=settings.refit_max_keys_per_job,
-            max_vectors_per_job=settings.refit_max_vectors_per_job,
-        )
-        if settings.refit_background:
-            engine.on_pending = scheduler.wake
+        background = _background_refits(settings, engine, refitter, metrics)
         metrics.watch_memory(engine.totals)
         app.state.engine = engine
         try:
@@ -58,12 +90,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # (a full collection over them stalled every other large request by ~100 ms).
             gc.collect()
             gc.freeze()
-            if settings.refit_background:
-                scheduler.start()
+            background.start()
             log.info("meds %s ready: store %s, %d runs", __version__, store.info(), len(engine.run_names()))
             yield
         finally:
-            scheduler.stop()
+            background.stop()
             refitter.close()
             store.close()
 

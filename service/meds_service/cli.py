@@ -19,9 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="bind address (MEDS_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (MEDS_PORT, default 8000)")
     serve.add_argument("--data-dir", help="embedded store folder (MEDS_DATA_DIR, default ./meds-data)")
+    commands.add_parser("worker", help="refit worker: consume refit jobs from the Redis queue (needs MEDS_REDIS_URL)")
     args = parser.parse_args(argv)
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
+    given = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
+             "data_dir": getattr(args, "data_dir", None)}  # fmt: skip
+    overrides = {k: v for k, v in given.items() if v}
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
@@ -39,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
             access_log=False,
             timeout_graceful_shutdown=30,
         )
-    return 0
+        return 0
+    if not settings.redis_url:
+        print("meds worker: refit workers share a Redis store; set MEDS_REDIS_URL", file=sys.stderr)
+        return 2
+    from .workers import run_worker
+
+    return run_worker(settings)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # Storage: the embedded SQLite file in data_dir, unless redis_url is given.
     data_dir: Path = Path("./meds-data")
     redis_url: str | None = None
+    redis_cluster: bool = False  # MEDS_REDIS_URL names a node of a Redis Cluster
+    redis_timeout_s: float = Field(5.0, gt=0)
+    lock_wait_s: float = Field(20.0, gt=0)  # how long a replica waits for another's prompt locks (then 503)
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
     # Auth: comma-separated API keys; empty = no auth (refused in production).
@@ -42,6 +45,9 @@ class Settings(BaseSettings):
     refit_interval_s: float = Field(0.5, gt=0)
     refit_max_keys_per_job: int = Field(256, ge=1)
     refit_max_vectors_per_job: int = Field(50_000, ge=1)
+    # Redis refit queue: jobs left unacknowledged this long by a consumer are taken over (it died).
+    refit_claim_idle_s: float = Field(60.0, gt=0)
+    refit_queue_batch: int = Field(512, ge=1)
 
     # kNN index: FAISS on a GPU when CUDA is visible ("auto"), or forced to one device.
     index_device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -60,5 +66,11 @@ class Settings(BaseSettings):
             raise ValueError("MEDS_ENV=production requires MEDS_API_KEYS (comma-separated API keys)")
         return self
 
+    def store_options(self) -> dict[str, float]:
+        """Keyword options of the store the spec names (Redis timeouts and lock waits)."""
+        return {"timeout_s": self.redis_timeout_s, "lock_wait_s": self.lock_wait_s} if self.redis_url else {}
+
     def store_spec(self) -> tuple[str, str]:
-        return ("redis", self.redis_url) if self.redis_url else ("sqlite", str(self.data_dir))
+        if self.redis_url:
+            return ("redis-cluster" if self.redis_cluster else "redis", self.redis_url)
+        return ("sqlite", str(self.data_dir))

@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import socket
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .core.clustering import fit_labels
 from .core.config import RunConfig
+from .core.errors import StoreUnavailable
 from .core.types import Fit, Group, MemoryKey
 from .engine.ports import MemoryStore
 
@@ -22,17 +26,19 @@ _worker_stores: dict[tuple[str, str], MemoryStore] = {}
 _worker_stores_lock = threading.Lock()
 
 
-def open_store(spec: tuple[str, str], *, read_only: bool = False) -> MemoryStore:
-    """Open the store a spec describes (`("sqlite", data_dir)` or `("redis", url)`)."""
+def open_store(
+    spec: tuple[str, str], options: Mapping[str, float] | None = None, *, read_only: bool = False
+) -> MemoryStore:
+    """Open the store a spec describes: `("sqlite", data_dir)`, `("redis", url)` or `("redis-cluster", url)`."""
     backend, where = spec
     if backend == "sqlite":
         from .storage.sqlite import SQLiteStore
 
         return SQLiteStore(where, read_only=read_only)
-    if backend == "redis":
+    if backend in ("redis", "redis-cluster"):
         from .storage.redis import RedisStore
 
-        store: MemoryStore = RedisStore(where)
+        store: MemoryStore = RedisStore(where, cluster=backend == "redis-cluster", **(options or {}))
         return store
     raise ValueError(f"unknown store backend {backend!r}")
 
@@ -96,3 +102,102 @@ class LocalRefitter:
     def close(self) -> None:
         with self._lock:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class QueueWorker:
+    """Consumes refit jobs from the Redis queue: fits them on every core, saves the labels, acknowledges.
+
+    A job is acknowledged only after its labels are saved, so a worker killed mid-refit loses nothing:
+    another consumer takes its jobs over once they have been idle for `claim_idle_s`. Jobs for keys whose
+    fit is already current (another worker, or a replica under the exact rule, got there first) are
+    acknowledged without work.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        refitter: LocalRefitter,
+        *,
+        consumer: str,
+        batch: int = 512,
+        block_ms: int = 1000,
+        claim_idle_s: float = 60.0,
+        observer: Any = None,
+    ) -> None:
+        self.store = store
+        self.refitter = refitter
+        self.consumer = consumer
+        self.batch = batch
+        self.block_ms = block_ms
+        self.claim_idle_ms = int(claim_idle_s * 1000)
+        self.observer = observer
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until `stop` is set; a store outage pauses, it does not end the loop."""
+        while not stop.is_set():
+            try:
+                self.store.ensure_queue()
+                while not stop.is_set():
+                    self.step()
+            except StoreUnavailable as exc:
+                log.warning("refit queue unavailable (%s); retrying", exc.message)
+                stop.wait(1.0)
+            except Exception:
+                log.exception("refit queue round failed; retrying")
+                stop.wait(1.0)
+
+    def step(self) -> int:
+        """One round: claim jobs, fit what is stale, save, acknowledge. Returns the jobs handled."""
+        jobs = self.store.claim_refits(self.consumer, self.batch, self.block_ms, self.claim_idle_ms)
+        by_run: dict[str, tuple[set[MemoryKey], list[bytes]]] = {}
+        for message_id, run, key in jobs:
+            keys, ids = by_run.setdefault(run, (set(), []))
+            keys.add(key)
+            ids.append(message_id)
+        for run, (keys, ids) in by_run.items():
+            record = self.store.get_run(run)
+            if record is not None and record.config.dim is not None:
+                self._refit(run, record.config, sorted(keys))
+            self.store.ack_refits(ids)
+        return len(jobs)
+
+    def _refit(self, run: str, config: RunConfig, keys: list[MemoryKey]) -> None:
+        heads = self.store.heads(run, keys)
+        stale = [
+            k
+            for k in keys
+            if heads[k].n > 0 and (heads[k].fit_start, heads[k].fitted_upto) != (heads[k].start, heads[k].n)
+        ]
+        if not stale:
+            return
+        started = time.perf_counter()
+        parts = max(1, min(self.refitter.workers, len(stale)))
+        futures = [self.refitter.submit(run, config, stale[i::parts]) for i in range(parts)]
+        fits = [fit for future in futures for fit in future.result()]
+        self.store.save_fits(run, fits)
+        if self.observer is not None:
+            self.observer.refit_done(len(fits), sum(len(f.labels) for f in fits), time.perf_counter() - started)
+
+
+def run_worker(settings: Any) -> int:
+    """`meds worker`: consume the refit queue until SIGTERM or SIGINT, then finish the round and exit."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    store: Any = open_store(settings.store_spec(), settings.store_options())
+    refitter = LocalRefitter(store.spec(), settings.refit_workers, processes=settings.refit_processes)
+    try:
+        refitter.warm_up()
+        consumer = f"worker-{socket.gethostname()}-{os.getpid()}"
+        log.info("meds worker %s consuming refits from %s with %d processes", consumer, store.info(), refitter.workers)
+        QueueWorker(
+            store,
+            refitter,
+            consumer=consumer,
+            batch=settings.refit_queue_batch,
+            claim_idle_s=settings.refit_claim_idle_s,
+        ).run(stop)
+    finally:
+        refitter.close()
+        store.close()
+    return 0

@@ -65,7 +65,8 @@ def thread_server(settings: Settings) -> Iterator[str]:
 
 
 class ProcessServer:
-    """`meds serve` in a subprocess, so tests can SIGKILL and restart it on the same data."""
+    """`meds serve` (or another `meds` command) in a subprocess, so tests can SIGKILL and restart it."""
+
 
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
@@ -74,9 +75,12 @@ class ProcessServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def args(self) -> list[str]:
+        return [sys.executable, "-m", "meds_service.cli", "serve", "--port", str(self.port)]
+
     def start(self, timeout: float = 60.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meds_service.cli", "serve", "--port", str(self.port)],
+            self.args(),
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -84,7 +88,7 @@ class ProcessServer:
         )
         try:
             wait_ready(self.base_url, timeout, self.proc)
-        except Exception:
+        except BaseException:
             self.kill()
             raise
 
@@ -101,3 +105,18 @@ class ProcessServer:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class ProcessWorker(ProcessServer):
+    """`meds worker` in a subprocess (no HTTP: started when its process runs)."""
+
+    def args(self) -> list[str]:
+        return [sys.executable, "-m", "meds_service.cli", "worker"]
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.proc = subprocess.Popen(
+            self.args(), env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        time.sleep(0.5)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"meds worker exited with {self.proc.returncode}")

@@ -124,6 +124,18 @@ class KeyState:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyDelta:
+    """What a key gained since a cached view of it: the vectors with sequence numbers first..n that the
+    cache lacks, its live start, and its last fit (fit_start, fitted_upto, labels) when that changed."""
+
+    start: int
+    n: int
+    first: int
+    vectors: NDArray[np.float32]
+    fit: tuple[int, int, NDArray[np.int64]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class KeyAppend:
     """What one committed batch adds to one key: vectors (sequence numbers from first_seq) and their
     rollouts' ids and results; `new_start` is the key's first live sequence number afterwards."""
@@ -142,6 +154,7 @@ class ScoredBatch:
 
     appends: list[KeyAppend]  # only scored rollouts: skipped ones are not remembered
     fits: list[Fit] = field(default_factory=list)  # labels known without HDBSCAN (keys of < 2 vectors)
+    refits: list[MemoryKey] = field(default_factory=list)  # keys that need an HDBSCAN refit afterwards
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from ..core.config import RunConfig
 from ..core.errors import InvalidInput, NotFound, StoreUnavailable
 from ..core.penalty import NO_CLUSTER, shape
 from ..core.preprocess import features, stored_vectors, unit_rows
+from ..core.records import KeyHead
 from ..core.types import (
     NO_CLUSTER32,
     RESULT_DTYPE,
@@ -42,7 +43,7 @@ from ..core.types import (
     ScoredBatch,
     ScoreOutcome,
 )
-from ..storage.index import ShardIndex
+from ..storage.index import ShardIndex, gpu_count
 from .ports import EngineObserver, MemoryStore, Refitter
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,16 @@ class ErrorMemory:
 
     # ---- start-up -----------------------------------------------------------------------------------
 
+    @property
+    def shared(self) -> bool:
+        """True when other processes write the same store (Redis): then reads sync the keys they touch."""
+        return bool(self.store.shared)
+
     def load(self) -> None:
-        """Rebuild every run's cache and index from the store (the record)."""
+        """Rebuild every run's cache and index from the store (the record). A shared store is read lazily."""
+        if self.shared:
+            self.loaded = True
+            return
         for record in self.store.list_runs():
             run = RunMemory(record.name, record.config, record.created_at)
             if record.config.dim is not None:
@@ -199,23 +208,35 @@ class ErrorMemory:
     # ---- runs ---------------------------------------------------------------------------------------
 
     def run_names(self) -> list[str]:
+        if self.shared:
+            return [record.name for record in self.store.list_runs()]
         with self._runs_lock:
             return sorted(self._runs)
 
-    def _run(self, name: str) -> RunMemory:
+    def _run(self, name: str, *, create: bool = False) -> RunMemory:
+        """The run's memory; with a shared store, checked against the store (another process may have
+        created, changed or deleted it)."""
         with self._runs_lock:
             run = self._runs.get(name)
-        if run is None:
-            raise NotFound(f"run {name!r} does not exist")
-        return run
-
-    def _run_or_create(self, name: str) -> RunMemory:
-        with self._runs_lock:
-            run = self._runs.get(name)
-            if run is None:
+            if self.shared:
+                record = self.store.get_run(name)
+                if record is None and create:
+                    record = self.store.save_run(name, RunConfig())
+                if record is None:
+                    self._runs.pop(name, None)
+                    raise NotFound(f"run {name!r} does not exist")
+                if run is None or run.created_at != record.created_at:  # new, or deleted and created again
+                    run = self._runs[name] = RunMemory(name, record.config, record.created_at)
+                run.config = record.config
+            elif run is None:
+                if not create:
+                    raise NotFound(f"run {name!r} does not exist")
                 record = self.store.save_run(name, RunConfig())
                 run = self._runs[name] = RunMemory(name, record.config, record.created_at)
         return run
+
+    def _run_or_create(self, name: str) -> RunMemory:
+        return self._run(name, create=True)
 
     def config(self, name: str) -> RunConfig:
         return self._run(name).config
@@ -223,17 +244,18 @@ class ErrorMemory:
     def put_config(self, name: str, patch: dict[str, Any]) -> tuple[RunConfig, bool]:
         """Create a run or update its config; returns (config, created). 409 if it would alter results."""
         with self._runs_lock:
-            run = self._runs.get(name)
-            created = run is None
-            if run is None:
+            exists = (self.store.get_run(name) is not None) if self.shared else name in self._runs
+            if not exists:
                 config = RunConfig.from_mapping(patch)
                 self._check_dim(config.dim)
                 record = self.store.save_run(name, config)
                 self._runs[name] = RunMemory(name, config, record.created_at)
                 return config, True
+        run = self._run(name)
         with run.lock:
             self._ensure_alive(run)
-            config = run.config.updated(patch, has_memory=bool(run.keys))
+            has_memory = self.store.counts(name).keys > 0 if self.shared else bool(run.keys)
+            config = run.config.updated(patch, has_memory=has_memory)
             self._check_dim(config.dim)
             if config != run.config:
                 self.store.save_run(name, config)
@@ -242,16 +264,25 @@ class ErrorMemory:
                     run.refresh_pending(key)
                 if run.pending:
                     self.on_pending()
-            return config, created
+            return config, False
 
     def delete(self, name: str) -> None:
         with self._runs_lock:
             run = self._runs.get(name)
+            if self.shared:
+                self._runs.pop(name, None)
+                if not self.store.delete_run(name):
+                    raise NotFound(f"run {name!r} does not exist")
+                return
             if run is None:
                 raise NotFound(f"run {name!r} does not exist")
             with run.lock:
                 self.store.delete_run(name)
                 del self._runs[name]
+
+    def _cached_runs(self) -> list[RunMemory]:
+        with self._runs_lock:
+            return list(self._runs.values())
 
     def _ensure_alive(self, run: RunMemory) -> None:
         with self._runs_lock:
@@ -270,17 +301,51 @@ class ErrorMemory:
         with run.lock:
             self._ensure_alive(run)
             config = self._config_for(run, batch)
-            known = self.store.find_results(name, batch.prompt_ids, batch.rollout_ids)
-            fresh = np.array([rid not in known for rid in batch.rollout_ids], dtype=bool)
-            rows = np.flatnonzero(fresh & batch.has_fingerprint)
-            records = np.empty(len(rows), dtype=RESULT_DTYPE)
-            if len(rows):
-                scored, normed = self._score_rows(run, config, batch, rows, records)
-                self.store.commit(name, config, scored)
-                self._remember(run, config, scored, normed)
+            with self.store.locked(name, batch.prompt_ids):
+                if self.shared:
+                    self._sync(run, config, _group_rows(batch, np.flatnonzero(batch.has_fingerprint)).keys())
+                known = self.store.find_results(name, batch.prompt_ids, batch.rollout_ids)
+                fresh = np.array([rid not in known for rid in batch.rollout_ids], dtype=bool)
+                rows = np.flatnonzero(fresh & batch.has_fingerprint)
+                records = np.empty(len(rows), dtype=RESULT_DTYPE)
+                if len(rows):
+                    scored, normed = self._score_rows(run, config, batch, rows, records)
+                    self.store.commit(name, config, scored)
+                    self._remember(run, config, scored, normed)
         outcome = self._assemble(batch, known, rows, records)
         self._observe(outcome, records)
         return outcome
+
+    def _sync(self, run: RunMemory, config: RunConfig, keys: Iterable[MemoryKey]) -> None:
+        """Bring the cache of these keys up to what other processes stored (shared stores only)."""
+        if config.dim is None:
+            return
+        since = {}
+        for key in keys:
+            cached = run.keys.get(key)
+            since[key] = (
+                KeyHead(cached.start, cached.n, cached.fit_start, cached.fitted_upto) if cached else KeyHead(0, 0, 0, 0)
+            )
+        if not since:
+            return
+        if run.index is None:
+            run.index = ShardIndex(config.feature_dim, self.index_device)
+        for key, delta in self.store.load_changes(run.name, since, config.stored_dim).items():
+            if delta.n == 0:
+                continue
+            cached = run.keys.get(key)
+            if cached is None or delta.first != cached.n:  # new here, or gone past what the cache holds
+                run.index.remove(key)
+                cached = run.keys[key] = CachedKey(start=delta.start, n=delta.start)
+            if len(delta.vectors):
+                run.index.append(key, self._normalised(delta.vectors, config))
+                cached.n = delta.n
+            if delta.start > cached.start:
+                run.index.drop_front(key, delta.start - cached.start)
+                cached.start = delta.start
+            if delta.fit is not None:
+                cached.take_fit(Fit(key, delta.fit[2], delta.fit[0], delta.fit[1]))
+            run.refresh_pending(key)
 
     def _config_for(self, run: RunMemory, batch: RolloutBatch) -> RunConfig:
         """The run's config, with `dim` fixed by this batch's fingerprints when it was still open."""
@@ -321,7 +386,9 @@ class ErrorMemory:
         records["shaped"] = shaped
         ids = [batch.rollout_ids[r] for r in rows.tolist()]
         appends, fits = self._appends(run, config, by_key, stored, ids, records)
-        return ScoredBatch(appends, fits), [normed[positions] for positions in by_key.values()]
+        fitted = config.fitted_groups()
+        refits = [a.key for a in appends if a.key.group in fitted and len(a.vectors) + a.first_seq - a.new_start >= 2]
+        return ScoredBatch(appends, fits, refits), [normed[positions] for positions in by_key.values()]
 
     def _assign(
         self,
@@ -516,22 +583,18 @@ class ErrorMemory:
             alive = self._runs.get(run.name) is run
         if not fits or not alive:
             return
-        current = [f for f in fits if f.key in run.keys]
-        self.store.save_fits(run.name, current)
-        for fit in current:
-            run.keys[fit.key].take_fit(fit)
-            run.refresh_pending(fit.key)
+        self.store.save_fits(run.name, fits)
+        for fit in fits:
+            if fit.key in run.keys:
+                run.keys[fit.key].take_fit(fit)
+                run.refresh_pending(fit.key)
         seconds = getattr(future, "meds_seconds", 0.0)
-        self.observer.refit_done(len(current), sum(len(f.labels) for f in current), seconds)
+        self.observer.refit_done(len(fits), sum(len(f.labels) for f in fits), seconds)
 
     def schedule_refits(self, max_jobs: int, max_keys_per_job: int, max_vectors_per_job: int) -> int:
         """Background scheduling: submit pending keys not yet in flight, batched. Returns jobs submitted."""
         submitted = 0
-        for name in self.run_names():
-            try:
-                run = self._run(name)
-            except NotFound:
-                continue
+        for run in self._cached_runs():
             with run.lock:
                 todo = [k for k in run.pending if k not in run.inflight]
                 for job in _batches(todo, run, max_keys_per_job, max_vectors_per_job):
@@ -544,11 +607,7 @@ class ErrorMemory:
     def reap_refits(self, block: bool = False) -> int:
         """Adopt the results of finished background refit jobs. Returns jobs applied."""
         applied = 0
-        for name in self.run_names():
-            try:
-                run = self._run(name)
-            except NotFound:
-                continue
+        for run in self._cached_runs():
             with run.lock:
                 futures = {id(f): f for f in run.inflight.values() if block or f.done()}
                 for future in futures.values():
@@ -558,11 +617,7 @@ class ErrorMemory:
 
     def inflight_jobs(self) -> int:
         jobs: set[int] = set()
-        for name in self.run_names():
-            try:
-                run = self._run(name)
-            except NotFound:
-                continue
+        for run in self._cached_runs():
             jobs.update(id(f) for f in list(run.inflight.values()))
         return len(jobs)
 
@@ -571,11 +626,16 @@ class ErrorMemory:
         run = self._run(name)
         started = time.perf_counter()
         with run.lock:
-            keys = list(run.keys) if everything else sorted(run.pending)
+            if self.shared:
+                heads = self.store.key_heads(name)
+                keys = list(heads) if everything else self.store.list_keys(name, pending_only=True)
+                vectors = sum(heads[k].n - heads[k].start for k in keys if k in heads)
+            else:
+                keys = list(run.keys) if everything else sorted(run.pending)
+                vectors = sum(run.keys[k].n - run.keys[k].start for k in keys)
             for key in keys:
                 if key in run.inflight:
                     self._apply(run, run.inflight[key])
-            vectors = sum(run.keys[k].n - run.keys[k].start for k in keys)
             jobs = [self._submit(run, run.config, job) for job in _split(keys, self.refitter.workers)]
             for future in jobs:
                 self._apply(run, future)
@@ -591,15 +651,25 @@ class ErrorMemory:
     def stats(self, name: str) -> dict[str, Any]:
         run = self._run(name)
         with run.lock:
+            if self.shared:
+                counts = self.store.counts(name)
+                keys, vectors, rollouts = counts.keys, counts.vectors, counts.rollouts
+                pending = self.store.pending_count(name)
+            else:
+                keys, vectors, rollouts = len(run.keys), sum(c.n - c.start for c in run.keys.values()), run.rollouts
+                pending = len(run.pending)
             return {
-                "keys": len(run.keys),
-                "vectors": sum(c.n - c.start for c in run.keys.values()),
-                "pending_refits": len(run.pending),
-                "refits_in_flight": len(run.inflight),
-                "rollouts": run.rollouts,
+                "keys": keys,
+                "vectors": vectors,
+                "pending_refits": pending,
+                "refits_in_flight": len(set(map(id, run.inflight.values()))),
+                "rollouts": rollouts,
                 "dim": run.config.dim,
-                "index_device": run.index.device if run.index else None,
+                "index_device": run.index.device if run.index else self._device_name(),
             }
+
+    def _device_name(self) -> str:
+        return "cuda" if self.index_device != "cpu" and gpu_count() > 0 else "cpu"
 
     def created_at(self, name: str) -> float:
         return self._run(name).created_at
@@ -608,6 +678,8 @@ class ErrorMemory:
         run = self._run(name)
         groups: dict[str, Any] = {}
         with run.lock:
+            if self.shared:
+                self._sync(run, run.config, [MemoryKey(prompt_id, g) for g in Group])
             for group in Group:
                 cached = run.keys.get(MemoryKey(prompt_id, group))
                 if cached is None:
@@ -628,16 +700,19 @@ class ErrorMemory:
     def totals(self) -> dict[str, int]:
         """Across runs, for the metrics gauges."""
         keys = vectors = pending = 0
-        for name in self.run_names():
-            try:
-                run = self._run(name)
-            except NotFound:
-                continue
-            keys += len(run.keys)
-            vectors += sum(c.n - c.start for c in list(run.keys.values()))
-            pending += len(run.pending)
+        names = self.run_names()
+        if self.shared:
+            for name in names:
+                counts = self.store.counts(name)
+                keys, vectors = keys + counts.keys, vectors + counts.vectors
+                pending += self.store.pending_count(name)
+        else:
+            for run in self._cached_runs():
+                keys += len(run.keys)
+                vectors += sum(c.n - c.start for c in list(run.keys.values()))
+                pending += len(run.pending)
         return {
-            "runs": len(self._runs),
+            "runs": len(names),
             "keys": keys,
             "vectors": vectors,
             "pending_refits": pending,

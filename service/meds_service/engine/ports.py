@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
@@ -11,7 +12,7 @@ from numpy.typing import NDArray
 
 from ..core.config import RunConfig
 from ..core.records import KeyHead, RunCounts, RunRecord
-from ..core.types import Fit, KeyState, MemoryKey, RolloutResult, ScoredBatch
+from ..core.types import Fit, KeyDelta, KeyState, MemoryKey, RolloutResult, ScoredBatch
 
 
 class MemoryStore(Protocol):
@@ -32,6 +33,10 @@ class MemoryStore(Protocol):
     def counts(self, run: str) -> RunCounts: ...
 
     def key_heads(self, run: str) -> dict[MemoryKey, KeyHead]: ...
+    def list_keys(self, run: str, pending_only: bool = False) -> list[MemoryKey]: ...
+    def pending_count(self, run: str) -> int: ...
+    def load_changes(self, run: str, since: Mapping[MemoryKey, KeyHead], dim: int) -> dict[MemoryKey, KeyDelta]: ...
+    def locked(self, run: str, prompt_ids: Sequence[str]) -> AbstractContextManager[None]: ...
     def load_keys(self, run: str, keys: Sequence[MemoryKey] | None, dim: int) -> dict[MemoryKey, KeyState]: ...
     def find_results(
         self, run: str, prompt_ids: Sequence[str], rollout_ids: Sequence[str]

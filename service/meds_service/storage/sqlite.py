@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,17 @@ import orjson
 from ..core.config import RunConfig
 from ..core.errors import Conflict, StoreUnavailable
 from ..core.records import KeyHead, RunCounts, RunRecord
-from ..core.types import RESULT_DTYPE, Fit, Group, KeyState, MemoryKey, RolloutResult, RolloutStatus, ScoredBatch
+from ..core.types import (
+    RESULT_DTYPE,
+    Fit,
+    Group,
+    KeyDelta,
+    KeyState,
+    MemoryKey,
+    RolloutResult,
+    RolloutStatus,
+    ScoredBatch,
+)
 from .idindex import IdIndex, rollout_hashes
 
 DB_FILE = "meds.sqlite3"
@@ -243,6 +253,11 @@ class SQLiteStore:
         with self._read() as db:
             db.execute("SELECT 1").fetchone()
 
+    @contextmanager
+    def locked(self, run: str, prompt_ids: Sequence[str]) -> Iterator[None]:
+        """No cross-process locks needed: this process is the only writer (the engine locks runs)."""
+        yield
+
     # ---- runs -------------------------------------------------------------------------------------
 
     def list_runs(self) -> list[RunRecord]:
@@ -312,6 +327,35 @@ class SQLiteStore:
             if entry is None:
                 return {}
             return {k: KeyHead(e.start, e.n, e.fit_start, e.fitted_upto) for k, e in entry.keys.items()}
+
+    def list_keys(self, run: str, pending_only: bool = False) -> list[MemoryKey]:
+        """The run's keys (only those whose last fit does not cover their live vectors, if asked)."""
+        with self._read():
+            entry = self._runs.get(run)
+            if entry is None:
+                return []
+            return sorted(
+                k.key for k in entry.keys.values() if not pending_only or (k.fit_start, k.fitted_upto) != (k.start, k.n)
+            )
+
+    def pending_count(self, run: str) -> int:
+        return len(self.list_keys(run, pending_only=True))
+
+    def load_changes(self, run: str, since: Mapping[MemoryKey, KeyHead], dim: int) -> dict[MemoryKey, KeyDelta]:
+        """For each key, the vectors appended after since[key].n and its fit when it is not since's."""
+        states = self.load_keys(run, list(since), dim)
+        changes = {}
+        for key, seen in since.items():
+            state = states.get(key)
+            if state is None:
+                changes[key] = KeyDelta(0, 0, 0, np.zeros((0, dim), np.float32))
+                continue
+            first = max(seen.n, state.start)
+            fit = None
+            if (state.fit_start, state.fitted_upto) != (seen.fit_start, seen.fitted_upto):
+                fit = (state.fit_start, state.fitted_upto, state.labels)
+            changes[key] = KeyDelta(state.start, state.n, first, state.vectors[first - state.start :], fit)
+        return changes
 
     def load_keys(self, run: str, keys: Sequence[MemoryKey] | None, dim: int) -> dict[MemoryKey, KeyState]:
         """Live vectors and last fit of the given keys (all keys of the run when `keys` is None)."""

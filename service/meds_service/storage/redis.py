@@ -1,0 +1,529 @@
+"""The production store: Redis (or Redis Cluster), shared by any number of API replicas and refit workers.
+
+Layout (every key prefixed `meds:`; `{...}` is a Redis Cluster hash tag):
+
+    runs                       set of run names
+    {r:RUN}:run                hash: config, created_at, keys, vectors, rollouts (counters)
+    {r:RUN}:keys               set of "GROUP:PROMPT_ID" members, one per memory key
+    {r:RUN}:pending            set of members whose refit is queued and not yet done
+    {p:RUN:H}:m0|m1|m2         per memory key (H = XXH3 of the prompt id, group 0/1/2): hash with
+                               prompt, n, start, base, fit_start, fitted_upto, labels (int32 bytes)
+    {p:RUN:H}:v0|v1|v2         the key's float32 rows from sequence number `base`, appended in place
+    {p:RUN:H}:ids              hash: rollout_id -> group byte + result record (idempotent retries)
+    {p:RUN:H}:lock             per-prompt lock held while a replica scores that prompt
+    refits                     stream of refit jobs, consumer group `workers`
+
+All of one prompt's data shares a hash slot, so each prompt's update is one atomic Lua script even on
+Redis Cluster; on a single Redis a whole batch is one script (atomic as a whole). Run every shipped
+config with `appendonly yes` and `appendfsync always`: then an acknowledged batch is on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import redis
+import redis.cluster
+import xxhash
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from ..core.config import RunConfig
+from ..core.errors import Conflict, StoreUnavailable
+from ..core.records import KeyHead, RunCounts, RunRecord
+from ..core.types import (
+    RESULT_DTYPE,
+    Fit,
+    Group,
+    KeyDelta,
+    KeyState,
+    MemoryKey,
+    RolloutResult,
+    RolloutStatus,
+    ScoredBatch,
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+STREAM = b"meds:refits"
+GROUP = b"workers"
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+
+# Commit of one batch. KEYS: run-level keys (5, or 0 on Redis Cluster) then meta, vec, ids per append.
+# ARGV: rowbytes, appends, run, config json, created_at, then per append 10 values and its (id, record) pairs.
+_COMMIT = """
+local rowbytes, napp, run = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local runlevel = (#KEYS - 3 * napp) == 5
+local k0 = runlevel and 5 or 0
+local p = 6
+for i = 1, napp do
+  local meta = KEYS[k0 + 3 * i - 2]
+  local n = tonumber(redis.call('HGET', meta, 'n') or '0')
+  if n ~= tonumber(ARGV[p]) then return redis.error_reply('MEDSCONFLICT ' .. meta) end
+  local expected = ARGV[p + 4]
+  local prompt = redis.call('HGET', meta, 'prompt')
+  if prompt and prompt ~= expected then return redis.error_reply('MEDSHASH ' .. meta) end
+  p = p + 10 + 2 * tonumber(ARGV[p + 9])
+end
+local new_keys, new_vectors, new_rollouts = 0, 0, 0
+p = 6
+for i = 1, napp do
+  local meta, vec, ids = KEYS[k0 + 3 * i - 2], KEYS[k0 + 3 * i - 1], KEYS[k0 + 3 * i]
+  local first, newstart, vectors = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), ARGV[p + 2]
+  local member, prompt, refit = ARGV[p + 3], ARGV[p + 4], ARGV[p + 5]
+  local fs, fu, labels, npairs = ARGV[p + 6], ARGV[p + 7], ARGV[p + 8], tonumber(ARGV[p + 9])
+  if first == 0 then
+    redis.call('HSET', meta, 'prompt', prompt, 'start', 0, 'base', 0)
+    new_keys = new_keys + 1
+    if runlevel then redis.call('SADD', KEYS[2], member) end
+  end
+  local oldstart = tonumber(redis.call('HGET', meta, 'start') or '0')
+  local n = first + npairs
+  redis.call('APPEND', vec, vectors)
+  redis.call('HSET', meta, 'n', n, 'start', newstart)
+  local base = tonumber(redis.call('HGET', meta, 'base') or '0')
+  if newstart > base and (newstart - base) >= (n - newstart) then
+    redis.call('SET', vec, redis.call('GETRANGE', vec, (newstart - base) * rowbytes, -1))
+    redis.call('HSET', meta, 'base', newstart)
+  end
+  if fu ~= '' then redis.call('HSET', meta, 'fit_start', fs, 'fitted_upto', fu, 'labels', labels) end
+  local fields = {}
+  for j = 0, npairs - 1 do
+    fields[#fields + 1] = ARGV[p + 10 + 2 * j]
+    fields[#fields + 1] = ARGV[p + 11 + 2 * j]
+    if #fields >= 4000 then redis.call('HSET', ids, unpack(fields)); fields = {} end
+  end
+  if #fields > 0 then redis.call('HSET', ids, unpack(fields)) end
+  if runlevel and refit == '1' then
+    redis.call('SADD', KEYS[3], member)
+    redis.call('XADD', KEYS[4], '*', 'run', run, 'key', member)
+  end
+  new_vectors = new_vectors + npairs - (newstart - oldstart)
+  new_rollouts = new_rollouts + npairs
+  p = p + 10 + 2 * npairs
+end
+if runlevel then
+  redis.call('HSET', KEYS[1], 'config', ARGV[4])
+  redis.call('HSETNX', KEYS[1], 'created_at', ARGV[5])
+  redis.call('SADD', KEYS[5], run)
+  redis.call('HINCRBY', KEYS[1], 'keys', new_keys)
+  redis.call('HINCRBY', KEYS[1], 'vectors', new_vectors)
+  redis.call('HINCRBY', KEYS[1], 'rollouts', new_rollouts)
+end
+return {new_keys, new_vectors, new_rollouts}
+"""
+
+# Save one fit unless an equal or newer one is stored. KEYS: meta [, pending set]. ARGV: fs, fu, labels, member.
+_SAVE_FIT = """
+local cur = redis.call('HMGET', KEYS[1], 'fit_start', 'fitted_upto', 'n', 'start')
+if not cur[3] then return 0 end
+local fs, fu = tonumber(ARGV[1]), tonumber(ARGV[2])
+if fu < tonumber(cur[2] or '0') or fs < tonumber(cur[1] or '0') then return 0 end
+redis.call('HSET', KEYS[1], 'fit_start', fs, 'fitted_upto', fu, 'labels', ARGV[3])
+if KEYS[2] and fu == tonumber(cur[3]) and fs == tonumber(cur[4]) then redis.call('SREM', KEYS[2], ARGV[4]) end
+return 1
+"""
+
+# Take a lock, or keep one this process already holds (a release that an outage prevented). ARGV: token, ttl.
+_LOCK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _translated(method: Callable[P, T]) -> Callable[P, T]:
+    """Redis outages become StoreUnavailable (503 + Retry-After), never a 500."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except _REDIS_ERRORS as exc:
+            raise StoreUnavailable(f"Redis is unreachable: {exc}", retry_after=1) from exc
+        except redis.exceptions.ResponseError as exc:
+            if "MEDSCONFLICT" in str(exc):
+                raise StoreUnavailable("a key changed under this batch; retry", retry_after=1) from exc
+            if "MEDSHASH" in str(exc):
+                raise Conflict("two prompt ids of this run share a hash; rename one") from exc
+            raise StoreUnavailable(f"Redis refused a command: {exc}", retry_after=1) from exc
+
+    return wrapper
+
+
+def _member(key: MemoryKey) -> str:
+    return f"{int(key.group)}:{key.prompt_id}"
+
+
+def _key_of(member: bytes | str) -> MemoryKey:
+    text = member.decode() if isinstance(member, bytes) else member
+    group, _, prompt = text.partition(":")
+    return MemoryKey(prompt, Group(int(group)))
+
+
+class RedisStore:
+    """`MemoryStore` on Redis, plus the refit queue (a Redis Stream) that `meds worker`s consume."""
+
+    shared = True  # other processes write too: the engine syncs what it reads
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cluster: bool = False,
+        timeout_s: float = 5.0,
+        lock_ttl_s: float = 30.0,
+        lock_wait_s: float = 20.0,
+    ) -> None:
+        self.url = url
+        self.cluster = cluster
+        self.lock_ttl_ms = int(lock_ttl_s * 1000)
+        self.lock_wait_s = lock_wait_s
+        options: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": min(timeout_s, 2.0),
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        }
+        if cluster:
+            self._r: Any = redis.cluster.RedisCluster.from_url(url, **options)
+        else:
+            self._r = redis.Redis.from_url(url, health_check_interval=10, **options)
+        self._commit = self._r.register_script(_COMMIT)
+        self._save_fit = self._r.register_script(_SAVE_FIT)
+        self._lock = self._r.register_script(_LOCK)
+        self._unlock = self._r.register_script(_UNLOCK)
+        # One token per process: the engine already serialises a run's batches inside a process, so a lock
+        # under this token is either held by this very request or left over by a failed release.
+        self._token = uuid.uuid4().hex
+
+    # ---- names ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _run_key(run: str, what: str) -> str:
+        return f"meds:{{r:{run}}}:{what}"
+
+    @staticmethod
+    def _prompt_key(run: str, prompt_id: str, what: str) -> str:
+        return f"meds:{{p:{run}:{xxhash.xxh3_64_hexdigest(prompt_id.encode())}}}:{what}"
+
+    def _meta(self, run: str, key: MemoryKey) -> str:
+        return self._prompt_key(run, key.prompt_id, f"m{int(key.group)}")
+
+    def _vec(self, run: str, key: MemoryKey) -> str:
+        return self._prompt_key(run, key.prompt_id, f"v{int(key.group)}")
+
+    # ---- housekeeping -----------------------------------------------------------------------------
+
+    def spec(self) -> tuple[str, str]:
+        return ("redis-cluster" if self.cluster else "redis", self.url)
+
+    def info(self) -> dict[str, Any]:
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return {"backend": "redis-cluster" if self.cluster else "redis",
+                "url": urlunsplit((parts.scheme, netloc, parts.path, "", ""))}  # fmt: skip
+
+    @_translated
+    def ping(self) -> None:
+        self._r.ping()
+
+    def close(self) -> None:
+        self._r.close()
+
+    # ---- runs -------------------------------------------------------------------------------------
+
+    @_translated
+    def list_runs(self) -> list[RunRecord]:
+        names = sorted(n.decode() for n in self._r.smembers("meds:runs"))
+        return [r for r in (self.get_run(n) for n in names) if r is not None]
+
+    @_translated
+    def get_run(self, run: str) -> RunRecord | None:
+        config, created = self._r.hmget(self._run_key(run, "run"), "config", "created_at")
+        if config is None:
+            return None
+        return RunRecord(run, RunConfig.from_mapping(json.loads(config)), float(created or 0))
+
+    @_translated
+    def save_run(self, run: str, config: RunConfig) -> RunRecord:
+        key = self._run_key(run, "run")
+        pipe = self._r.pipeline(transaction=not self.cluster)
+        pipe.hset(key, "config", json.dumps(config.as_dict()))
+        pipe.hsetnx(key, "created_at", repr(time.time()))
+        pipe.hget(key, "created_at")
+        created = pipe.execute()[2]
+        self._r.sadd("meds:runs", run)
+        return RunRecord(run, config, float(created))
+
+    @_translated
+    def delete_run(self, run: str) -> bool:
+        if not self._r.exists(self._run_key(run, "run")):
+            return False
+        members = [_key_of(m) for m in self._r.smembers(self._run_key(run, "keys"))]
+        names: list[str] = []
+        for key in members:
+            names += [self._meta(run, key), self._vec(run, key), self._prompt_key(run, key.prompt_id, "ids")]
+        for lo in range(0, len(names), 512):
+            pipe = self._r.pipeline(transaction=False)
+            for name in names[lo : lo + 512]:
+                pipe.delete(name)
+            pipe.execute()
+        pipe = self._r.pipeline(transaction=False)
+        for what in ("run", "keys", "pending"):
+            pipe.delete(self._run_key(run, what))
+        pipe.srem("meds:runs", run)
+        pipe.execute()
+        return True
+
+    @_translated
+    def counts(self, run: str) -> RunCounts:
+        keys, vectors, rollouts = self._r.hmget(self._run_key(run, "run"), "keys", "vectors", "rollouts")
+        return RunCounts(int(keys or 0), int(vectors or 0), int(rollouts or 0))
+
+    @_translated
+    def pending_count(self, run: str) -> int:
+        return int(self._r.scard(self._run_key(run, "pending")))
+
+    @_translated
+    def list_keys(self, run: str, pending_only: bool = False) -> list[MemoryKey]:
+        members = self._r.smembers(self._run_key(run, "pending" if pending_only else "keys"))
+        return sorted(_key_of(m) for m in members)
+
+    # ---- memory -----------------------------------------------------------------------------------
+
+    @_translated
+    def key_heads(self, run: str) -> dict[MemoryKey, KeyHead]:
+        return self.heads(run, self.list_keys(run))
+
+    @_translated
+    def heads(self, run: str, keys: Sequence[MemoryKey]) -> dict[MemoryKey, KeyHead]:
+        """Counters of the given keys (zeros for keys that are not stored)."""
+        return {key: KeyHead(*values[:4]) for key, values in zip(keys, self._heads(run, keys), strict=True)}
+
+    def _heads(self, run: str, keys: Sequence[MemoryKey]) -> list[tuple[int, int, int, int, int, bytes | None]]:
+        """(start, n, fit_start, fitted_upto, base, prompt) of each key (zeros for keys not stored)."""
+        pipe = self._r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(self._meta(run, key), "start", "n", "fit_start", "fitted_upto", "base", "prompt")
+        heads = []
+        for key, row in zip(keys, pipe.execute(), strict=True):
+            if row[5] is not None and row[5].decode() != key.prompt_id:
+                raise Conflict(f"prompt ids {key.prompt_id!r} and {row[5].decode()!r} share a hash; rename one")
+            heads.append((*(int(v or 0) for v in row[:5]), row[5]))
+        return heads
+
+    @_translated
+    def load_changes(self, run: str, since: Mapping[MemoryKey, KeyHead], dim: int) -> dict[MemoryKey, KeyDelta]:
+        """For each key, the vectors appended after since[key].n and its fit when it is not since's."""
+        keys = list(since)
+        heads = self._heads(run, keys)
+        rowbytes = 4 * dim
+        pipe = self._r.pipeline(transaction=False)
+        plan = []
+        for key, (start, n, fit_start, fitted_upto, base, _) in zip(keys, heads, strict=True):
+            seen = since[key]
+            first = max(seen.n, start)
+            if first < n:
+                pipe.getrange(self._vec(run, key), (first - base) * rowbytes, (n - base) * rowbytes - 1)
+            fit_changed = (fit_start, fitted_upto) != (seen.fit_start, seen.fitted_upto)
+            if fit_changed:
+                pipe.hmget(self._meta(run, key), "fit_start", "fitted_upto", "labels")
+            plan.append((key, start, n, first, first < n, fit_changed))
+        replies = iter(pipe.execute())
+        changes = {}
+        for key, start, n, first, has_rows, fit_changed in plan:
+            vectors = np.zeros((0, dim), dtype=np.float32)
+            if has_rows:
+                vectors = np.frombuffer(next(replies), dtype="<f4").reshape(-1, dim).astype(np.float32)
+            fit = None
+            if fit_changed:
+                fs, fu, labels = next(replies)
+                fit = (int(fs or 0), int(fu or 0), np.frombuffer(labels or b"", dtype="<i4").astype(np.int64))
+            changes[key] = KeyDelta(start, n, first, vectors, fit)
+        return changes
+
+    @_translated
+    def load_keys(self, run: str, keys: Sequence[MemoryKey] | None, dim: int) -> dict[MemoryKey, KeyState]:
+        """Live vectors and last fit of the given keys (all keys of the run when `keys` is None)."""
+        wanted = self.list_keys(run) if keys is None else list(keys)
+        changes = self.load_changes(run, {k: KeyHead(0, 0, -1, -1) for k in wanted}, dim)
+        states = {}
+        for key, delta in changes.items():
+            if delta.n == 0:
+                continue
+            fit_start, fitted_upto, labels = delta.fit or (0, 0, np.zeros(0, np.int64))
+            states[key] = KeyState(delta.vectors, delta.start, labels, fit_start, fitted_upto)
+        return states
+
+    @_translated
+    def find_results(self, run: str, prompt_ids: Sequence[str], rollout_ids: Sequence[str]) -> dict[str, RolloutResult]:
+        by_prompt: dict[str, list[str]] = {}
+        for prompt, rollout in zip(prompt_ids, rollout_ids, strict=True):
+            by_prompt.setdefault(prompt, []).append(rollout)
+        pipe = self._r.pipeline(transaction=False)
+        for prompt, rollouts in by_prompt.items():
+            pipe.hmget(self._prompt_key(run, prompt, "ids"), rollouts)
+        found = {}
+        for rollouts, values in zip(by_prompt.values(), pipe.execute(), strict=True):
+            for rollout, value in zip(rollouts, values, strict=True):
+                if value is not None:
+                    record = np.frombuffer(value, dtype=RESULT_DTYPE, offset=1)[0]
+                    found[rollout] = RolloutResult.from_record(rollout, RolloutStatus.SCORED, record)
+        return found
+
+    @_translated
+    def commit(self, run: str, config: RunConfig, batch: ScoredBatch) -> None:
+        """One atomic script per batch (per prompt on Redis Cluster); refused whole if a key moved on."""
+        if not batch.appends:
+            return
+        fits = {fit.key: fit for fit in batch.fits}
+        refits = set(batch.refits)
+        run_keys = [self._run_key(run, w) for w in ("run", "keys", "pending")] + [STREAM.decode(), "meds:runs"]
+        head = [str(4 * config.stored_dim), "0", run, json.dumps(config.as_dict()), repr(time.time())]
+        groups: dict[str, tuple[list[str], list[Any]]] = {}
+        for append in batch.appends:
+            keys, args = groups.setdefault(append.key.prompt_id if self.cluster else "", ([], []))
+            keys += [self._meta(run, append.key), self._vec(run, append.key),
+                     self._prompt_key(run, append.key.prompt_id, "ids")]  # fmt: skip
+            fit = fits.get(append.key)
+            group_byte = bytes([int(append.key.group)])
+            records = append.results.astype(RESULT_DTYPE, copy=False)
+            args += [
+                append.first_seq, append.new_start, append.vectors.astype("<f4").tobytes(), _member(append.key),
+                append.key.prompt_id, "1" if append.key in refits else "0",
+                "" if fit is None else fit.fit_start, "" if fit is None else fit.fitted_upto,
+                b"" if fit is None else fit.labels.astype("<i4").tobytes(), len(append.rollout_ids),
+            ]  # fmt: skip
+            for rollout_id, record in zip(append.rollout_ids, records, strict=True):
+                args += [rollout_id, group_byte + record.tobytes()]
+        if not self.cluster:
+            keys, args = groups[""]
+            self._commit(keys=run_keys + keys, args=[*head[:1], len(batch.appends), *head[2:], *args])
+            return
+        totals = np.zeros(3, dtype=np.int64)
+        for keys, args in groups.values():
+            totals += self._commit(keys=keys, args=[*head[:1], len(keys) // 3, *head[2:], *args])
+        self._run_level(run, config, batch, totals)
+
+    def _run_level(self, run: str, config: RunConfig, batch: ScoredBatch, totals: np.ndarray) -> None:
+        """On Redis Cluster the run's counters and queue live in other slots: updated after the prompts."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hset(self._run_key(run, "run"), "config", json.dumps(config.as_dict()))
+        pipe.hsetnx(self._run_key(run, "run"), "created_at", repr(time.time()))
+        pipe.sadd("meds:runs", run)
+        pipe.sadd(self._run_key(run, "keys"), *[_member(a.key) for a in batch.appends])
+        for field, value in zip(("keys", "vectors", "rollouts"), totals.tolist(), strict=True):
+            pipe.hincrby(self._run_key(run, "run"), field, value)
+        for key in batch.refits:
+            pipe.sadd(self._run_key(run, "pending"), _member(key))
+            pipe.xadd(STREAM, {"run": run, "key": _member(key)})
+        pipe.execute()
+
+    @_translated
+    def save_fits(self, run: str, fits: Sequence[Fit]) -> int:
+        """Store new labels; a fit older than the stored one is ignored. Returns how many were saved."""
+        pending = self._run_key(run, "pending")
+        pipe = self._r.pipeline(transaction=False)
+        for fit in fits:
+            keys = [self._meta(run, fit.key)] + ([] if self.cluster else [pending])
+            self._save_fit(keys=keys, args=[fit.fit_start, fit.fitted_upto, fit.labels.astype("<i4").tobytes(),
+                                            _member(fit.key)], client=pipe)  # fmt: skip
+        saved = pipe.execute()
+        if self.cluster:
+            done = [_member(f.key) for f, ok in zip(fits, saved, strict=True) if ok]
+            if done:
+                self._r.srem(pending, *done)
+        return int(sum(saved))
+
+    # ---- locks ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self, run: str, prompt_ids: Sequence[str]) -> Iterator[None]:
+        """Hold the locks of these prompts (all or none at a time, so two replicas never deadlock)."""
+        names = sorted({self._prompt_key(run, p, "lock") for p in prompt_ids})
+        token = self._token
+        deadline = time.monotonic() + self.lock_wait_s
+        delay = 0.005
+        while True:
+            got = self._acquire(names, token)
+            if len(got) == len(names):
+                break
+            self._release(got, token)
+            if time.monotonic() > deadline:
+                raise StoreUnavailable("prompts of this batch are being scored by another replica", retry_after=1)
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 0.2)
+        try:
+            yield
+        finally:
+            self._release(names, token)
+
+    @_translated
+    def _acquire(self, names: list[str], token: str) -> list[str]:
+        pipe = self._r.pipeline(transaction=False)
+        for name in names:
+            self._lock(keys=[name], args=[token, self.lock_ttl_ms], client=pipe)
+        return [name for name, ok in zip(names, pipe.execute(), strict=True) if ok]
+
+    @_translated
+    def _release(self, names: list[str], token: str) -> None:
+        if not names:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for name in names:
+            self._unlock(keys=[name], args=[token], client=pipe)
+        pipe.execute()
+
+    # ---- refit queue ------------------------------------------------------------------------------
+
+    @_translated
+    def ensure_queue(self) -> None:
+        try:
+            self._r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    @_translated
+    def claim_refits(
+        self, consumer: str, count: int, block_ms: int, min_idle_ms: int
+    ) -> list[tuple[bytes, str, MemoryKey]]:
+        """Jobs for this consumer: first those a dead consumer left unacknowledged, then new ones."""
+        _, messages, _ = self._r.xautoclaim(STREAM, GROUP, consumer, min_idle_ms, "0-0", count=count)
+        if not messages:
+            reply = self._r.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=count, block=block_ms)
+            messages = reply[0][1] if reply else []
+        return [(mid, fields[b"run"].decode(), _key_of(fields[b"key"])) for mid, fields in messages if fields]
+
+    @_translated
+    def ack_refits(self, message_ids: Sequence[bytes]) -> None:
+        if message_ids:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.xack(STREAM, GROUP, *message_ids)
+            pipe.xdel(STREAM, *message_ids)
+            pipe.execute()
+
+    @_translated
+    def queue_length(self) -> int:
+        """Refit jobs not yet acknowledged (delivered or not)."""
+        try:
+            groups = self._r.xinfo_groups(STREAM)
+        except redis.exceptions.ResponseError:
+            return 0
+        return int(sum((g.get("lag") or 0) + (g.get("pending") or 0) for g in groups))

@@ -1,0 +1,78 @@
+"""SIGKILL redis-server mid-run: nothing acknowledged is lost, the service answers 503 + Retry-After while
+Redis is down (no 500, no hang), /readyz fails, and it recovers by itself with exact penalties."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.redis_server import RedisServer
+from tests.support.reference import ReferenceMEDS
+from tests.support.server import ProcessServer
+from tests.support.trace import TraceSpec, to_wire, trace_steps
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+
+def check(results: list[dict[str, object]], expected: dict[str, object]) -> None:
+    for item in results:
+        want = expected[str(item["rollout_id"])]
+        got = (item["cluster_size"], item["penalty"], item["shaped_reward"])
+        assert got == (want.cluster_size, want.penalty, want.shaped_reward), item["rollout_id"]  # type: ignore[attr-defined]
+
+
+def test_redis_sigkill_and_recovery(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    server = ProcessServer(tmp_path / "api", env={"MEDS_REDIS_URL": redis_server.url, "MEDS_REDIS_TIMEOUT_S": "2"})
+    server.start()
+    url = f"{server.base_url}/v1/runs/r/score"
+    try:
+        reference = ReferenceMEDS()
+        steps = list(trace_steps(TraceSpec(prompts=24, epochs=5, prompts_per_step=8, seed=31)))
+        acked = 0
+        for i, step in enumerate(steps):
+            expected = reference.step(step)
+            body = to_wire(step)
+            if i in (4, 9):  # Redis dies between two acknowledged steps
+                redis_server.kill()
+                started = time.monotonic()
+                down = httpx.post(url, json=body, timeout=30)
+                assert down.status_code == 503 and int(down.headers["retry-after"]) >= 1
+                assert down.json()["error"]["type"] == "unavailable"
+                assert time.monotonic() - started < 15
+                assert httpx.get(f"{server.base_url}/readyz", timeout=30).status_code == 503
+                assert httpx.get(f"{server.base_url}/healthz", timeout=30).status_code == 200
+                redis_server.start()  # same port and folder: the AOF brings everything back
+                deadline = time.monotonic() + 30
+                while httpx.get(f"{server.base_url}/readyz", timeout=30).status_code != 200:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+                stats = httpx.get(f"{server.base_url}/v1/runs/r", timeout=30).json()["stats"]
+                assert stats["vectors"] == stats["rollouts"] == acked
+            if i == 12:  # Redis dies while a request is in flight: the retry gets the same values
+                sender = threading.Thread(target=_send_ignoring_errors, args=(url, body))
+                sender.start()
+                time.sleep(0.05)
+                redis_server.kill()
+                sender.join(60)
+                redis_server.start()
+            response = httpx.post(url, json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            check(response.json()["results"], expected)
+            acked += sum(1 for r in step if r.fingerprint is not None)
+        stats = httpx.get(f"{server.base_url}/v1/runs/r", timeout=30).json()["stats"]
+        assert stats["vectors"] == acked
+    finally:
+        server.stop()
+        redis_server.stop()
+
+
+def _send_ignoring_errors(url: str, body: object) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(url, json=body, timeout=60)
