@@ -68,6 +68,28 @@ def _background_refits(
     return _Background(thread.start, halt)
 
 
+def _periodic(interval_s: float, task: Callable[[], object], name: str) -> _Background:
+    """Run `task` every interval in a thread (never when the interval is 0); failures are logged."""
+    if interval_s <= 0:
+        return _Background()
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            try:
+                task()
+            except Exception:
+                log.exception("%s failed", name)
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+
+    def halt() -> None:
+        stop.set()
+        thread.join(10)
+
+    return _Background(thread.start, halt)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -78,9 +100,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = open_store(settings.store_spec(), settings.store_options())
         refitter = LocalRefitter(store.spec(), settings.refit_workers, processes=settings.refit_processes)
         engine = ErrorMemory(
-            store, refitter, index_device=settings.index_device, max_dim=settings.max_dim, observer=metrics
+            store,
+            refitter,
+            index_device=settings.index_device,
+            max_dim=settings.max_dim,
+            observer=metrics,
+            snapshot_dir=settings.snapshots(),
         )
         background = _background_refits(settings, engine, refitter, metrics)
+        snapshots = _periodic(settings.snapshot_interval_s, engine.write_snapshots, "meds-snapshots")
         metrics.watch_memory(engine.totals)
         app.state.engine = engine
         try:
@@ -91,10 +119,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.collect()
             gc.freeze()
             background.start()
+            snapshots.start()
             log.info("meds %s ready: store %s, %d runs", __version__, store.info(), len(engine.run_names()))
             yield
         finally:
             background.stop()
+            snapshots.stop()
+            try:
+                engine.write_snapshots()  # a clean shutdown leaves current snapshots behind
+            except Exception:
+                log.exception("writing index snapshots at shutdown failed")
             refitter.close()
             store.close()
 

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     # Redis refit queue: jobs left unacknowledged this long by a consumer are taken over (it died).
     refit_claim_idle_s: float = Field(60.0, gt=0)
     refit_queue_batch: int = Field(512, ge=1)
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)  # `meds worker` serves /metrics here; 0 = none
+
+    # Index snapshots (a cache of the store on local disk, for fast restarts): folder and period; 0 = only at
+    # shutdown. Default folder: MEDS_DATA_DIR/snapshots.
+    snapshot_dir: Path | None = None
+    snapshot_interval_s: float = Field(300.0, ge=0)
 
     # kNN index: FAISS on a GPU when CUDA is visible ("auto"), or forced to one device.
     index_device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -65,6 +71,16 @@ class Settings(BaseSettings):
         if self.env == "production" and not self.api_keys:
             raise ValueError("MEDS_ENV=production requires MEDS_API_KEYS (comma-separated API keys)")
         return self
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_placeholder_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(k.get_secret_value().startswith("REPLACE-ME") for k in keys):
+            raise ValueError("MEDS_API_KEYS still holds the example placeholder; set real keys")
+        return keys
+
+    def snapshots(self) -> Path:
+        return self.snapshot_dir or self.data_dir / "snapshots"
 
     def store_options(self) -> dict[str, float]:
         """Keyword options of the store the spec names (Redis timeouts and lock waits)."""

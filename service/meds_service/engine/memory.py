@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from ..core.types import (
     Fit,
     Group,
     KeyAppend,
+    KeyDelta,
     KeyState,
     MemoryKey,
     RolloutBatch,
@@ -44,6 +46,7 @@ from ..core.types import (
     ScoreOutcome,
 )
 from ..storage.index import ShardIndex, gpu_count
+from ..storage.snapshot import KeyRows, Snapshot, read_snapshot, write_snapshot
 from .ports import EngineObserver, MemoryStore, Refitter
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,8 @@ class RunMemory:
     pending: set[MemoryKey] = field(default_factory=set)
     inflight: dict[MemoryKey, Future[list[Fit]]] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    version: int = 0  # bumped by every change of the index, to know when to snapshot it
+    snapshot_version: int = -1
 
     def needs_fit(self, key: MemoryKey, cached: CachedKey) -> bool:
         return cached.stale and key.group in self.config.fitted_groups()
@@ -154,8 +159,10 @@ class ErrorMemory:
         max_dim: int = DEFAULT_MAX_DIM,
         observer: EngineObserver | None = None,
         on_pending: Callable[[], None] | None = None,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.store = store
+        self.snapshot_dir = snapshot_dir
         self.refitter = refitter
         self.index_device = index_device
         self.max_dim = max_dim
@@ -173,22 +180,57 @@ class ErrorMemory:
         return bool(self.store.shared)
 
     def load(self) -> None:
-        """Rebuild every run's cache and index from the store (the record). A shared store is read lazily."""
-        if self.shared:
-            self.loaded = True
-            return
+        """Rebuild the runs' caches: from index snapshots where they are current, from the store otherwise.
+
+        With an exclusive store every key is loaded now; a shared store is read lazily (each replica syncs
+        the keys it touches), so only what the snapshots hold is primed.
+        """
         for record in self.store.list_runs():
             run = RunMemory(record.name, record.config, record.created_at)
             if record.config.dim is not None:
-                states = self.store.load_keys(record.name, None, record.config.stored_dim)
                 run.index = ShardIndex(record.config.feature_dim, self.index_device)
-                for key, state in states.items():
-                    self._adopt_state(run, key, state)
-            run.rollouts = self.store.counts(record.name).rollouts
+                self._prime(run)
+                if not self.shared:
+                    self._sync(run, record.config, self.store.list_keys(record.name))
+            run.rollouts = 0 if self.shared else self.store.counts(record.name).rollouts
             self._runs[record.name] = run
         self.loaded = True
         if any(run.pending for run in self._runs.values()):
             self.on_pending()
+
+    def _prime(self, run: RunMemory) -> None:
+        """Fill the index from the run's snapshot when it is one of this incarnation of the run."""
+        if self.snapshot_dir is None or run.index is None:
+            return
+        snapshot = read_snapshot(self.snapshot_dir, run.name)
+        if snapshot is None or snapshot.created_at != run.created_at or snapshot.dim != run.index.dim:
+            return
+        for rows in snapshot.keys:
+            run.keys[rows.key] = CachedKey(start=rows.start, n=rows.n)
+            run.index.append(rows.key, rows.rows)
+        run.snapshot_version = run.version
+        log.info("run %s: %d keys primed from the index snapshot", run.name, len(snapshot.keys))
+
+    def write_snapshots(self) -> int:
+        """Write the index of every run that changed since its last snapshot. Returns how many were written."""
+        if self.snapshot_dir is None:
+            return 0
+        written = 0
+        for run in self._cached_runs():
+            with run.lock:
+                if run.index is None or run.version == run.snapshot_version:
+                    continue
+                version = run.version
+                keys = [
+                    KeyRows(key, c.start, c.n, run.index.rows(key, 0, c.n - c.start).copy())
+                    for key, c in run.keys.items()
+                    if run.index.count(key) == c.n - c.start
+                ]
+                snapshot = Snapshot(run.name, run.created_at, run.index.dim, keys)
+            write_snapshot(self.snapshot_dir, snapshot)
+            run.snapshot_version = version
+            written += 1
+        return written
 
     def _adopt_state(self, run: RunMemory, key: MemoryKey, state: KeyState) -> None:
         assert run.index is not None
@@ -317,7 +359,8 @@ class ErrorMemory:
         return outcome
 
     def _sync(self, run: RunMemory, config: RunConfig, keys: Iterable[MemoryKey]) -> None:
-        """Bring the cache of these keys up to what other processes stored (shared stores only)."""
+        """Bring the cache of these keys up to the store: what other processes stored, or what a snapshot
+        (or nothing) left out at start."""
         if config.dim is None:
             return
         since = {}
@@ -330,12 +373,20 @@ class ErrorMemory:
             return
         if run.index is None:
             run.index = ShardIndex(config.feature_dim, self.index_device)
-        for key, delta in self.store.load_changes(run.name, since, config.stored_dim).items():
+        changes = self.store.load_changes(run.name, since, config.stored_dim)
+        # A cache that is ahead of the store or has a gap (a stale snapshot, memory evicted past it) is
+        # rebuilt from the store.
+        stale = {k: KeyHead(0, 0, 0, 0) for k, d in changes.items() if k in run.keys and not _continues(run.keys[k], d)}
+        if stale:
+            changes.update(self.store.load_changes(run.name, stale, config.stored_dim))
+        for key, delta in changes.items():
+            if key in stale:
+                run.index.remove(key)
+                del run.keys[key]
             if delta.n == 0:
                 continue
             cached = run.keys.get(key)
-            if cached is None or delta.first != cached.n:  # new here, or gone past what the cache holds
-                run.index.remove(key)
+            if cached is None:
                 cached = run.keys[key] = CachedKey(start=delta.start, n=delta.start)
             if len(delta.vectors):
                 run.index.append(key, self._normalised(delta.vectors, config))
@@ -346,6 +397,7 @@ class ErrorMemory:
             if delta.fit is not None:
                 cached.take_fit(Fit(key, delta.fit[2], delta.fit[0], delta.fit[1]))
             run.refresh_pending(key)
+        run.version += 1
 
     def _config_for(self, run: RunMemory, batch: RolloutBatch) -> RunConfig:
         """The run's config, with `dim` fixed by this batch's fingerprints when it was still open."""
@@ -507,6 +559,7 @@ class ErrorMemory:
         for append in scored.appends:
             run.refresh_pending(append.key)
         run.rollouts += sum(len(a.rollout_ids) for a in scored.appends)
+        run.version += 1
         if run.pending:
             self.on_pending()
 
@@ -718,6 +771,11 @@ class ErrorMemory:
             "pending_refits": pending,
             "refits_in_flight": self.inflight_jobs(),
         }
+
+
+def _continues(cached: CachedKey, delta: KeyDelta) -> bool:
+    """Whether the store's view of a key extends the cached one (else the cache is rebuilt)."""
+    return delta.n >= cached.n and delta.first == cached.n and delta.start >= cached.start
 
 
 def _group_rows(batch: RolloutBatch, rows: NDArray[np.intp]) -> dict[MemoryKey, NDArray[np.intp]]:

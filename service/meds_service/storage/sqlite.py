@@ -343,18 +343,16 @@ class SQLiteStore:
 
     def load_changes(self, run: str, since: Mapping[MemoryKey, KeyHead], dim: int) -> dict[MemoryKey, KeyDelta]:
         """For each key, the vectors appended after since[key].n and its fit when it is not since's."""
-        states = self.load_keys(run, list(since), dim)
-        changes = {}
-        for key, seen in since.items():
-            state = states.get(key)
-            if state is None:
-                changes[key] = KeyDelta(0, 0, 0, np.zeros((0, dim), np.float32))
-                continue
-            first = max(seen.n, state.start)
-            fit = None
-            if (state.fit_start, state.fitted_upto) != (seen.fit_start, seen.fitted_upto):
-                fit = (state.fit_start, state.fitted_upto, state.labels)
-            changes[key] = KeyDelta(state.start, state.n, first, state.vectors[first - state.start :], fit)
+        with self._read() as db:
+            entry = self._runs.get(run)
+            known = {} if entry is None else {key: entry.keys[key] for key in since if key in entry.keys}
+            firsts = {k.key_id: max(since[key].n, k.start) for key, k in known.items()}
+            changed = [k for key, k in known.items() if (k.fit_start, k.fitted_upto) != since[key][2:]]
+            vectors, fits = self._load(db, list(known.values()), firsts, changed, dim)
+        empty = np.zeros((0, dim), np.float32)
+        changes = {key: KeyDelta(0, 0, 0, empty) for key in since if key not in known}
+        for key, k in known.items():
+            changes[key] = KeyDelta(k.start, k.n, firsts[k.key_id], vectors[k.key_id], fits.get(k.key_id))
         return changes
 
     def load_keys(self, run: str, keys: Sequence[MemoryKey] | None, dim: int) -> dict[MemoryKey, KeyState]:
@@ -364,30 +362,32 @@ class SQLiteStore:
             if entry is None:
                 return {}
             wanted = list(entry.keys.values()) if keys is None else [entry.keys[k] for k in keys if k in entry.keys]
-            live = {c[0]: k for k in wanted for c in k.chunks() if c[1] + c[2] > k.start}
-            blobs = _fetch(db, "SELECT chunk_id, vectors FROM chunks WHERE chunk_id IN ({})", list(live))
-            fits = {
-                row[0]: row[1:]
-                for row in _fetch(
-                    db,
-                    "SELECT key_id, fit_start, fitted_upto, labels FROM fits WHERE key_id IN ({})",
-                    [k.key_id for k in wanted],
-                )
-            }
-        vectors_of: dict[int, list[tuple[int, bytes]]] = {}
-        for chunk_id, blob in blobs:
-            vectors_of.setdefault(live[chunk_id].key_id, []).append((chunk_id, blob))
+            vectors, fits = self._load(db, wanted, {k.key_id: k.start for k in wanted}, wanted, dim)
         states = {}
         for k in wanted:
-            fit_start, fitted_upto, labels = fits.get(k.key_id, (0, 0, b""))
-            states[k.key] = KeyState(
-                vectors=_join_chunks(k, vectors_of.get(k.key_id, []), dim),
-                start=k.start,
-                labels=np.frombuffer(labels, dtype="<i4").astype(np.int64),
-                fit_start=fit_start,
-                fitted_upto=fitted_upto,
-            )
+            fit_start, fitted_upto, labels = fits[k.key_id]
+            states[k.key] = KeyState(vectors[k.key_id], k.start, labels, fit_start, fitted_upto)
         return states
+
+    @staticmethod
+    def _load(
+        db: sqlite3.Connection, keys: Sequence[_Key], firsts: Mapping[int, int], fitted: Sequence[_Key], dim: int
+    ) -> tuple[dict[int, np.ndarray], dict[int, tuple[int, int, np.ndarray]]]:
+        """Vectors of each key from sequence number firsts[key_id] on, and the fits of the `fitted` keys,
+        reading only the chunks that hold them."""
+        owner = {c[0]: k for k in keys for c in k.chunks() if c[1] + c[2] > firsts[k.key_id]}
+        blobs: dict[int, list[tuple[int, bytes]]] = {}
+        for chunk_id, blob in _fetch(db, "SELECT chunk_id, vectors FROM chunks WHERE chunk_id IN ({})", list(owner)):
+            blobs.setdefault(owner[chunk_id].key_id, []).append((chunk_id, blob))
+        vectors = {k.key_id: _join_chunks(k, blobs.get(k.key_id, []), firsts[k.key_id], dim) for k in keys}
+        sql = "SELECT key_id, fit_start, fitted_upto, labels FROM fits WHERE key_id IN ({})"
+        fits = {
+            key_id: (fs, fu, np.frombuffer(labels, dtype="<i4").astype(np.int64))
+            for key_id, fs, fu, labels in _fetch(db, sql, [k.key_id for k in fitted])
+        }
+        for k in fitted:  # never fitted: say so, so that a cache holding a stale fit drops it
+            fits.setdefault(k.key_id, (0, 0, np.zeros(0, np.int64)))
+        return vectors, fits
 
     def find_results(self, run: str, prompt_ids: Sequence[str], rollout_ids: Sequence[str]) -> dict[str, RolloutResult]:
         """Stored results of those rollouts (by prompt and rollout id) that this run has already scored."""
@@ -528,12 +528,11 @@ def _fetch(db: sqlite3.Connection, sql: str, ids: list[int]) -> list[tuple[Any, 
     return rows
 
 
-def _join_chunks(entry: _Key, blobs: list[tuple[int, bytes]], dim: int) -> np.ndarray:
-    """The key's live vectors (sequence numbers start..n) from its chunks' blobs."""
+def _join_chunks(entry: _Key, blobs: list[tuple[int, bytes]], first: int, dim: int) -> np.ndarray:
+    """The key's vectors with sequence numbers first..n from its chunks' blobs."""
     first_of = dict(zip(entry.chunk_ids, entry.firsts, strict=True))
     parts = sorted((first_of[chunk_id], blob) for chunk_id, blob in blobs)
     if not parts:
         return np.zeros((0, dim), dtype=np.float32)
     rows = np.concatenate([np.frombuffer(blob, dtype="<f4").reshape(-1, dim) for _, blob in parts])
-    skip = entry.start - parts[0][0]
-    return np.ascontiguousarray(rows[skip:], dtype=np.float32)
+    return np.ascontiguousarray(rows[first - parts[0][0] :], dtype=np.float32)
