@@ -184,6 +184,13 @@ def run_worker(settings: Any) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from prometheus_client import start_http_server
+
+    from .metrics import Metrics
+
+    metrics = Metrics()
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, registry=metrics.registry)
     store: Any = open_store(settings.store_spec(), settings.store_options())
     refitter = LocalRefitter(store.spec(), settings.refit_workers, processes=settings.refit_processes)
     try:
