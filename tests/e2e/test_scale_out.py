@@ -8,7 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from meds_service.storage.redis import GROUP, STREAM
 from tests.support.redis_server import RedisServer
 from tests.support.reference import ReferenceMEDS
 from tests.support.server import ProcessServer, ProcessWorker
@@ -35,6 +37,14 @@ def check(results: list[dict[str, object]], expected: dict[str, object]) -> None
         want = expected[str(item["rollout_id"])]
         got = (item["cluster_size"], item["penalty"], item["shaped_reward"])
         assert got == (want.cluster_size, want.penalty, want.shaped_reward), item["rollout_id"]  # type: ignore[attr-defined]
+
+
+def claimed(queue: redis.Redis) -> int:
+    """Refit jobs delivered to a consumer and not acknowledged (0 before any worker made the group)."""
+    try:
+        return int(queue.xpending(STREAM, GROUP)["pending"])
+    except redis.exceptions.ResponseError:
+        return 0
 
 
 def wait_for(predicate: object, timeout: float = 120.0) -> None:
@@ -66,8 +76,10 @@ def test_two_replicas_and_a_worker_match_the_reference(tmp_path: Path, redis_ser
         wrong = views[0]["groups"]["wrong"]
         assert wrong["fitted"] == wrong["vectors"] > 0
         stats = [httpx.get(f"{r.base_url}/v1/runs/shared").json()["stats"] for r in replicas]
-        assert stats[0]["vectors"] == stats[1]["vectors"] == sum(
-            1 for step in trace_steps(spec) for r in step if r.fingerprint is not None
+        assert (
+            stats[0]["vectors"]
+            == stats[1]["vectors"]
+            == sum(1 for step in trace_steps(spec) for r in step if r.fingerprint is not None)
         )
     finally:
         for process in (*replicas, worker):
@@ -81,16 +93,16 @@ def test_a_worker_killed_mid_refit_loses_no_refit(tmp_path: Path, redis_server: 
     server.start()
     first = ProcessWorker(tmp_path / "w1", env=env)
     try:
-        # Big keys make refits slow enough to kill the worker in the middle of one.
-        spec = TraceSpec(prompts=16, rollouts=64, epochs=4, prompts_per_step=16, seed=5, p_no_fingerprint=0.0)
+        # Big, high-dimensional keys make refits slow enough to kill the worker in the middle of a round.
+        spec = TraceSpec(prompts=16, rollouts=64, epochs=4, dim=96, prompts_per_step=16, seed=5, p_no_fingerprint=0.0)
         for step in trace_steps(spec):
             httpx.post(f"{server.base_url}/v1/runs/big/score", json=to_wire(step), timeout=120).raise_for_status()
-        queued = httpx.get(f"{server.base_url}/v1/runs/big").json()["stats"]["pending_refits"]
-        assert queued > 0
-        first.start()
-        wait_for(lambda: httpx.get(f"{server.base_url}/v1/runs/big").json()["stats"]["pending_refits"] < queued, 60)
-        first.kill()  # SIGKILL while it still holds claimed, unacknowledged jobs
         assert httpx.get(f"{server.base_url}/v1/runs/big").json()["stats"]["pending_refits"] > 0
+        queue = redis.Redis.from_url(redis_server.url)
+        first.start()
+        wait_for(lambda: claimed(queue) > 0, 60)  # jobs claimed, not yet acknowledged
+        first.kill()  # SIGKILL while it holds them
+        assert claimed(queue) > 0
         second = ProcessWorker(tmp_path / "w2", env=env)
         second.start()
         try:
