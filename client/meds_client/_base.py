@@ -4,7 +4,6 @@ parsing, chunking and degraded mode. The two clients differ only in how they sen
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -15,6 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
+from . import _json
 from ._config import (
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_ROLLOUTS,
@@ -82,6 +82,8 @@ class Call(Generic[T]):
     retry: bool = True
     accept: frozenset[int] = frozenset()
     """Non-2xx statuses that are an answer, not an error (e.g. 503 from /readyz)."""
+    checked_body: bool = False
+    """The body holds only values the encoder already checked (finite numbers): the fast encoder may run."""
 
 
 class ScorePlan:
@@ -94,7 +96,7 @@ class ScorePlan:
 
     def call(self, chunk: ScoreChunk) -> Call[list[ScoreResult]]:
         expected = [item["rollout_id"] for item in chunk.body["rollouts"]]
-        return Call("POST", f"/v1/runs/{self.run}/score", _score_parser(expected), body=chunk.body)
+        return Call("POST", f"/v1/runs/{self.run}/score", _score_parser(expected), body=chunk.body, checked_body=True)
 
     def fill(self, chunk: ScoreChunk, results: list[ScoreResult]) -> None:
         for position, result in zip(chunk.positions, results, strict=True):
@@ -181,7 +183,7 @@ class BaseMedsClient(Generic[HttpClientT]):
         content = None
         if call.body is not None:
             headers["Content-Type"] = "application/json"
-            content = json.dumps(call.body, allow_nan=False, separators=(",", ":")).encode("utf-8")
+            content = _json.dumps(call.body, checked=call.checked_body)
         return self._http.build_request(
             call.method, self.base_url + call.path, headers=headers, content=content, timeout=self.timeout
         )
@@ -260,7 +262,7 @@ def _run_path(run: str) -> str:
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
     try:
-        body = response.json()
+        body = _json.loads(response.content)
     except ValueError as exc:
         raise APIResponseValidationError(f"response is not JSON: {exc}", response=response) from exc
     if not isinstance(body, dict):

@@ -44,26 +44,26 @@ def decode_score_request(body: bytes, *, max_batch: int, max_dim: int) -> tuple[
         raise InvalidInput("rollouts is empty")
     if len(rollouts) > max_batch:
         raise InvalidInput(f"{len(rollouts)} rollouts in one request is over the limit of {max_batch}")
-    ids = [r.rollout_id for r in rollouts]
+    ids = [r["rollout_id"] for r in rollouts]
     if len(set(ids)) != len(ids):
         raise InvalidInput("rollout_id values repeat within the request")
     fingerprints, present = _fingerprints(request, max_dim)
-    rewards = np.array([np.nan if r.reward is None else r.reward for r in rollouts], dtype=np.float64)
-    groups = np.array([Group.of(r.correct) for r in rollouts], dtype=np.int64)
-    batch = RolloutBatch(ids, [r.prompt_id for r in rollouts], groups, rewards, fingerprints, present)
+    rewards = np.array([_or_nan(r.get("reward")) for r in rollouts], dtype=np.float64)
+    groups = np.array([Group.of(r.get("correct")) for r in rollouts], dtype=np.int64)
+    batch = RolloutBatch(ids, [r["prompt_id"] for r in rollouts], groups, rewards, fingerprints, present)
     return batch, request.step
 
 
 def _fingerprints(request: ScoreRequest, max_dim: int) -> tuple[np.ndarray, np.ndarray]:
     rollouts = request.rollouts
     matrix = _matrix(request.fingerprint_matrix, max_dim) if request.fingerprint_matrix else None
-    lists = [i for i, r in enumerate(rollouts) if r.fingerprint is not None]
-    rows = [i for i, r in enumerate(rollouts) if r.fingerprint_row is not None]
-    if any(rollouts[i].fingerprint is not None for i in rows):
+    lists = [i for i, r in enumerate(rollouts) if r.get("fingerprint") is not None]
+    rows = [i for i, r in enumerate(rollouts) if r.get("fingerprint_row") is not None]
+    if any(rollouts[i].get("fingerprint") is not None for i in rows):
         raise InvalidInput("a rollout has both fingerprint and fingerprint_row")
     if rows and matrix is None:
         raise InvalidInput("fingerprint_row given without fingerprint_matrix")
-    dims = {len(rollouts[i].fingerprint or ()) for i in lists}
+    dims = {len(rollouts[i].get("fingerprint") or ()) for i in lists}
     if matrix is not None and rows:
         dims.add(matrix.shape[1])
     if len(dims) > 1:
@@ -76,17 +76,21 @@ def _fingerprints(request: ScoreRequest, max_dim: int) -> tuple[np.ndarray, np.n
     out = np.zeros((len(rollouts), dim), dtype=np.float32)
     present = np.zeros(len(rollouts), dtype=bool)
     if lists:
-        values = np.array([rollouts[i].fingerprint for i in lists], dtype=np.float64)
+        values = np.array([rollouts[i].get("fingerprint") for i in lists], dtype=np.float64)
         out[lists] = _as_float32(values, "fingerprint")
         present[lists] = True
     if rows:
         assert matrix is not None
-        picks = np.array([rollouts[i].fingerprint_row for i in rows], dtype=np.int64)
+        picks = np.array([rollouts[i].get("fingerprint_row") for i in rows], dtype=np.int64)
         if picks.max() >= len(matrix):
             raise InvalidInput(f"fingerprint_row {int(picks.max())} is outside fingerprint_matrix")
         out[rows] = matrix[picks]
         present[rows] = True
     return out, present
+
+
+def _or_nan(value: float | None) -> float:
+    return np.nan if value is None else value
 
 
 def _matrix(spec: FingerprintMatrix, max_dim: int) -> np.ndarray:

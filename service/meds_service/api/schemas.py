@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict
 
 from ..core.config import RunConfig
 
@@ -24,19 +25,28 @@ class FingerprintMatrix(_Strict):
     data: str
 
 
-class RolloutIn(_Strict):
-    rollout_id: Id = Field(description="Unique within the run; a retry with the same id is idempotent.")
-    prompt_id: Id = Field(description="Stable id of the prompt (the client derives it from the prompt text).")
-    correct: bool | None = Field(None, description="Correctness; null = unknown (never penalised).")
-    fingerprint: list[float] | None = Field(
-        None,
-        description="Layer-wise logit fingerprint (float32 values); null = none (the rollout is skipped).",
-    )
-    fingerprint_row: Annotated[int, Field(ge=0)] | None = Field(
-        None,
-        description="Row of `fingerprint_matrix` holding this rollout's fingerprint (instead of a list).",
-    )
-    reward: float | None = Field(None, description="Raw reward; when given, the shaped reward is returned.")
+@with_config(ConfigDict(extra="forbid", strict=True, allow_inf_nan=False))
+class RolloutIn(TypedDict):
+    """One rollout. A TypedDict, not a model: validating 10^4 of them into dicts is twice as fast."""
+
+    rollout_id: Annotated[Id, Field(description="Unique within the run; a retry with the same id is idempotent.")]
+    prompt_id: Annotated[Id, Field(description="Stable id of the prompt (the client derives it from its text).")]
+    correct: NotRequired[Annotated[bool | None, Field(description="Correctness; null = unknown (never penalised).")]]
+    fingerprint: NotRequired[
+        Annotated[
+            list[float] | None,
+            Field(description="Layer-wise logit fingerprint (float32 values); null = none (the rollout is skipped)."),
+        ]
+    ]
+    fingerprint_row: NotRequired[
+        Annotated[
+            Annotated[int, Field(ge=0)] | None,
+            Field(description="Row of `fingerprint_matrix` holding this rollout's fingerprint (instead of a list)."),
+        ]
+    ]
+    reward: NotRequired[
+        Annotated[float | None, Field(description="Raw reward; when given, the shaped reward is returned.")]
+    ]
 
 
 class ScoreRequest(_Strict):
