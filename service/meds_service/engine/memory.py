@@ -493,31 +493,41 @@ class ErrorMemory:
         gap = scores[rows, kk - 1].astype(np.float64) - scores[rows, np.minimum(kk, k)].astype(np.float64)
         sure = (searchable[rows] <= kk) | (gap > 2 * bound)
         predicted[rows[sure]] = knn.vote(neighbours[rows[sure]])
-        for row in rows[~sure].tolist():
-            predicted[row] = self._near_tie(run, config, views[key_of[row]], queries[row], query_features[row])
+        unsure = rows[~sure]
+        for view_index in np.unique(key_of[unsure]).tolist():
+            mine = unsure[key_of[unsure] == view_index]
+            predicted[mine] = self._near_ties(run, config, views[view_index], queries[mine], query_features[mine])
         all_sizes = np.concatenate(size_parts)
         sizes[rows] = all_sizes[size_of[rows] + predicted[rows] + 1]
         return predicted, sizes
 
-    def _near_tie(
+    def _near_ties(
         self,
         run: RunMemory,
         config: RunConfig,
         view: _KeyView,
-        query: NDArray[np.float32],
+        queries: NDArray[np.float32],
         query_features: NDArray[np.float64],
-    ) -> int:
-        """A query whose float32 neighbour set is not provably the reference's: decide it more exactly."""
+    ) -> NDArray[np.int64]:
+        """Queries of one key whose float32 neighbour sets are not provably the reference's: decide them in
+        float64 (one matrix product for the key), and the true near-ties by the reference computation."""
         assert run.index is not None
-        similarities = run.index.rows(view.key, view.lo, view.hi).astype(np.float64) @ query.astype(np.float64)
-        label = knn.band_vote(similarities, view.labels, config.knn_k, knn.float64_bound(run.index.dim))
-        if label is not None:
-            self.observer.knn_fallback("float64")
-            return label
-        self.observer.knn_fallback("reference")
-        state = self.store.load_keys(run.name, [view.key], config.stored_dim)[view.key]
-        history = features(state.vectors[view.lo : view.hi], config.layer_diff)
-        return knn.reference_vote(history, view.labels, query_features, config.knn_k)
+        similarities = run.index.rows(view.key, view.lo, view.hi).astype(np.float64) @ queries.astype(np.float64).T
+        bound = knn.float64_bound(run.index.dim)
+        labels = np.empty(len(queries), dtype=np.int64)
+        history: NDArray[np.float64] | None = None
+        for q in range(len(queries)):
+            label = knn.band_vote(similarities[:, q], view.labels, config.knn_k, bound)
+            if label is not None:
+                self.observer.knn_fallback("float64")
+                labels[q] = label
+                continue
+            self.observer.knn_fallback("reference")
+            if history is None:
+                state = self.store.load_keys(run.name, [view.key], config.stored_dim)[view.key]
+                history = features(state.vectors[view.lo : view.hi], config.layer_diff)
+            labels[q] = knn.reference_vote(history, view.labels, query_features[q], config.knn_k)
+        return labels
 
     def _appends(
         self,
