@@ -118,10 +118,6 @@ class KeyState:
         """Sequence number of the next vector (= number of vectors ever appended)."""
         return self.start + len(self.vectors)
 
-    @property
-    def fit_is_current(self) -> bool:
-        return self.fitted_upto == self.n and self.fit_start == self.start and self.n > 0
-
 
 @dataclass(frozen=True, slots=True)
 class KeyDelta:

@@ -37,7 +37,6 @@ from ..core.types import (
     Group,
     KeyAppend,
     KeyDelta,
-    KeyState,
     MemoryKey,
     RolloutBatch,
     RolloutResult,
@@ -231,17 +230,6 @@ class ErrorMemory:
             run.snapshot_version = version
             written += 1
         return written
-
-    def _adopt_state(self, run: RunMemory, key: MemoryKey, state: KeyState) -> None:
-        assert run.index is not None
-        cached = CachedKey(start=state.start, n=state.n)
-        if len(state.labels):
-            cached.take_fit(Fit(key, state.labels, state.fit_start, state.fitted_upto))
-        run.keys[key] = cached
-        run.index.remove(key)
-        if len(state.vectors):
-            run.index.append(key, self._normalised(state.vectors, run.config))
-        run.refresh_pending(key)
 
     @staticmethod
     def _normalised(stored: NDArray[np.float32], config: RunConfig) -> NDArray[np.float32]:
