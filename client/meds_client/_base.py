@@ -22,13 +22,14 @@ from ._config import (
     DEFAULT_TIMEOUT,
     OnError,
     RetryPolicy,
+    Wire,
     is_retryable_status,
     resolve_api_key,
     resolve_base_url,
     resolve_retries,
     resolve_timeout,
 )
-from ._encoding import ScoreChunk, coerce_rollouts, plan_chunks
+from ._encoding import COLUMNS_AVAILABLE, MSGPACK, ScoreChunk, coerce_rollouts, plan_chunks, unpack_columns
 from ._exceptions import (
     APIConnectionError,
     APIResponseValidationError,
@@ -84,6 +85,8 @@ class Call(Generic[T]):
     """Non-2xx statuses that are an answer, not an error (e.g. 503 from /readyz)."""
     checked_body: bool = False
     """The body holds only values the encoder already checked (finite numbers): the fast encoder may run."""
+    content: bytes | None = None
+    """A body already encoded in the compact msgpack form (sent as such; the answer asked in msgpack too)."""
 
 
 class ScorePlan:
@@ -95,8 +98,10 @@ class ScorePlan:
         self._results: list[ScoreResult | None] = [None] * size
 
     def call(self, chunk: ScoreChunk) -> Call[list[ScoreResult]]:
-        expected = [item["rollout_id"] for item in chunk.body["rollouts"]]
-        return Call("POST", f"/v1/runs/{self.run}/score", _score_parser(expected), body=chunk.body, checked_body=True)
+        path = f"/v1/runs/{self.run}/score"
+        if chunk.columns is not None:
+            return Call("POST", path, _score_columns_parser(chunk.rollout_ids), content=chunk.columns)
+        return Call("POST", path, _score_parser(chunk.rollout_ids), body=chunk.body, checked_body=True)
 
     def fill(self, chunk: ScoreChunk, results: list[ScoreResult]) -> None:
         for position, result in zip(chunk.positions, results, strict=True):
@@ -121,9 +126,15 @@ class BaseMedsClient(Generic[HttpClientT]):
         max_batch_rollouts: int = DEFAULT_MAX_BATCH_ROLLOUTS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         on_error: OnError = "raise",
+        wire: Wire = "auto",
     ) -> None:
         if on_error not in ("raise", "zero"):
             raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+        if wire not in ("auto", "json", "msgpack"):
+            raise ValueError(f"wire must be 'auto', 'json' or 'msgpack', got {wire!r}")
+        if wire == "msgpack" and not COLUMNS_AVAILABLE:
+            raise ValueError("wire='msgpack' needs msgpack: pip install 'meds-client[fast]'")
+        self.columnar = wire == "msgpack" or (wire == "auto" and COLUMNS_AVAILABLE)
         if max_batch_rollouts < 1 or max_batch_bytes < 1:
             raise ValueError("max_batch_rollouts and max_batch_bytes must be positive")
         self.base_url = resolve_base_url(base_url)
@@ -171,7 +182,13 @@ class BaseMedsClient(Generic[HttpClientT]):
 
     def _score_plan(self, run: str, rollouts: Iterable[Rollout | Mapping[str, Any]], step: int | None) -> ScorePlan:
         items = coerce_rollouts(rollouts)
-        chunks = plan_chunks(items, max_rollouts=self.max_batch_rollouts, max_bytes=self.max_batch_bytes, step=step)
+        chunks = plan_chunks(
+            items,
+            max_rollouts=self.max_batch_rollouts,
+            max_bytes=self.max_batch_bytes,
+            step=step,
+            columnar=self.columnar,
+        )
         return ScorePlan(_run_path(run), chunks, len(items))
 
     # -- sending policy ------------------------------------------------------------------------
@@ -180,8 +197,10 @@ class BaseMedsClient(Generic[HttpClientT]):
         headers = {"Accept": "application/json", "User-Agent": f"meds-client/{__version__}"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        content = None
-        if call.body is not None:
+        content = call.content
+        if content is not None:
+            headers["Content-Type"] = headers["Accept"] = MSGPACK
+        elif call.body is not None:
             headers["Content-Type"] = "application/json"
             content = _json.dumps(call.body, checked=call.checked_body)
         return self._http.build_request(
@@ -243,7 +262,7 @@ class BaseMedsClient(Generic[HttpClientT]):
         """In degraded mode, stand in for a failed score request with penalty 0 and status `error`."""
         if self.on_error == "raise" or isinstance(error, NEVER_DEGRADED):
             raise error
-        rollout_ids = [item["rollout_id"] for item in chunk.body["rollouts"]]
+        rollout_ids = chunk.rollout_ids
         self.stats.add(degraded_batches=1, degraded_rollouts=len(rollout_ids))
         logger.error(
             "MEDS scoring failed for %d rollouts of run %r; using penalty 0 with status 'error': %s",
@@ -276,6 +295,25 @@ def _json_or_status(response: httpx.Response) -> dict[str, Any]:
     except ValueError:
         return {"status": response.text.strip()}
     return body if isinstance(body, dict) else {"status": body}
+
+
+def _score_columns_parser(expected_ids: list[str]) -> Callable[[httpx.Response], list[ScoreResult]]:
+    """Read the columnar msgpack answer (falls back to JSON when the service answered JSON)."""
+
+    def parse(response: httpx.Response) -> list[ScoreResult]:
+        if not response.headers.get("content-type", "").startswith(MSGPACK):
+            return _score_parser(expected_ids)(response)
+        try:
+            wire = unpack_columns(response.content)
+        except ValueError as exc:
+            raise APIResponseValidationError(f"unreadable msgpack answer: {exc}", response=response) from exc
+        if wire.rollout_ids != expected_ids:
+            raise APIResponseValidationError(
+                f"{len(wire.rollout_ids)} results do not match the {len(expected_ids)} rollouts sent", response=response
+            )
+        return wire.results()
+
+    return parse
 
 
 def _score_parser(expected_ids: list[str]) -> Callable[[httpx.Response], list[ScoreResult]]:

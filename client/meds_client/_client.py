@@ -23,6 +23,7 @@ from ._config import (
     DEFAULT_TIMEOUT,
     OnError,
     RetryPolicy,
+    Wire,
 )
 from ._encoding import ScoreChunk
 from ._exceptions import MedsError
@@ -44,7 +45,8 @@ class MedsClient(BaseMedsClient[httpx.Client]):
     $MEDS_API_KEY, sent as a Bearer token), `timeout` (seconds or `httpx.Timeout`, default 60),
     `retries` (count or `RetryPolicy`, default 3: 0.5 s doubling to 8 s with jitter, honouring
     Retry-After up to 60 s, on connection errors, timeouts, 408, 429 and 5xx only), chunking
-    (`max_batch_rollouts`, `max_batch_bytes`) and `on_error` ("raise", or "zero" for degraded mode).
+    (`max_batch_rollouts`, `max_batch_bytes`), `on_error` ("raise", or "zero" for degraded mode) and
+    `wire` ("auto": score requests in the compact msgpack columnar form when msgpack is installed).
     Pass `http_client` to bring your own `httpx.Client` (proxies, mounts, a mock transport); the
     client then does not close it.
     """
@@ -59,6 +61,7 @@ class MedsClient(BaseMedsClient[httpx.Client]):
         max_batch_rollouts: int = DEFAULT_MAX_BATCH_ROLLOUTS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         on_error: OnError = "raise",
+        wire: Wire = "auto",
         http_client: httpx.Client | None = None,
     ) -> None:
         super().__init__(
@@ -69,6 +72,7 @@ class MedsClient(BaseMedsClient[httpx.Client]):
             max_batch_rollouts=max_batch_rollouts,
             max_batch_bytes=max_batch_bytes,
             on_error=on_error,
+            wire=wire,
         )
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else httpx.Client()
@@ -175,6 +179,7 @@ class AsyncMedsClient(BaseMedsClient[httpx.AsyncClient]):
         max_batch_rollouts: int = DEFAULT_MAX_BATCH_ROLLOUTS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         on_error: OnError = "raise",
+        wire: Wire = "auto",
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         super().__init__(
@@ -185,6 +190,7 @@ class AsyncMedsClient(BaseMedsClient[httpx.AsyncClient]):
             max_batch_rollouts=max_batch_rollouts,
             max_batch_bytes=max_batch_bytes,
             on_error=on_error,
+            wire=wire,
         )
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else httpx.AsyncClient()

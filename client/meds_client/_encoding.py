@@ -12,10 +12,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._types import Rollout
+from ._types import Rollout, ScoreResult
+
+try:  # optional: the compact columnar wire form (`meds-client[fast]`)
+    import msgpack
+except ImportError:  # pragma: no cover - exercised where msgpack is absent
+    msgpack = None
+
+COLUMNS_AVAILABLE = msgpack is not None
 
 logger = logging.getLogger("meds_client")
 
+MSGPACK = "application/msgpack"
 MAX_ID_LENGTH = 512
 _FIXED_BYTES_PER_ROLLOUT = 160
 """JSON keys, punctuation, booleans and the result of one rollout, rounded up."""
@@ -26,10 +34,13 @@ _BINARY_BYTES_PER_FLOAT = 6
 
 @dataclass(frozen=True)
 class ScoreChunk:
-    """One score request: the rollouts it carries and where they sit in the caller's list."""
+    """One score request: the rollouts it carries, where they sit in the caller's list, and its body: a
+    JSON object, or (`columns`) the compact msgpack columnar form when msgpack is installed."""
 
     positions: list[int]
-    body: dict[str, Any]
+    rollout_ids: list[str]
+    body: dict[str, Any] | None = None
+    columns: bytes | None = None
 
 
 def coerce_rollouts(rollouts: Iterable[Rollout | Mapping[str, Any]]) -> list[Rollout]:
@@ -46,7 +57,7 @@ def coerce_rollouts(rollouts: Iterable[Rollout | Mapping[str, Any]]) -> list[Rol
 
 
 def plan_chunks(
-    rollouts: Sequence[Rollout], *, max_rollouts: int, max_bytes: int, step: int | None
+    rollouts: Sequence[Rollout], *, max_rollouts: int, max_bytes: int, step: int | None, columnar: bool = False
 ) -> list[ScoreChunk]:
     """Split a batch into requests without splitting a prompt's rollouts when it can be avoided.
 
@@ -73,7 +84,40 @@ def plan_chunks(
             current.extend(piece)
     if current:
         chunks.append(current)
-    return [ScoreChunk(positions, encode_score_body([rollouts[i] for i in positions], step)) for positions in chunks]
+    return [_chunk(positions, [rollouts[i] for i in positions], step, columnar) for positions in chunks]
+
+
+def _chunk(positions: list[int], rollouts: Sequence[Rollout], step: int | None, columnar: bool) -> ScoreChunk:
+    ids = [r.rollout_id for r in rollouts]
+    if columnar:
+        return ScoreChunk(positions, ids, columns=encode_score_columns(rollouts, step))
+    return ScoreChunk(positions, ids, body=encode_score_body(rollouts, step))
+
+
+def encode_score_columns(rollouts: Sequence[Rollout], step: int | None) -> bytes:
+    """The compact columnar msgpack body of one score request (the service's `application/msgpack` form):
+    one entry per rollout in each column, fingerprints as one float32 matrix, no per-rollout objects."""
+    assert msgpack is not None
+    present = [i for i, r in enumerate(rollouts) if r.fingerprint is not None]
+    matrix = _fingerprint_matrix(rollouts, present)
+    rewards = np.array([np.nan if r.reward is None else float(r.reward) for r in rollouts], dtype="<f8")
+    if np.isinf(rewards).any():
+        raise ValueError(f"reward of rollout {rollouts[int(np.argmax(np.isinf(rewards)))].rollout_id!r} is not finite")
+    mask = np.zeros(len(rollouts), dtype=np.uint8)
+    mask[present] = 1
+    body: dict[str, Any] = {
+        "rollout_id": [r.rollout_id for r in rollouts],
+        "prompt_id": [r.prompt_id for r in rollouts],
+        "correct": np.array([-1 if r.correct is None else int(bool(r.correct)) for r in rollouts], "<i1").tobytes(),
+        "reward": rewards.tobytes(),
+    }
+    if present:
+        body["fingerprint_present"] = mask.tobytes()
+        body["fingerprints"] = {"dtype": "float32", "shape": list(matrix.shape),
+                                "data": np.ascontiguousarray(matrix, dtype="<f4").tobytes()}  # fmt: skip
+    if step is not None:
+        body["step"] = int(step)
+    return bytes(msgpack.packb(body))
 
 
 def encode_score_body(rollouts: Sequence[Rollout], step: int | None) -> dict[str, Any]:
@@ -169,3 +213,48 @@ def _estimated_bytes_per_rollout(rollouts: Sequence[Rollout]) -> int:
 def _check_id(name: str, value: object) -> None:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_LENGTH:
         raise ValueError(f"{name} must be a string of 1 to {MAX_ID_LENGTH} characters, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScoreColumns:
+    """A columnar score answer as it came over the wire."""
+
+    rollout_ids: list[str]
+    status: npt.NDArray[np.int8]
+    cluster: npt.NDArray[np.int32]
+    cluster_size: npt.NDArray[np.int32]
+    penalty: npt.NDArray[np.float64]
+    shaped_reward: npt.NDArray[np.float64]
+
+    def results(self) -> list[ScoreResult]:
+        names = ("scored", "skipped", "duplicate")
+        none = np.iinfo(np.int32).min
+        return [
+            ScoreResult(rid, names[s], None if c == none else c, z, p, None if sh != sh else sh)  # type: ignore[arg-type]
+            for rid, s, c, z, p, sh in zip(
+                self.rollout_ids, self.status.tolist(), self.cluster.tolist(), self.cluster_size.tolist(),
+                self.penalty.tolist(), self.shaped_reward.tolist(), strict=True,
+            )
+        ]  # fmt: skip
+
+
+def unpack_columns(content: bytes) -> ScoreColumns:
+    """Parse the service's `application/msgpack` score answer; ValueError when it is malformed."""
+    if msgpack is None:  # pragma: no cover - only asked for when msgpack is installed
+        raise ValueError("msgpack is not installed")
+    try:
+        wire = msgpack.unpackb(content, raw=False)
+        n = len(wire["rollout_id"])
+        columns = ScoreColumns(
+            list(wire["rollout_id"]),
+            np.frombuffer(wire["status"], "<i1"),
+            np.frombuffer(wire["cluster"], "<i4"),
+            np.frombuffer(wire["cluster_size"], "<i4"),
+            np.frombuffer(wire["penalty"], "<f8"),
+            np.frombuffer(wire["shaped_reward"], "<f8"),
+        )
+    except (KeyError, TypeError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from exc
+    if any(len(column) != n for column in (columns.status, columns.cluster, columns.penalty, columns.shaped_reward)):
+        raise ValueError("columns of different lengths")
+    return columns

@@ -21,7 +21,7 @@ from . import __version__
 from .api import errors
 from .api.middleware import RequestContext
 from .api.routes import health, v1
-from .api.schemas import ReclusterRequest, ScoreRequest
+from .api.schemas import ReclusterRequest, ScoreColumnsRequest, ScoreColumnsResponse, ScoreRequest
 from .engine import ErrorMemory, RefitScheduler
 from .metrics import Metrics
 from .settings import Settings
@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         background = _background_refits(settings, engine, refitter, metrics)
         snapshots = _periodic(settings.snapshot_interval_s, engine.write_snapshots, "meds-snapshots")
+        checkpoints = _periodic(2.0, store.checkpoint, "meds-checkpoints")
         metrics.watch_memory(engine.totals)
         app.state.engine = engine
         try:
@@ -120,11 +121,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.freeze()
             background.start()
             snapshots.start()
+            checkpoints.start()
             log.info("meds %s ready: store %s, %d runs", __version__, store.info(), len(engine.run_names()))
             yield
         finally:
             background.stop()
             snapshots.stop()
+            checkpoints.stop()
             try:
                 engine.write_snapshots()  # a clean shutdown leaves current snapshots behind
             except Exception:
@@ -154,7 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ScoreRequest, ReclusterRequest):
+            for model in (ScoreRequest, ReclusterRequest, ScoreColumnsRequest, ScoreColumnsResponse):
                 extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(extra.pop("$defs", {}))
                 components[model.__name__] = extra

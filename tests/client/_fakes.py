@@ -9,8 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import msgpack
+import numpy as np
 
 from meds_client import AsyncMedsClient, RetryPolicy
+from meds_client._encoding import encode_matrix
 
 Responder = Callable[[httpx.Request], httpx.Response]
 
@@ -32,7 +35,8 @@ class FakeService:
         return self.default(request)
 
     def bodies(self) -> list[dict[str, Any]]:
-        return [json.loads(r.content) for r in self.requests if r.content]
+        """Request bodies in the JSON form (columnar msgpack bodies are converted to it)."""
+        return [read_body(r) for r in self.requests if r.content]
 
     @staticmethod
     def default(request: httpx.Request) -> httpx.Response:
@@ -40,10 +44,38 @@ class FakeService:
         if request.url.path.endswith("/score"):
             return httpx.Response(
                 200,
-                json={"results": [score_result(r) for r in json.loads(request.content)["rollouts"]]},
+                json={"results": [score_result(r) for r in read_body(request)["rollouts"]]},
                 headers=headers,
             )
         return httpx.Response(200, json={"status": "ok"}, headers=headers)
+
+
+def read_body(request: httpx.Request) -> dict[str, Any]:
+    """A request body as JSON, the columnar msgpack form rewritten as the equivalent JSON body."""
+    if request.headers.get("content-type") != "application/msgpack":
+        body: dict[str, Any] = json.loads(request.content)
+        return body
+    wire = msgpack.unpackb(request.content)
+    n = len(wire["rollout_id"])
+    correct = np.frombuffer(wire["correct"], "<i1")
+    reward = np.frombuffer(wire["reward"], "<f8")
+    present = np.frombuffer(wire.get("fingerprint_present", b"\x00" * n), "<u1").astype(bool)
+    rows = np.cumsum(present) - 1
+    rollouts = [
+        {"rollout_id": wire["rollout_id"][i], "prompt_id": wire["prompt_id"][i],
+         "correct": None if correct[i] < 0 else bool(correct[i]),
+         "reward": None if np.isnan(reward[i]) else float(reward[i]),
+         "fingerprint_row": int(rows[i]) if present[i] else None}
+        for i in range(n)
+    ]  # fmt: skip
+    converted: dict[str, Any] = {"rollouts": rollouts}
+    if "fingerprints" in wire:
+        converted["fingerprint_matrix"] = encode_matrix(
+            np.frombuffer(wire["fingerprints"]["data"], "<f4").reshape(wire["fingerprints"]["shape"])
+        )
+    if "step" in wire:
+        converted["step"] = wire["step"]
+    return converted
 
 
 def score_result(rollout: dict[str, Any]) -> dict[str, Any]:

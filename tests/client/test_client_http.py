@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import httpx
+import msgpack
 import numpy as np
 import pytest
 
@@ -376,3 +377,45 @@ def test_ready_is_a_boolean_and_not_retried(status: int, ready: bool, service: F
 def test_health_accepts_plain_text(service: FakeService, make_client: Any) -> None:
     service.script = [httpx.Response(200, text="ok")]
     assert make_client().health() == {"status": "ok"}
+
+
+def test_columnar_msgpack_carries_what_json_does(service: FakeService, make_client: Any) -> None:
+    batch = rollouts(3)
+    batch.insert(1, Rollout("no-fp", "p0", correct=None, reward=0.5))
+    as_json = make_client().score("run-1", batch, step=7)
+    as_columns = make_client(wire="msgpack").score("run-1", batch, step=7)
+    json_request, columns_request = service.requests
+    assert columns_request.headers["content-type"] == "application/msgpack"
+    assert columns_request.headers["accept"] == "application/msgpack"
+    assert service.bodies()[0] == service.bodies()[1]  # the same request, two encodings
+    assert as_columns == as_json
+    assert len(columns_request.content) < len(json_request.content)
+
+
+def test_a_columnar_answer_is_read(service: FakeService, make_client: Any) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        ids = msgpack.unpackb(request.content)["rollout_id"]
+        n = len(ids)
+        wire = {
+            "rollout_id": ids,
+            "status": np.array([0, 1, 2][:n], "<i1").tobytes(),
+            "cluster": np.array([-1, np.iinfo(np.int32).min, 3][:n], "<i4").tobytes(),
+            "cluster_size": np.array([2, 0, 5][:n], "<i4").tobytes(),
+            "penalty": np.array([0.1, 0.0, 0.17][:n], "<f8").tobytes(),
+            "shaped_reward": np.array([-0.1, np.nan, 0.83][:n], "<f8").tobytes(),
+        }
+        return httpx.Response(200, content=msgpack.packb(wire), headers={"content-type": "application/msgpack"})
+
+    service.script.append(answer)
+    results = make_client(wire="msgpack").score("run-1", rollouts(3))
+    assert [(r.status, r.cluster, r.cluster_size, r.penalty, r.shaped_reward) for r in results] == [
+        ("scored", -1, 2, 0.1, -0.1), ("skipped", None, 0, 0.0, None), ("duplicate", 3, 5, 0.17, 0.83)
+    ]  # fmt: skip
+    service.script.append(httpx.Response(200, content=b"\xc1", headers={"content-type": "application/msgpack"}))
+    with pytest.raises(APIResponseValidationError, match="msgpack"):
+        make_client(wire="msgpack").score("run-1", rollouts(1))
+
+
+def test_unknown_wire_is_refused(make_client: Any) -> None:
+    with pytest.raises(ValueError, match="wire"):
+        make_client(wire="xml")

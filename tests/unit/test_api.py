@@ -6,6 +6,7 @@ import base64
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -286,3 +287,88 @@ def test_metrics_are_exported(client: TestClient) -> None:
         "meds_refit_keys_total",
     ):
         assert needle in text, needle
+
+
+def columns(rollouts: list[dict[str, Any]], **extra: Any) -> bytes:
+    """The msgpack columnar form of JSON rollouts (all with fingerprints of one dimension, or none)."""
+    fps = [r.get("fingerprint") for r in rollouts]
+    present = np.array([fp is not None for fp in fps], dtype=np.uint8)
+    matrix = np.array([fp for fp in fps if fp is not None], dtype="<f4")
+    body: dict[str, Any] = {
+        "rollout_id": [r["rollout_id"] for r in rollouts],
+        "prompt_id": [r["prompt_id"] for r in rollouts],
+        "correct": np.array([-1 if r.get("correct") is None else int(r["correct"]) for r in rollouts], "<i1").tobytes(),
+        "reward": np.array([np.nan if r.get("reward") is None else r["reward"] for r in rollouts], "<f8").tobytes(),
+        "fingerprint_present": present.tobytes(),
+        "fingerprints": {"dtype": "float32", "shape": list(matrix.shape), "data": matrix.tobytes()},
+    }
+    body.update(extra)
+    return msgpack.packb({k: v for k, v in body.items() if v is not ...})
+
+
+def unpack_results(content: bytes) -> list[dict[str, Any]]:
+    wire = msgpack.unpackb(content)
+    names = ["scored", "skipped", "duplicate"]
+    cluster = np.frombuffer(wire["cluster"], "<i4")
+    shaped = np.frombuffer(wire["shaped_reward"], "<f8")
+    return [
+        {"rollout_id": rid, "status": names[s], "cluster": None if c == np.iinfo(np.int32).min else int(c),
+         "cluster_size": int(z), "penalty": float(p), "shaped_reward": None if np.isnan(sh) else float(sh)}
+        for rid, s, c, z, p, sh in zip(wire["rollout_id"], np.frombuffer(wire["status"], "<i1"), cluster,
+                                       np.frombuffer(wire["cluster_size"], "<i4"),
+                                       np.frombuffer(wire["penalty"], "<f8"), shaped, strict=True)
+    ]  # fmt: skip
+
+
+def test_columnar_msgpack_equals_json(client: TestClient) -> None:
+    rng = np.random.default_rng(4)
+    mp = {"content-type": "application/msgpack", "accept": "application/msgpack"}
+    for step in range(4):
+        rollouts = [rollout(step * 20 + i, fp=rng.standard_normal(6).astype(np.float32).tolist(), reward=1.0)
+                    for i in range(18)]  # fmt: skip
+        rollouts += [rollout(step * 20 + 18, fp=None, reward=0.5), rollout(step * 20 + 19, correct=None, fp=[1.0] * 6)]
+        as_json = client.post("/v1/runs/json/score", json={"rollouts": rollouts}).json()["results"]
+        response = client.post("/v1/runs/columns/score", content=columns(rollouts), headers=mp)
+        assert response.status_code == 200 and response.headers["content-type"] == "application/msgpack"
+        assert unpack_results(response.content) == as_json
+    # A msgpack request may take a JSON answer, and a retry is a duplicate either way.
+    again = client.post(
+        "/v1/runs/columns/score", content=columns(rollouts), headers={"content-type": "application/msgpack"}
+    )
+    assert {r["status"] for r in again.json()["results"]} == {"duplicate", "skipped"}
+
+
+BAD_COLUMNS: list[tuple[str, bytes, int]] = [
+    ("not msgpack", b"\xc1\xc1", 400),
+    ("not a map", msgpack.packb([1, 2]), 422),
+    ("unknown field", columns([rollout(0)], colour=1), 422),
+    ("ids not a list", msgpack.packb({"rollout_id": "a", "prompt_id": ["p"]}), 422),
+    ("empty", msgpack.packb({"rollout_id": [], "prompt_id": []}), 400),
+    ("lengths differ", msgpack.packb({"rollout_id": ["a", "b"], "prompt_id": ["p"]}), 422),
+    ("duplicate ids", msgpack.packb({"rollout_id": ["a", "a"], "prompt_id": ["p", "p"]}), 400),
+    ("short correct", msgpack.packb({"rollout_id": ["a"], "prompt_id": ["p"], "correct": b""}), 422),
+    ("bad correct", msgpack.packb({"rollout_id": ["a"], "prompt_id": ["p"], "correct": b"\x05"}), 422),
+    (
+        "inf reward",
+        msgpack.packb({"rollout_id": ["a"], "prompt_id": ["p"], "reward": np.array([np.inf]).tobytes()}),
+        400,
+    ),
+    ("nan fingerprint", columns([rollout(0, fp=[float("nan"), 1.0, 2.0])]), 400),
+    ("rows mismatch", columns([rollout(0), rollout(1)], fingerprint_present=b"\x01\x00"), 400),
+    ("bad shape", columns([rollout(0)], fingerprints={"shape": [1], "data": b""}), 422),
+    ("short data", columns([rollout(0)], fingerprints={"dtype": "float32", "shape": [1, 3], "data": b"\x00" * 8}), 400),
+    ("float64", columns([rollout(0)], fingerprints={"dtype": "float64", "shape": [1, 3], "data": b"\x00" * 24}), 422),
+    ("step string", columns([rollout(0)], step="1"), 422),
+    ("long id", msgpack.packb({"rollout_id": ["x" * 513], "prompt_id": ["p"]}), 422),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status"), BAD_COLUMNS, ids=[b[0] for b in BAD_COLUMNS])
+def test_bad_columnar_input_is_a_4xx_and_stores_nothing(
+    client: TestClient, name: str, body: bytes, status: int
+) -> None:
+    assert client.post("/v1/runs/badc/score", json={"rollouts": [rollout(99)]}).status_code == 200
+    before = client.get("/v1/runs/badc").json()["stats"]
+    response = client.post("/v1/runs/badc/score", content=body, headers={"content-type": "application/msgpack"})
+    assert_error(response, status, "invalid_input")
+    assert client.get("/v1/runs/badc").json()["stats"] == before

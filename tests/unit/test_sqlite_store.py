@@ -78,3 +78,18 @@ def test_broken_connection_is_unavailable(tmp_path: Path) -> None:
 def test_unknown_backend() -> None:
     with pytest.raises(ValueError, match="unknown store backend"):
         open_store(("postgres", "x"))
+
+
+def test_checkpoint_moves_the_wal_into_the_database_file(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path)
+    key = MemoryKey("p", Group.WRONG)
+    ids = [f"r{i}" for i in range(2000)]
+    x = np.random.default_rng(1).standard_normal((2000, 64)).astype(np.float32)
+    store.commit(
+        "r", RunConfig(dim=64), ScoredBatch([KeyAppend(key, 0, x, 0, ids, result_records([result(i) for i in ids]))])
+    )
+    before = store.path.stat().st_size
+    store.checkpoint()
+    assert store.path.stat().st_size > before + x.nbytes // 2  # the vectors are now in the main file
+    assert np.array_equal(store.load_keys("r", [key], 64)[key].vectors, x)
+    store.close()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Any
 
+import msgpack
 import numpy as np
 from pydantic import ValidationError
 
 from ..core.errors import InvalidInput
-from ..core.types import Group, RolloutBatch
+from ..core.types import Group, RolloutBatch, ScoreOutcome
 from .schemas import FingerprintMatrix, ScoreRequest
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -115,3 +117,120 @@ def _as_float32(values: np.ndarray, what: str) -> np.ndarray:
     if (np.abs(values) > F32_MAX).any():
         raise InvalidInput(f"{what} values must fit in float32 (|x| <= {F32_MAX:.7g})")
     return values.astype(np.float32)
+
+
+# ---- the compact columnar encoding (application/msgpack) -------------------------------------------------
+#
+# Request:  {"step"?: int, "rollout_id": [str], "prompt_id": [str], "correct"?: int8 bytes (1, 0, -1 = unknown),
+#            "reward"?: float64 bytes (NaN = none), "fingerprints"?: {"dtype": "float32", "shape": [m, d],
+#            "data": bytes}, "fingerprint_present"?: uint8 bytes (which rollouts own the m rows, in order;
+#            absent = all of them)}
+# Response: {"rollout_id": [str], "status": int8 bytes (0 scored, 1 skipped, 2 duplicate), "cluster": int32
+#            bytes (-2^31 = none), "cluster_size": int32 bytes, "penalty": float64 bytes, "shaped_reward":
+#            float64 bytes (NaN = none)}
+# All arrays little-endian, one entry per rollout in request order. It carries the same information as the
+# JSON form without a Python object per rollout on either side.
+
+MSGPACK = "application/msgpack"
+_COLUMNS = {"step", "rollout_id", "prompt_id", "correct", "reward", "fingerprints", "fingerprint_present"}
+
+
+def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> tuple[RolloutBatch, int | None]:
+    """Parse and validate a columnar msgpack score request (the same checks as the JSON form)."""
+    try:
+        request = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError):
+        raise InvalidInput("body is not valid msgpack") from None
+    if not isinstance(request, dict):
+        raise SchemaError("body must be a msgpack map")
+    unknown = set(request) - _COLUMNS
+    if unknown:
+        raise SchemaError(f"unknown fields: {', '.join(sorted(map(str, unknown)))}")
+    ids, prompts = _strings(request, "rollout_id"), _strings(request, "prompt_id")
+    n = len(ids)
+    if n == 0:
+        raise InvalidInput("rollouts is empty")
+    if n > max_batch:
+        raise InvalidInput(f"{n} rollouts in one request is over the limit of {max_batch}")
+    if len(prompts) != n:
+        raise SchemaError("rollout_id and prompt_id differ in length")
+    if len(set(ids)) != n:
+        raise InvalidInput("rollout_id values repeat within the request")
+    correct = _column(request, "correct", "<i1", n, default=-1)
+    if not np.isin(correct, (-1, 0, 1)).all():
+        raise SchemaError("correct holds values other than 1, 0 and -1")
+    rewards = _column(request, "reward", "<f8", n, default=np.nan)
+    if np.isinf(rewards).any():
+        raise InvalidInput("reward values must be finite")
+    groups = np.where(correct == 1, int(Group.CORRECT), np.where(correct == 0, int(Group.WRONG), int(Group.UNKNOWN)))
+    fingerprints, present = _column_fingerprints(request, n, max_dim)
+    step = request.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise SchemaError("step must be an integer")
+    return RolloutBatch(ids, prompts, groups.astype(np.int64), rewards, fingerprints, present), step
+
+
+def encode_columns(outcome: ScoreOutcome) -> bytes:
+    records = outcome.records
+    return bytes(
+        msgpack.packb(
+            {
+                "rollout_id": outcome.rollout_ids,
+                "status": outcome.status.astype("<i1").tobytes(),
+                "cluster": records["cluster"].astype("<i4").tobytes(),
+                "cluster_size": records["size"].astype("<i4").tobytes(),
+                "penalty": records["penalty"].astype("<f8").tobytes(),
+                "shaped_reward": records["shaped"].astype("<f8").tobytes(),
+            }
+        )
+    )
+
+
+def _strings(request: dict[str, Any], name: str) -> list[str]:
+    values = request.get(name)
+    if not isinstance(values, list):
+        raise SchemaError(f"{name} must be a list of strings")
+    for value in values:
+        if not isinstance(value, str) or not 1 <= len(value) <= 512:
+            raise SchemaError(f"{name} values must be strings of 1 to 512 characters")
+    return values
+
+
+def _column(request: dict[str, Any], name: str, dtype: str, n: int, default: float) -> np.ndarray:
+    raw = request.get(name)
+    if raw is None:
+        return np.full(n, default, dtype=np.dtype(dtype).newbyteorder("="))
+    if not isinstance(raw, bytes) or len(raw) != n * np.dtype(dtype).itemsize:
+        raise SchemaError(f"{name} must be {n} {np.dtype(dtype).name} values as bytes")
+    return np.frombuffer(raw, dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
+
+
+def _column_fingerprints(request: dict[str, Any], n: int, max_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    spec = request.get("fingerprints")
+    if spec is None:
+        if request.get("fingerprint_present") is not None:
+            raise InvalidInput("fingerprint_present given without fingerprints")
+        return np.zeros((n, 0), dtype=np.float32), np.zeros(n, dtype=bool)
+    if not isinstance(spec, dict) or set(spec) - {"dtype", "shape", "data"} or not isinstance(spec.get("data"), bytes):
+        raise SchemaError("fingerprints must be a map of dtype, shape and data (bytes)")
+    shape = spec.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v >= 0 for v in shape)):
+        raise SchemaError("fingerprints.shape must be two non-negative integers")
+    if spec.get("dtype", "float32") != "float32":
+        raise SchemaError("fingerprints.dtype must be float32")
+    rows, dim = shape
+    if dim > max_dim:
+        raise InvalidInput(f"fingerprints have {dim} values, over the limit of {max_dim}")
+    if dim == 0 and rows:
+        raise InvalidInput("a fingerprint has no values")
+    if len(spec["data"]) != rows * dim * 4:
+        raise InvalidInput(f"fingerprints.data has {len(spec['data'])} bytes; shape {shape} needs {rows * dim * 4}")
+    matrix = np.frombuffer(spec["data"], dtype="<f4").reshape(rows, dim).astype(np.float32)
+    if not np.isfinite(matrix).all():
+        raise InvalidInput("fingerprints hold NaN or infinite values")
+    present = _column(request, "fingerprint_present", "<u1", n, default=1).astype(bool)
+    if int(present.sum()) != rows:
+        raise InvalidInput(f"fingerprint_present marks {int(present.sum())} rollouts for {rows} fingerprint rows")
+    out = np.zeros((n, dim), dtype=np.float32)
+    out[present] = matrix
+    return out, present

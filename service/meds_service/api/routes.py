@@ -17,7 +17,7 @@ from ..core.errors import InvalidInput, StoreUnavailable, Unauthorized
 from ..core.types import NO_CLUSTER32, STATUSES, ScoreOutcome
 from ..engine import ErrorMemory
 from ..settings import Settings
-from .codec import SchemaError, decode_score_request, describe
+from .codec import MSGPACK, SchemaError, decode_columns, decode_score_request, describe, encode_columns
 from .schemas import (
     RUN_PATTERN,
     ErrorResponse,
@@ -143,22 +143,36 @@ async def delete_run(run: RunName, engine: EngineDep) -> Response:
     "/runs/{run}/score",
     response_model=ScoreResponse,
     summary="Score a batch of rollouts and remember it",
+    description=(
+        "JSON, or for large batches the compact columnar form: send `Content-Type: application/msgpack` "
+        "(ScoreColumnsRequest) and/or `Accept: application/msgpack` (ScoreColumnsResponse). Both carry the same "
+        "information; the columnar form has no per-rollout objects to build on either side."
+    ),
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
-        }
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}},
+                MSGPACK: {"schema": {"$ref": "#/components/schemas/ScoreColumnsRequest"}},
+            },
+        },
+        "responses": {"200": {"content": {MSGPACK: {"schema": {"$ref": "#/components/schemas/ScoreColumnsResponse"}}}}},
     },
 )
 async def score(run: RunName, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
     started = time.perf_counter()
     body = await request.body()
     received = time.perf_counter()
-    batch, _step = decode_score_request(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
+    columnar = request.headers.get("content-type", "").split(";")[0].strip().lower() == MSGPACK
+    decode = decode_columns if columnar else decode_score_request
+    batch, _step = decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
     decoded = time.perf_counter()
     results = await run_in_threadpool(engine.score, run, batch)
     scored = time.perf_counter()
-    response = json_response({"results": results_json(results)})
+    if MSGPACK in request.headers.get("accept", ""):
+        response = Response(encode_columns(results), media_type=MSGPACK)
+    else:
+        response = json_response({"results": results_json(results)})
     timings = {"receive": received - started, "decode": decoded - received, "score": scored - decoded,
                "encode": time.perf_counter() - scored}  # fmt: skip
     response.headers["server-timing"] = ", ".join(f"{k};dur={1e3 * v:.1f}" for k, v in timings.items())

@@ -128,3 +128,35 @@ class ErrorResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class FingerprintBytes(BaseModel):
+    dtype: Literal["float32"] = "float32"
+    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+    data: bytes = Field(description="Little-endian row-major float32 bytes.")
+
+
+class ScoreColumnsRequest(BaseModel):
+    """The columnar msgpack form of a score request: one entry per rollout in every column (documentation
+    of `application/msgpack` bodies; binary columns are msgpack bin values)."""
+
+    step: int | None = None
+    rollout_id: list[Id]
+    prompt_id: list[Id]
+    correct: bytes | None = Field(None, description="int8 per rollout: 1 correct, 0 wrong, -1 unknown.")
+    reward: bytes | None = Field(None, description="float64 per rollout; NaN = none.")
+    fingerprints: FingerprintBytes | None = Field(None, description="Rows of the rollouts that have one, in order.")
+    fingerprint_present: bytes | None = Field(
+        None, description="uint8 per rollout: 1 = owns the next fingerprint row (absent = every rollout does)."
+    )
+
+
+class ScoreColumnsResponse(BaseModel):
+    """The columnar msgpack form of a score answer (when the request sends `Accept: application/msgpack`)."""
+
+    rollout_id: list[str]
+    status: bytes = Field(description="int8 per rollout: 0 scored, 1 skipped, 2 duplicate.")
+    cluster: bytes = Field(description="int32 per rollout; -2147483648 = none.")
+    cluster_size: bytes = Field(description="int32 per rollout.")
+    penalty: bytes = Field(description="float64 per rollout.")
+    shaped_reward: bytes = Field(description="float64 per rollout; NaN = none.")

@@ -778,11 +778,16 @@ def _continues(cached: CachedKey, delta: KeyDelta) -> bool:
 
 def _group_rows(batch: RolloutBatch, rows: NDArray[np.intp]) -> dict[MemoryKey, NDArray[np.intp]]:
     """Positions (into `rows`) of each key's rollouts, keys in order of first appearance."""
-    positions: dict[tuple[str, int], list[int]] = {}
     prompt_ids, groups = batch.prompt_ids, batch.groups.tolist()
-    for j, row in enumerate(rows.tolist()):
-        positions.setdefault((prompt_ids[row], groups[row]), []).append(j)
-    return {MemoryKey(p, Group(g)): np.asarray(v, dtype=np.intp) for (p, g), v in positions.items()}
+    first: dict[tuple[str, int], int] = {}
+    codes = np.fromiter(
+        (first.setdefault((prompt_ids[row], groups[row]), len(first)) for row in rows.tolist()),
+        dtype=np.intp,
+        count=len(rows),
+    )
+    order = np.argsort(codes, kind="stable")
+    bounds = np.cumsum(np.bincount(codes, minlength=len(first)))[:-1]
+    return {MemoryKey(p, Group(g)): part for (p, g), part in zip(first, np.split(order, bounds), strict=True)}
 
 
 def _batches(keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: int) -> Iterable[list[MemoryKey]]:

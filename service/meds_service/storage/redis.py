@@ -243,6 +243,9 @@ class RedisStore:
     def ping(self) -> None:
         self._r.ping()
 
+    def checkpoint(self) -> None:
+        """Nothing to do: Redis persists through its append-only file."""
+
     def close(self) -> None:
         self._r.close()
 

@@ -127,6 +127,8 @@ class SQLiteStore:
         self._run_names: dict[int, str] = {}
         self._keys: dict[int, _Key] = {}
         self._seen_key = self._seen_chunk = 0
+        self._recent_hashes: dict[tuple[str, str], int] = {}
+        self._checkpointer: sqlite3.Connection | None = None
         try:
             if read_only:
                 self._db = sqlite3.connect(
@@ -138,6 +140,8 @@ class SQLiteStore:
                 self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={synchronous}")
+                # Checkpoints run in the background (checkpoint()); this is only a safety valve (~400 MB).
+                self._db.execute("PRAGMA wal_autocheckpoint=100000")
                 self._db.executescript(_SCHEMA)
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB
@@ -161,8 +165,23 @@ class SQLiteStore:
             ) from exc
         self._lock_fd = fd
 
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file, on a connection of its own so that commits never wait for
+        it (the writer's connection does not checkpoint on commit)."""
+        if self.read_only:
+            return
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._checkpointer.execute("PRAGMA busy_timeout=1000")
+        try:
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite checkpoint failed: {exc}") from exc
+
     def close(self) -> None:
         with self._lock:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
             self._db.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -395,7 +414,10 @@ class SQLiteStore:
             entry = self._runs.get(run)
             if entry is None or not len(entry.ids):
                 return {}
-            found = entry.ids.lookup(rollout_hashes(prompt_ids, rollout_ids))
+            hashes = rollout_hashes(prompt_ids, rollout_ids)
+            # The commit that usually follows stores these same rollouts: keep their hashes for it.
+            self._recent_hashes = dict(zip(zip(prompt_ids, rollout_ids, strict=True), hashes.tolist(), strict=True))
+            found = entry.ids.lookup(hashes)
             hits = np.flatnonzero(found >= 0)
             if not len(hits):
                 return {}
@@ -425,10 +447,7 @@ class SQLiteStore:
                     raise StoreUnavailable(f"key {a.key} changed under its only writer; nothing was stored")
             sizes = [len(a.rollout_ids) for a in batch.appends]
             bounds = np.cumsum([0, *sizes]).tolist()
-            all_hashes = rollout_hashes(
-                [a.key.prompt_id for a in batch.appends for _ in a.rollout_ids],
-                [rid for a in batch.appends for rid in a.rollout_ids],
-            )
+            all_hashes = self._hashes_of(batch)
             hashes = [all_hashes[lo:hi] for lo, hi in itertools.pairwise(bounds)]
             results = [a.results.astype(RESULT_DTYPE, copy=False).tobytes() for a in batch.appends]
             db.executemany(
@@ -473,6 +492,14 @@ class SQLiteStore:
             entry.ids.insert(np.concatenate(hashes), (chunk_ids << _POS_BITS) | positions)
         for fit in batch.fits:
             self._adopt_fit(entry.keys[fit.key], fit)
+
+    def _hashes_of(self, batch: ScoredBatch) -> np.ndarray:
+        """Id hashes of a batch's rollouts: from the lookup that preceded it when it saw them all."""
+        recent = self._recent_hashes
+        pairs = [(a.key.prompt_id, rid) for a in batch.appends for rid in a.rollout_ids]
+        if all(pair in recent for pair in pairs):
+            return np.fromiter((recent[pair] for pair in pairs), dtype=np.uint64, count=len(pairs))
+        return rollout_hashes([p for p, _ in pairs], [r for _, r in pairs])
 
     def _key_entry(self, db: sqlite3.Connection, run: _Run, key: MemoryKey) -> _Key:
         entry = run.keys.get(key)
