@@ -231,21 +231,34 @@ def refit_throughput(opts: Options, client: MedsClient, log: StepLog) -> dict[st
     }
 
 
-def encodings(opts: Options, client: MedsClient, base_url: str, wl: Workload) -> dict[str, list[float]]:
-    """The same kind of step sent as JSON lists and as the base64 float32 matrix (refits drained between)."""
-    out: dict[str, list[float]] = {"json": [], "binary": []}
-    for _ in tqdm(range(opts.samples), desc="encodings", leave=False):
-        for name in ("json", "binary"):
-            rollouts = rollouts_of(wl.step())
-            if name == "json":
-                rollouts = [Rollout(r.rollout_id, r.prompt_id, correct=r.correct, fingerprint=np.asarray(
-                    r.fingerprint).tolist(), reward=r.reward) for r in rollouts]  # fmt: skip
-            gc.collect()
-            gc.freeze()
-            started = time.perf_counter()
-            client.score("encodings", rollouts)
-            out[name].append(time.perf_counter() - started)
-            drain(client, base_url, "encodings")
+ENCODINGS = {  # name -> (client wire, fingerprints as lists)
+    "json_lists": ("json", True),
+    "json_base64_matrix": ("json", False),
+    "msgpack_columns": ("msgpack", False),
+}
+
+
+def encodings(opts: Options, base_url: str, wl: Workload) -> dict[str, list[float]]:
+    """The same kind of step in each wire form the client can send (refits drained between samples)."""
+    out: dict[str, list[float]] = {name: [] for name in ENCODINGS}
+    clients = {name: MedsClient(base_url, wire=wire, max_batch_rollouts=65_536, timeout=600)
+               for name, (wire, _) in ENCODINGS.items()}  # fmt: skip
+    try:
+        for _ in tqdm(range(opts.samples), desc="encodings", leave=False):
+            for name, (_, as_lists) in ENCODINGS.items():
+                rollouts = rollouts_of(wl.step())
+                if as_lists:
+                    rollouts = [Rollout(r.rollout_id, r.prompt_id, correct=r.correct, fingerprint=np.asarray(
+                        r.fingerprint).tolist(), reward=r.reward) for r in rollouts]  # fmt: skip
+                gc.collect()
+                gc.freeze()
+                started = time.perf_counter()
+                clients[name].score("encodings", rollouts)
+                out[name].append(time.perf_counter() - started)
+                drain(clients[name], base_url, "encodings")
+    finally:
+        for client in clients.values():
+            client.close()
     return out
 
 
@@ -335,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["bytes_per_rollout"] = stored_bytes(data) / rollouts_stored
             summary["rollouts_stored"] = rollouts_stored
             summary["refit_throughput"] = refit_throughput(opts, client, log)
-            encoded = encodings(opts, client, base_url, wl)
+            encoded = encodings(opts, base_url, wl)
             summary["encodings_ms"] = {k: 1e3 * statistics.median(v) for k, v in encoded.items()}
             summary["batch_sizes"] = batch_sizes(opts, client, base_url)
             summary["high_dims"] = high_dims(opts, client, base_url)
@@ -409,8 +422,8 @@ def report(opts: Options, summary: dict[str, Any]) -> None:
     )
     enc = summary["encodings_ms"]
     print(
-        f"Encodings, one step: JSON lists {enc['json']:.1f} ms, base64 matrix {enc['binary']:.1f} ms "
-        f"({enc['json'] / enc['binary']:.2f}x)"
+        f"Wire forms, one step: JSON lists {enc['json_lists']:.1f} ms, JSON + base64 matrix "
+        f"{enc['json_base64_matrix']:.1f} ms, msgpack columns {enc['msgpack_columns']:.1f} ms"
     )
     print("Batch size (latency_vs_batch.csv/.png): " + ", ".join(
         f"{row['rollouts']}: {row['median_ms']:.1f} ms" for row in summary["batch_sizes"]))  # fmt: skip

@@ -42,6 +42,7 @@ from ._types import (
     Run,
     RunConfig,
     ScoreResult,
+    ScoreResults,
     ScoreStatus,
 )
 from ._version import __version__
@@ -76,6 +77,7 @@ __all__ = [
     "Run",
     "RunConfig",
     "ScoreResult",
+    "ScoreResults",
     "ScoreStatus",
     "ServiceUnavailableError",
     "UnprocessableEntityError",

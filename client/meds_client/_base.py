@@ -41,7 +41,7 @@ from ._exceptions import (
     NotFoundError,
     make_status_error,
 )
-from ._types import PromptMemory, ReclusterResult, Rollout, Run, RunConfig, ScoreResult
+from ._types import PromptMemory, ReclusterResult, Rollout, Run, RunConfig, ScoreResults
 from ._version import __version__
 
 logger = logging.getLogger("meds_client")
@@ -95,20 +95,19 @@ class ScorePlan:
     def __init__(self, run: str, chunks: list[ScoreChunk], size: int) -> None:
         self.run = run
         self.chunks = chunks
-        self._results: list[ScoreResult | None] = [None] * size
+        self._results = ScoreResults.empty(size)
 
-    def call(self, chunk: ScoreChunk) -> Call[list[ScoreResult]]:
+    def call(self, chunk: ScoreChunk) -> Call[ScoreResults]:
         path = f"/v1/runs/{self.run}/score"
         if chunk.columns is not None:
             return Call("POST", path, _score_columns_parser(chunk.rollout_ids), content=chunk.columns)
         return Call("POST", path, _score_parser(chunk.rollout_ids), body=chunk.body, checked_body=True)
 
-    def fill(self, chunk: ScoreChunk, results: list[ScoreResult]) -> None:
-        for position, result in zip(chunk.positions, results, strict=True):
-            self._results[position] = result
+    def fill(self, chunk: ScoreChunk, results: ScoreResults) -> None:
+        self._results.put(chunk.positions, results)
 
-    def results(self) -> list[ScoreResult]:
-        return [result for result in self._results if result is not None]
+    def results(self) -> ScoreResults:
+        return self._results
 
 
 class BaseMedsClient(Generic[HttpClientT]):
@@ -258,7 +257,7 @@ class BaseMedsClient(Generic[HttpClientT]):
             message = f"{call.method} {call.path}: unexpected response body ({type(exc).__name__}: {exc})"
             raise APIResponseValidationError(message, response=response) from exc
 
-    def _degrade(self, plan: ScorePlan, chunk: ScoreChunk, error: MedsError) -> list[ScoreResult]:
+    def _degrade(self, plan: ScorePlan, chunk: ScoreChunk, error: MedsError) -> ScoreResults:
         """In degraded mode, stand in for a failed score request with penalty 0 and status `error`."""
         if self.on_error == "raise" or isinstance(error, NEVER_DEGRADED):
             raise error
@@ -270,7 +269,7 @@ class BaseMedsClient(Generic[HttpClientT]):
             plan.run,
             error,
         )
-        return [ScoreResult.error(rollout_id) for rollout_id in rollout_ids]
+        return ScoreResults.errors(rollout_ids)
 
 
 def _run_path(run: str) -> str:
@@ -297,10 +296,10 @@ def _json_or_status(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {"status": body}
 
 
-def _score_columns_parser(expected_ids: list[str]) -> Callable[[httpx.Response], list[ScoreResult]]:
+def _score_columns_parser(expected_ids: list[str]) -> Callable[[httpx.Response], ScoreResults]:
     """Read the columnar msgpack answer (falls back to JSON when the service answered JSON)."""
 
-    def parse(response: httpx.Response) -> list[ScoreResult]:
+    def parse(response: httpx.Response) -> ScoreResults:
         if not response.headers.get("content-type", "").startswith(MSGPACK):
             return _score_parser(expected_ids)(response)
         try:
@@ -309,17 +308,17 @@ def _score_columns_parser(expected_ids: list[str]) -> Callable[[httpx.Response],
             raise APIResponseValidationError(f"unreadable msgpack answer: {exc}", response=response) from exc
         if wire.rollout_ids != expected_ids:
             raise APIResponseValidationError(
-                f"{len(wire.rollout_ids)} results do not match the {len(expected_ids)} rollouts sent", response=response
+                f"{len(wire)} results do not match the {len(expected_ids)} rollouts sent", response=response
             )
-        return wire.results()
+        return wire
 
     return parse
 
 
-def _score_parser(expected_ids: list[str]) -> Callable[[httpx.Response], list[ScoreResult]]:
-    def parse(response: httpx.Response) -> list[ScoreResult]:
-        results = [ScoreResult.from_json(item) for item in _json_object(response)["results"]]
-        if [result.rollout_id for result in results] != expected_ids:
+def _score_parser(expected_ids: list[str]) -> Callable[[httpx.Response], ScoreResults]:
+    def parse(response: httpx.Response) -> ScoreResults:
+        results = ScoreResults.from_json(_json_object(response)["results"])
+        if results.rollout_ids != expected_ids:
             raise APIResponseValidationError(
                 f"{len(results)} results do not match the {len(expected_ids)} rollouts sent",
                 response=response,

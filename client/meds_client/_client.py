@@ -27,7 +27,7 @@ from ._config import (
 )
 from ._encoding import ScoreChunk
 from ._exceptions import MedsError
-from ._types import PromptMemory, ReclusterResult, Rollout, Run, RunConfig, ScoreResult
+from ._types import PromptMemory, ReclusterResult, Rollout, Run, RunConfig, ScoreResults
 
 T = TypeVar("T")
 _ClientT = TypeVar("_ClientT", bound="MedsClient")
@@ -81,7 +81,7 @@ class MedsClient(BaseMedsClient[httpx.Client]):
 
     def score(
         self, run: str, rollouts: Iterable[Rollout | Mapping[str, Any]], *, step: int | None = None
-    ) -> list[ScoreResult]:
+    ) -> ScoreResults:
         """Score a batch against the run's memory, then remember it; one result per rollout, in order.
 
         The run is created with the default config if it does not exist. Large batches are sent as
@@ -141,7 +141,7 @@ class MedsClient(BaseMedsClient[httpx.Client]):
 
     # -- sending -------------------------------------------------------------------------------
 
-    def _score_chunk(self, plan: ScorePlan, chunk: ScoreChunk) -> list[ScoreResult]:
+    def _score_chunk(self, plan: ScorePlan, chunk: ScoreChunk) -> ScoreResults:
         try:
             return self._send(plan.call(chunk))
         except MedsError as error:
@@ -197,7 +197,7 @@ class AsyncMedsClient(BaseMedsClient[httpx.AsyncClient]):
 
     async def score(
         self, run: str, rollouts: Iterable[Rollout | Mapping[str, Any]], *, step: int | None = None
-    ) -> list[ScoreResult]:
+    ) -> ScoreResults:
         """See `MedsClient.score`. Chunks are sent one after another, in order."""
         plan = self._score_plan(run, rollouts, step)
         for chunk in plan.chunks:
@@ -243,7 +243,7 @@ class AsyncMedsClient(BaseMedsClient[httpx.AsyncClient]):
     ) -> None:
         await self.aclose()
 
-    async def _score_chunk(self, plan: ScorePlan, chunk: ScoreChunk) -> list[ScoreResult]:
+    async def _score_chunk(self, plan: ScorePlan, chunk: ScoreChunk) -> ScoreResults:
         try:
             return await self._send(plan.call(chunk))
         except MedsError as error:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._types import Rollout, ScoreResult
+from ._types import Rollout, ScoreResults
 
 try:  # optional: the compact columnar wire form (`meds-client[fast]`)
     import msgpack
@@ -46,13 +46,17 @@ class ScoreChunk:
 def coerce_rollouts(rollouts: Iterable[Rollout | Mapping[str, Any]]) -> list[Rollout]:
     """Accept `Rollout`s or plain dicts with the same keys; check what the service would reject anyway."""
     coerced = [item if isinstance(item, Rollout) else Rollout(**item) for item in rollouts]
-    seen: set[str] = set()
-    for rollout in coerced:
-        _check_id("rollout_id", rollout.rollout_id)
-        _check_id("prompt_id", rollout.prompt_id)
-        if rollout.rollout_id in seen:
-            raise ValueError(f"rollout_id {rollout.rollout_id!r} appears twice in one batch")
-        seen.add(rollout.rollout_id)
+    ids = [r.rollout_id for r in coerced]
+    for name, values in (("rollout_id", ids), ("prompt_id", [r.prompt_id for r in coerced])):
+        if not all(type(v) is str for v in values) or (
+            values and not 1 <= min(map(len, values)) <= max(map(len, values)) <= MAX_ID_LENGTH
+        ):
+            for value in values:  # say which one
+                _check_id(name, value)
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        repeated = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        raise ValueError(f"rollout_id {repeated!r} appears twice in one batch")
     return coerced
 
 
@@ -215,46 +219,23 @@ def _check_id(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a string of 1 to {MAX_ID_LENGTH} characters, got {value!r}")
 
 
-@dataclass(frozen=True)
-class ScoreColumns:
-    """A columnar score answer as it came over the wire."""
-
-    rollout_ids: list[str]
-    status: npt.NDArray[np.int8]
-    cluster: npt.NDArray[np.int32]
-    cluster_size: npt.NDArray[np.int32]
-    penalty: npt.NDArray[np.float64]
-    shaped_reward: npt.NDArray[np.float64]
-
-    def results(self) -> list[ScoreResult]:
-        names = ("scored", "skipped", "duplicate")
-        none = np.iinfo(np.int32).min
-        return [
-            ScoreResult(rid, names[s], None if c == none else c, z, p, None if sh != sh else sh)  # type: ignore[arg-type]
-            for rid, s, c, z, p, sh in zip(
-                self.rollout_ids, self.status.tolist(), self.cluster.tolist(), self.cluster_size.tolist(),
-                self.penalty.tolist(), self.shaped_reward.tolist(), strict=True,
-            )
-        ]  # fmt: skip
-
-
-def unpack_columns(content: bytes) -> ScoreColumns:
+def unpack_columns(content: bytes) -> ScoreResults:
     """Parse the service's `application/msgpack` score answer; ValueError when it is malformed."""
     if msgpack is None:  # pragma: no cover - only asked for when msgpack is installed
         raise ValueError("msgpack is not installed")
     try:
         wire = msgpack.unpackb(content, raw=False)
-        n = len(wire["rollout_id"])
-        columns = ScoreColumns(
-            list(wire["rollout_id"]),
-            np.frombuffer(wire["status"], "<i1"),
-            np.frombuffer(wire["cluster"], "<i4"),
-            np.frombuffer(wire["cluster_size"], "<i4"),
-            np.frombuffer(wire["penalty"], "<f8"),
-            np.frombuffer(wire["shaped_reward"], "<f8"),
-        )
+        ids = list(wire["rollout_id"])
+        status = np.frombuffer(wire["status"], "<i1").astype(np.int8)
+        cluster = np.frombuffer(wire["cluster"], "<i4").astype(np.int64)
+        size = np.frombuffer(wire["cluster_size"], "<i4").astype(np.int64)
+        penalty = np.frombuffer(wire["penalty"], "<f8").astype(np.float64)
+        shaped = np.frombuffer(wire["shaped_reward"], "<f8").astype(np.float64)
     except (KeyError, TypeError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from exc
-    if any(len(column) != n for column in (columns.status, columns.cluster, columns.penalty, columns.shaped_reward)):
-        raise ValueError("columns of different lengths")
-    return columns
+    lengths = {len(ids), len(status), len(cluster), len(size), len(penalty), len(shaped)}
+    if len(lengths) != 1 or not all(isinstance(i, str) for i in ids):
+        raise ValueError("columns of different lengths or ids that are not strings")
+    if ((status < 0) | (status > 2)).any():
+        raise ValueError("unknown status codes")
+    return ScoreResults(ids, status, cluster, size, penalty, shaped)

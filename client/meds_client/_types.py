@@ -97,6 +97,113 @@ class ScoreResult:
         )
 
 
+STATUSES: tuple[ScoreStatus, ...] = ("scored", "skipped", "duplicate", "error")
+NO_CLUSTER = np.iinfo(np.int32).min
+
+
+class ScoreResults(Sequence[ScoreResult]):
+    """The results of one `score` call, in request order.
+
+    A sequence of `ScoreResult` backed by columns: a result object is only made when one is read, so
+    a trainer that wants the numbers of 10^4 rollouts takes the columns (`penalties`, `cluster_sizes`,
+    `statuses`, `shaped_rewards`) as numpy arrays instead.
+    """
+
+    __slots__ = ("_cluster", "_ids", "_penalty", "_shaped", "_size", "_status")
+
+    def __init__(
+        self,
+        rollout_ids: Sequence[str],
+        status: npt.NDArray[np.int8],
+        cluster: npt.NDArray[np.int64],
+        cluster_size: npt.NDArray[np.int64],
+        penalty: npt.NDArray[np.float64],
+        shaped_reward: npt.NDArray[np.float64],
+    ) -> None:
+        self._ids = list(rollout_ids)
+        self._status, self._cluster, self._size = status, cluster, cluster_size
+        self._penalty, self._shaped = penalty, shaped_reward
+
+    @classmethod
+    def empty(cls, size: int) -> ScoreResults:
+        return cls.errors([""] * size)
+
+    @classmethod
+    def errors(cls, rollout_ids: Sequence[str]) -> ScoreResults:
+        """Degraded mode's stand-ins: status `error`, penalty 0."""
+        n = len(rollout_ids)
+        return cls(rollout_ids, np.full(n, STATUSES.index("error"), np.int8), np.full(n, NO_CLUSTER, np.int64),
+                   np.zeros(n, np.int64), np.zeros(n), np.full(n, np.nan))  # fmt: skip
+
+    @classmethod
+    def from_json(cls, items: Sequence[Mapping[str, Any]]) -> ScoreResults:
+        results = [ScoreResult.from_json(item) for item in items]
+        return cls(
+            [r.rollout_id for r in results],
+            np.array([STATUSES.index(r.status) for r in results], dtype=np.int8),
+            np.array([NO_CLUSTER if r.cluster is None else r.cluster for r in results], dtype=np.int64),
+            np.array([r.cluster_size for r in results], dtype=np.int64),
+            np.array([r.penalty for r in results], dtype=np.float64),
+            np.array([np.nan if r.shaped_reward is None else r.shaped_reward for r in results], dtype=np.float64),
+        )
+
+    def put(self, positions: Sequence[int], part: ScoreResults) -> None:
+        """Write a chunk's results at their positions in this batch's order."""
+        for position, rollout_id in zip(positions, part._ids, strict=True):
+            self._ids[position] = rollout_id
+        index = np.asarray(positions, dtype=np.intp)
+        self._status[index], self._cluster[index], self._size[index] = part._status, part._cluster, part._size
+        self._penalty[index], self._shaped[index] = part._penalty, part._shaped
+
+    @property
+    def rollout_ids(self) -> list[str]:
+        return list(self._ids)
+
+    @property
+    def statuses(self) -> list[ScoreStatus]:
+        return [STATUSES[s] for s in self._status.tolist()]
+
+    @property
+    def penalties(self) -> npt.NDArray[np.float64]:
+        return self._penalty.copy()
+
+    @property
+    def cluster_sizes(self) -> npt.NDArray[np.int64]:
+        return self._size.copy()
+
+    @property
+    def shaped_rewards(self) -> npt.NDArray[np.float64]:
+        """NaN where the rollout carried no reward (or was not scored)."""
+        return self._shaped.copy()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = range(len(self))[index]
+        cluster, shaped = int(self._cluster[i]), float(self._shaped[i])
+        return ScoreResult(
+            self._ids[i],
+            STATUSES[int(self._status[i])],
+            None if cluster == NO_CLUSTER else cluster,
+            int(self._size[i]),
+            float(self._penalty[i]),
+            None if np.isnan(shaped) else shaped,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ScoreResults({len(self)} rollouts)"
+
+
 @dataclass(frozen=True)
 class Run:
     """A run (one training job's memory): its id, full config and statistics."""

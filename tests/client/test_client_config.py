@@ -99,3 +99,27 @@ def test_exception_module_opens_with_the_tree() -> None:
     doc = meds_client._exceptions.__doc__ or ""
     for name in meds_client._exceptions.__all__:
         assert name in doc
+
+
+def test_score_results_are_columns_that_read_as_results() -> None:
+    import numpy as np
+
+    from meds_client import ScoreResult, ScoreResults
+
+    results = ScoreResults(
+        ["a", "b", "c"],
+        np.array([0, 1, 2], np.int8),
+        np.array([4, np.iinfo(np.int32).min, -1]),
+        np.array([3, 0, 2]),
+        np.array([0.13, 0.0, 0.1]),
+        np.array([-0.13, np.nan, 0.9]),
+    )
+    first = ScoreResult("a", "scored", 4, 3, 0.13, -0.13)
+    assert len(results) == 3 and results[0] == first and results[-1].status == "duplicate"
+    assert results[1] == ScoreResult("b", "skipped", None, 0, 0.0, None)
+    assert results[:1] == [first] and next(iter(results)) == first and results == list(results)
+    assert results.penalties.tolist() == [0.13, 0.0, 0.1] and results.cluster_sizes.tolist() == [3, 0, 2]
+    assert results.statuses == ["scored", "skipped", "duplicate"] and results.rollout_ids == ["a", "b", "c"]
+    assert np.isnan(results.shaped_rewards[1]) and results != [first]
+    errors = ScoreResults.errors(["x"])
+    assert errors[0] == ScoreResult.error("x")

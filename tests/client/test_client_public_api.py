@@ -35,6 +35,7 @@ PUBLIC = {
     "Run",
     "RunConfig",
     "ScoreResult",
+    "ScoreResults",
     "ScoreStatus",
     "ServiceUnavailableError",
     "UnprocessableEntityError",

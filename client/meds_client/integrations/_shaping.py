@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from .._client import MedsClient
 from .._prompt_id import prompt_id
-from .._types import FingerprintLike, Rollout, ScoreResult
+from .._types import FingerprintLike, Rollout, ScoreResult, ScoreResults
 
 METRIC_PREFIX = "meds/"
 DEFAULT_CORRECTNESS_THRESHOLD = 0.5
@@ -38,6 +38,8 @@ class Shaping:
 
     @classmethod
     def from_results(cls, results: Sequence[ScoreResult], correct: Sequence[bool | None]) -> Shaping:
+        if isinstance(results, ScoreResults):  # columns already: no object per rollout
+            return cls(results.penalties, results.cluster_sizes, list(results.statuses), list(correct))
         return cls(
             penalties=np.array([r.penalty for r in results], dtype=np.float64),
             cluster_sizes=np.array([r.cluster_size for r in results], dtype=np.int64),
