@@ -169,10 +169,14 @@ def decode_matrix(wire: Mapping[str, Any]) -> npt.NDArray[np.float32]:
 
 def _fingerprint_matrix(rollouts: Sequence[Rollout], present: list[int]) -> npt.NDArray[np.float32]:
     """The fingerprints of `present` rollouts as one float32 matrix, checked once for the whole batch."""
-    vectors = [np.asarray(rollouts[i].fingerprint, dtype=np.float64) for i in present]
-    for i, vector in zip(present, vectors, strict=True):
-        if vector.ndim != 1 or vector.size == 0:
-            raise ValueError(f"fingerprint of rollout {rollouts[i].rollout_id!r} must be a non-empty 1-D vector")
+    raw = [rollouts[i].fingerprint for i in present]
+    # float32 arrays (what fingerprint extraction returns) stack as they are; anything else via float64,
+    # so that values beyond float32's range are caught before they would turn into infinities.
+    exact = all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in raw)
+    vectors = [np.asarray(v, dtype=np.float32 if exact else np.float64) for v in raw]
+    if any(v.ndim != 1 or v.size == 0 for v in vectors):
+        i = next(i for i, v in zip(present, vectors, strict=True) if v.ndim != 1 or v.size == 0)
+        raise ValueError(f"fingerprint of rollout {rollouts[i].rollout_id!r} must be a non-empty 1-D vector")
     dims = {v.shape[0] for v in vectors}
     if len(dims) > 1:
         raise ValueError(f"fingerprints in one batch must have one dimension, got {sorted(dims)}")

@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         background = _background_refits(settings, engine, refitter, metrics)
         snapshots = _periodic(settings.snapshot_interval_s, engine.write_snapshots, "meds-snapshots")
-        checkpoints = _periodic(2.0, store.checkpoint, "meds-checkpoints")
+        checkpoints = _periodic(1.0, store.checkpoint, "meds-checkpoints")
         metrics.watch_memory(engine.totals)
         app.state.engine = engine
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,7 +333,7 @@ class ErrorMemory:
             config = self._config_for(run, batch)
             with self.store.locked(name, batch.prompt_ids):
                 if self.shared:
-                    self._sync(run, config, _group_rows(batch, np.flatnonzero(batch.has_fingerprint)).keys())
+                    self._sync(run, config, _group_rows(batch, np.flatnonzero(batch.has_fingerprint)).keys)
                 known = self.store.find_results(name, batch.prompt_ids, batch.rollout_ids)
                 fresh = np.array([rid not in known for rid in batch.rollout_ids], dtype=bool)
                 rows = np.flatnonzero(fresh & batch.has_fingerprint)
@@ -411,30 +411,36 @@ class ErrorMemory:
         records: NDArray[np.void],
     ) -> tuple[ScoredBatch, list[NDArray[np.float32]]]:
         """Fill `records` for the rollouts at `rows`; return the batch to commit and each append's
-        normalised vectors (for the index once committed)."""
-        stored = stored_vectors(batch.fingerprints[rows], config)
+        normalised vectors (for the index once committed).
+
+        The work runs on the rows sorted by key, so that each key's rollouts are one contiguous slice.
+        """
+        groups = _group_rows(batch, rows)
+        by_key = rows[groups.order]
+        stored = stored_vectors(batch.fingerprints[by_key], config)
         feats = features(stored, config.layer_diff)
         normed = unit_rows(feats).astype(np.float32)
-        by_key = _group_rows(batch, rows)
         if config.consistency == "exact":
-            self._refit_touched(run, config, by_key.keys())
-        predicted, sizes = self._assign(run, config, by_key, normed, feats)
-        out_sizes, penalties, shaped = shape(batch.groups[rows], predicted, sizes, batch.rewards[rows], config)
-        records["cluster"] = np.where(predicted == NO_CLUSTER, NO_CLUSTER32, predicted)
-        records["size"] = out_sizes
-        records["penalty"] = penalties
-        records["shaped"] = shaped
-        ids = [batch.rollout_ids[r] for r in rows.tolist()]
-        appends, fits = self._appends(run, config, by_key, stored, ids, records)
+            self._refit_touched(run, config, groups.keys)
+        predicted, sizes = self._assign(run, config, groups, normed, feats)
+        out_sizes, penalties, shaped = shape(batch.groups[by_key], predicted, sizes, batch.rewards[by_key], config)
+        sorted_records = np.empty(len(rows), dtype=RESULT_DTYPE)
+        sorted_records["cluster"] = np.where(predicted == NO_CLUSTER, NO_CLUSTER32, predicted)
+        sorted_records["size"] = out_sizes
+        sorted_records["penalty"] = penalties
+        sorted_records["shaped"] = shaped
+        records[groups.order] = sorted_records
+        ids = [batch.rollout_ids[r] for r in by_key.tolist()]
+        appends, fits = self._appends(run, config, groups, stored, ids, sorted_records)
         fitted = config.fitted_groups()
         refits = [a.key for a in appends if a.key.group in fitted and len(a.vectors) + a.first_seq - a.new_start >= 2]
-        return ScoredBatch(appends, fits, refits), [normed[positions] for positions in by_key.values()]
+        return ScoredBatch(appends, fits, refits), [normed[lo:hi] for _, lo, hi in groups.spans()]
 
     def _assign(
         self,
         run: RunMemory,
         config: RunConfig,
-        by_key: dict[MemoryKey, NDArray[np.intp]],
+        groups: _Groups,
         queries: NDArray[np.float32],
         query_features: NDArray[np.float64],
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -442,6 +448,7 @@ class ErrorMemory:
 
         One FAISS search per key fills a [queries, k+1] table of similarities and neighbour labels; the
         certainty test and the vote then run on the whole table at once (see core/knn.py for the proof).
+        Queries come sorted by key: each key fills one contiguous block of the table.
         """
         n, k = len(queries), config.knn_k
         predicted = np.full(n, NO_CLUSTER, dtype=np.int64)
@@ -458,18 +465,17 @@ class ErrorMemory:
         size_parts: list[NDArray[np.int64]] = []
         size_offset = 0
         fitted = config.fitted_groups()
-        for key, positions in by_key.items():
+        for key, lo, hi in groups.spans():
             cached = run.keys.get(key)
             if cached is None or key.group not in fitted or not cached.has_fit:
                 continue
             view = _KeyView.of(key, cached)
-            found, ids = run.index.search(key, view.lo, view.hi, queries[positions], k + 1)
+            found, ids = run.index.search(key, view.lo, view.hi, queries[lo:hi], k + 1)
             m = view.hi - view.lo
-            scores[positions, : found.shape[1]] = found
             top = min(k, m)
-            neighbours[positions, :top] = view.labels[ids[:, :top]]
-            k_eff[positions], searchable[positions], key_of[positions] = top, m, len(views)
-            size_of[positions] = size_offset
+            scores[lo:hi, : found.shape[1]] = found
+            neighbours[lo:hi, :top] = view.labels[ids[:, :top]]
+            k_eff[lo:hi], searchable[lo:hi], key_of[lo:hi], size_of[lo:hi] = top, m, len(views), size_offset
             views.append(view)
             size_parts.append(view.sizes)
             size_offset += len(view.sizes)
@@ -521,19 +527,19 @@ class ErrorMemory:
         self,
         run: RunMemory,
         config: RunConfig,
-        by_key: dict[MemoryKey, NDArray[np.intp]],
+        groups: _Groups,
         stored: NDArray[np.float32],
         rollout_ids: list[str],
         records: NDArray[np.void],
     ) -> tuple[list[KeyAppend], list[Fit]]:
+        """One append per key: slices (not copies) of the key-sorted vectors, ids and results."""
         appends, fits = [], []
         cap = config.max_memory_per_key
-        for key, positions in by_key.items():
+        for key, lo, hi in groups.spans():
             cached = run.keys.get(key) or CachedKey()
-            n_new = cached.n + len(positions)
+            n_new = cached.n + hi - lo
             new_start = max(cached.start, n_new - cap) if cap else cached.start
-            ids = [rollout_ids[j] for j in positions.tolist()]
-            appends.append(KeyAppend(key, cached.n, stored[positions], new_start, ids, records[positions]))
+            appends.append(KeyAppend(key, cached.n, stored[lo:hi], new_start, rollout_ids[lo:hi], records[lo:hi]))
             if n_new - new_start < 2:  # HDBSCAN needs two points: such a key's labels are all noise
                 fits.append(Fit(key, np.full(n_new - new_start, -1, np.int64), new_start, n_new))
         return appends, fits
@@ -776,8 +782,20 @@ def _continues(cached: CachedKey, delta: KeyDelta) -> bool:
     return delta.n >= cached.n and delta.first == cached.n and delta.start >= cached.start
 
 
-def _group_rows(batch: RolloutBatch, rows: NDArray[np.intp]) -> dict[MemoryKey, NDArray[np.intp]]:
-    """Positions (into `rows`) of each key's rollouts, keys in order of first appearance."""
+@dataclass(frozen=True)
+class _Groups:
+    """A batch's rows grouped by memory key: `order` sorts positions (into `rows`) by key, stably, so that
+    key i owns order[starts[i]:starts[i + 1]]; keys in order of first appearance."""
+
+    keys: list[MemoryKey]
+    order: NDArray[np.intp]
+    starts: list[int]
+
+    def spans(self) -> Iterator[tuple[MemoryKey, int, int]]:
+        return zip(self.keys, self.starts[:-1], self.starts[1:], strict=True)
+
+
+def _group_rows(batch: RolloutBatch, rows: NDArray[np.intp]) -> _Groups:
     prompt_ids, groups = batch.prompt_ids, batch.groups.tolist()
     first: dict[tuple[str, int], int] = {}
     codes = np.fromiter(
@@ -786,8 +804,8 @@ def _group_rows(batch: RolloutBatch, rows: NDArray[np.intp]) -> dict[MemoryKey, 
         count=len(rows),
     )
     order = np.argsort(codes, kind="stable")
-    bounds = np.cumsum(np.bincount(codes, minlength=len(first)))[:-1]
-    return {MemoryKey(p, Group(g)): part for (p, g), part in zip(first, np.split(order, bounds), strict=True)}
+    starts = [0, *np.cumsum(np.bincount(codes, minlength=len(first))).tolist()]
+    return _Groups([MemoryKey(p, Group(g)) for p, g in first], order, starts)
 
 
 def _batches(keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: int) -> Iterable[list[MemoryKey]]:

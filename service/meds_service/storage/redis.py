@@ -243,7 +243,7 @@ class RedisStore:
     def ping(self) -> None:
         self._r.ping()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, idle_s: float = 0.5, force_bytes: int = 0) -> None:
         """Nothing to do: Redis persists through its append-only file."""
 
     def close(self) -> None:

@@ -127,8 +127,9 @@ class SQLiteStore:
         self._run_names: dict[int, str] = {}
         self._keys: dict[int, _Key] = {}
         self._seen_key = self._seen_chunk = 0
-        self._recent_hashes: dict[tuple[str, str], int] = {}
+        self._recent_hashes: dict[str, tuple[str, int]] = {}  # rollout id -> (prompt id, hash) of the last lookup
         self._checkpointer: sqlite3.Connection | None = None
+        self._last_write = 0.0
         try:
             if read_only:
                 self._db = sqlite3.connect(
@@ -165,10 +166,15 @@ class SQLiteStore:
             ) from exc
         self._lock_fd = fd
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, idle_s: float = 0.5, force_bytes: int = 256 * 1024 * 1024) -> None:
         """Copy the WAL into the database file, on a connection of its own so that commits never wait for
-        it (the writer's connection does not checkpoint on commit)."""
+        it (the writer's connection does not checkpoint on commit). Runs when no commit came for `idle_s`
+        (between a trainer's steps), or when the WAL has grown past `force_bytes` anyway."""
         if self.read_only:
+            return
+        wal = self.path.with_name(self.path.name + "-wal")
+        busy = time.monotonic() - self._last_write < idle_s
+        if busy and (not wal.exists() or wal.stat().st_size < force_bytes):
             return
         if self._checkpointer is None:
             self._checkpointer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -205,6 +211,7 @@ class SQLiteStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            self._last_write = time.monotonic()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -416,7 +423,7 @@ class SQLiteStore:
                 return {}
             hashes = rollout_hashes(prompt_ids, rollout_ids)
             # The commit that usually follows stores these same rollouts: keep their hashes for it.
-            self._recent_hashes = dict(zip(zip(prompt_ids, rollout_ids, strict=True), hashes.tolist(), strict=True))
+            self._recent_hashes = dict(zip(rollout_ids, zip(prompt_ids, hashes.tolist(), strict=True), strict=True))
             found = entry.ids.lookup(hashes)
             hits = np.flatnonzero(found >= 0)
             if not len(hits):
@@ -449,7 +456,7 @@ class SQLiteStore:
             bounds = np.cumsum([0, *sizes]).tolist()
             all_hashes = self._hashes_of(batch)
             hashes = [all_hashes[lo:hi] for lo, hi in itertools.pairwise(bounds)]
-            results = [a.results.astype(RESULT_DTYPE, copy=False).tobytes() for a in batch.appends]
+            results = [_blob(a.results, RESULT_DTYPE) for a in batch.appends]
             db.executemany(
                 "INSERT INTO chunks(key_id, first_seq, start, count, vectors, hashes, ids, results) "
                 "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
@@ -459,8 +466,8 @@ class SQLiteStore:
                         a.first_seq,
                         a.new_start,
                         len(a.rollout_ids),
-                        a.vectors.astype("<f4").tobytes(),
-                        h.astype("<u8").tobytes(),
+                        _blob(a.vectors, "<f4"),
+                        _blob(h, "<u8"),
                         orjson.dumps(a.rollout_ids),
                         result,
                     )
@@ -496,10 +503,18 @@ class SQLiteStore:
     def _hashes_of(self, batch: ScoredBatch) -> np.ndarray:
         """Id hashes of a batch's rollouts: from the lookup that preceded it when it saw them all."""
         recent = self._recent_hashes
-        pairs = [(a.key.prompt_id, rid) for a in batch.appends for rid in a.rollout_ids]
-        if all(pair in recent for pair in pairs):
-            return np.fromiter((recent[pair] for pair in pairs), dtype=np.uint64, count=len(pairs))
-        return rollout_hashes([p for p, _ in pairs], [r for _, r in pairs])
+        known = []
+        for append in batch.appends:
+            prompt = append.key.prompt_id
+            for rollout in append.rollout_ids:
+                seen = recent.get(rollout)
+                if seen is None or seen[0] != prompt:
+                    return rollout_hashes(
+                        [a.key.prompt_id for a in batch.appends for _ in a.rollout_ids],
+                        [r for a in batch.appends for r in a.rollout_ids],
+                    )
+                known.append(seen[1])
+        return np.array(known, dtype=np.uint64)
 
     def _key_entry(self, db: sqlite3.Connection, run: _Run, key: MemoryKey) -> _Key:
         entry = run.keys.get(key)
@@ -528,6 +543,11 @@ class SQLiteStore:
     def _adopt_fit(entry: _Key, fit: Fit) -> None:
         if fit.fitted_upto >= entry.fitted_upto and fit.fit_start >= entry.fit_start:
             entry.fit_start, entry.fitted_upto = fit.fit_start, fit.fitted_upto
+
+
+def _blob(array: np.ndarray, dtype: Any) -> memoryview:
+    """The bytes of an array for SQLite without a copy when it already has the stored layout."""
+    return np.ascontiguousarray(array, dtype=dtype).data
 
 
 def _save_fits(db: sqlite3.Connection, keys: dict[MemoryKey, _Key], fits: Sequence[Fit]) -> int:
