@@ -238,24 +238,31 @@ ENCODINGS = {  # name -> (client wire, fingerprints as lists)
 }
 
 
-def encodings(opts: Options, base_url: str, wl: Workload) -> dict[str, list[float]]:
-    """The same kind of step in each wire form the client can send (refits drained between samples)."""
+def encodings(opts: Options, base_url: str) -> dict[str, list[float]]:
+    """The same steps in each wire form the client can send: one run per form, each first given the same
+    `batch_memory` epochs, then measured in turns (refits drained between samples)."""
     out: dict[str, list[float]] = {name: [] for name in ENCODINGS}
     clients = {name: MedsClient(base_url, wire=wire, max_batch_rollouts=65_536, timeout=600)
                for name, (wire, _) in ENCODINGS.items()}  # fmt: skip
+    workloads = {name: Workload(prompts=opts.prompts, rollouts=opts.rollouts, dim=opts.dim, seed=11)
+                 for name in ENCODINGS}  # fmt: skip
     try:
+        for name, client in clients.items():
+            for _ in tqdm(range(opts.batch_memory), desc=f"encodings: {name} memory", leave=False):
+                client.score(f"wire-{name}", rollouts_of(workloads[name].step()))
+                drain(client, base_url, f"wire-{name}")
         for _ in tqdm(range(opts.samples), desc="encodings", leave=False):
             for name, (_, as_lists) in ENCODINGS.items():
-                rollouts = rollouts_of(wl.step())
+                rollouts = rollouts_of(workloads[name].step())
                 if as_lists:
                     rollouts = [Rollout(r.rollout_id, r.prompt_id, correct=r.correct, fingerprint=np.asarray(
                         r.fingerprint).tolist(), reward=r.reward) for r in rollouts]  # fmt: skip
                 gc.collect()
                 gc.freeze()
                 started = time.perf_counter()
-                clients[name].score("encodings", rollouts)
+                clients[name].score(f"wire-{name}", rollouts)
                 out[name].append(time.perf_counter() - started)
-                drain(clients[name], base_url, "encodings")
+                drain(clients[name], base_url, f"wire-{name}")
     finally:
         for client in clients.values():
             client.close()
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["bytes_per_rollout"] = stored_bytes(data) / rollouts_stored
             summary["rollouts_stored"] = rollouts_stored
             summary["refit_throughput"] = refit_throughput(opts, client, log)
-            encoded = encodings(opts, base_url, wl)
+            encoded = encodings(opts, base_url)
             summary["encodings_ms"] = {k: 1e3 * statistics.median(v) for k, v in encoded.items()}
             summary["batch_sizes"] = batch_sizes(opts, client, base_url)
             summary["high_dims"] = high_dims(opts, client, base_url)
