@@ -58,8 +58,13 @@ def _background_refits(
         engine.store, refitter, consumer=f"api-{socket.gethostname()}-{os.getpid()}",
         batch=settings.refit_queue_batch, claim_idle_s=settings.refit_claim_idle_s, observer=metrics,
     )  # fmt: skip
+    return _in_thread(worker.run, "meds-refit-queue")
+
+
+def _in_thread(loop: Callable[[threading.Event], None], name: str) -> _Background:
+    """Run `loop(stop)` in a daemon thread; stopping sets the event and waits for the loop to return."""
     stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), name="meds-refit-queue", daemon=True)
+    thread = threading.Thread(target=loop, args=(stop,), name=name, daemon=True)
 
     def halt() -> None:
         stop.set()
@@ -72,22 +77,15 @@ def _periodic(interval_s: float, task: Callable[[], object], name: str) -> _Back
     """Run `task` every interval in a thread (never when the interval is 0); failures are logged."""
     if interval_s <= 0:
         return _Background()
-    stop = threading.Event()
 
-    def loop() -> None:
+    def loop(stop: threading.Event) -> None:
         while not stop.wait(interval_s):
             try:
                 task()
             except Exception:
                 log.exception("%s failed", name)
 
-    thread = threading.Thread(target=loop, name=name, daemon=True)
-
-    def halt() -> None:
-        stop.set()
-        thread.join(10)
-
-    return _Background(thread.start, halt)
+    return _in_thread(loop, name)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

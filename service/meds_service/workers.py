@@ -18,6 +18,7 @@ from .core.clustering import fit_labels
 from .core.config import RunConfig
 from .core.errors import StoreUnavailable
 from .core.types import Fit, Group, MemoryKey
+from .engine.memory import split_keys
 from .engine.ports import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -163,16 +164,11 @@ class QueueWorker:
 
     def _refit(self, run: str, config: RunConfig, keys: list[MemoryKey]) -> None:
         heads = self.store.heads(run, keys)
-        stale = [
-            k
-            for k in keys
-            if heads[k].n > 0 and (heads[k].fit_start, heads[k].fitted_upto) != (heads[k].start, heads[k].n)
-        ]
+        stale = [k for k in keys if heads[k].stale]
         if not stale:
             return
         started = time.perf_counter()
-        parts = max(1, min(self.refitter.workers, len(stale)))
-        futures = [self.refitter.submit(run, config, stale[i::parts]) for i in range(parts)]
+        futures = [self.refitter.submit(run, config, job) for job in split_keys(stale, self.refitter.workers)]
         fits = [fit for future in futures for fit in future.result()]
         self.store.save_fits(run, fits)
         if self.observer is not None:

@@ -42,18 +42,22 @@ def decode_score_request(body: bytes, *, max_batch: int, max_dim: int) -> tuple[
             raise InvalidInput("body is not valid JSON") from None
         raise SchemaError(describe(exc)) from None
     rollouts = request.rollouts
-    if not rollouts:
-        raise InvalidInput("rollouts is empty")
-    if len(rollouts) > max_batch:
-        raise InvalidInput(f"{len(rollouts)} rollouts in one request is over the limit of {max_batch}")
     ids = [r["rollout_id"] for r in rollouts]
-    if len(set(ids)) != len(ids):
-        raise InvalidInput("rollout_id values repeat within the request")
+    _check_ids(ids, max_batch)
     fingerprints, present = _fingerprints(request, max_dim)
     rewards = np.array([_or_nan(r.get("reward")) for r in rollouts], dtype=np.float64)
     groups = np.array([Group.of(r.get("correct")) for r in rollouts], dtype=np.int64)
     batch = RolloutBatch(ids, [r["prompt_id"] for r in rollouts], groups, rewards, fingerprints, present)
     return batch, request.step
+
+
+def _check_ids(ids: list[str], max_batch: int) -> None:
+    if not ids:
+        raise InvalidInput("rollouts is empty")
+    if len(ids) > max_batch:
+        raise InvalidInput(f"{len(ids)} rollouts in one request is over the limit of {max_batch}")
+    if len(set(ids)) != len(ids):
+        raise InvalidInput("rollout_id values repeat within the request")
 
 
 def _fingerprints(request: ScoreRequest, max_dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,11 +107,16 @@ def _matrix(spec: FingerprintMatrix, max_dim: int) -> np.ndarray:
         raw = base64.b64decode(spec.data, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput("fingerprint_matrix.data is not valid base64") from None
+    return _float32_rows(raw, rows, dim, "fingerprint_matrix")
+
+
+def _float32_rows(raw: bytes, rows: int, dim: int, what: str) -> np.ndarray:
+    """A [rows, dim] matrix from little-endian float32 bytes, all finite."""
     if len(raw) != rows * dim * 4:
-        raise InvalidInput(f"fingerprint_matrix.data has {len(raw)} bytes; shape {spec.shape} needs {rows * dim * 4}")
+        raise InvalidInput(f"{what}.data has {len(raw)} bytes; shape [{rows}, {dim}] needs {rows * dim * 4}")
     matrix = np.frombuffer(raw, dtype="<f4").reshape(rows, dim).astype(np.float32)
     if not np.isfinite(matrix).all():
-        raise InvalidInput("fingerprint_matrix holds NaN or infinite values")
+        raise InvalidInput(f"{what} values must be finite numbers (NaN or infinity found)")
     return matrix
 
 
@@ -148,14 +157,9 @@ def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> tuple[Rollou
         raise SchemaError(f"unknown fields: {', '.join(sorted(map(str, unknown)))}")
     ids, prompts = _strings(request, "rollout_id"), _strings(request, "prompt_id")
     n = len(ids)
-    if n == 0:
-        raise InvalidInput("rollouts is empty")
-    if n > max_batch:
-        raise InvalidInput(f"{n} rollouts in one request is over the limit of {max_batch}")
+    _check_ids(ids, max_batch)
     if len(prompts) != n:
         raise SchemaError("rollout_id and prompt_id differ in length")
-    if len(set(ids)) != n:
-        raise InvalidInput("rollout_id values repeat within the request")
     correct = _column(request, "correct", "<i1", n, default=-1)
     if not np.isin(correct, (-1, 0, 1)).all():
         raise SchemaError("correct holds values other than 1, 0 and -1")
@@ -223,11 +227,7 @@ def _column_fingerprints(request: dict[str, Any], n: int, max_dim: int) -> tuple
         raise InvalidInput(f"fingerprints have {dim} values, over the limit of {max_dim}")
     if dim == 0 and rows:
         raise InvalidInput("a fingerprint has no values")
-    if len(spec["data"]) != rows * dim * 4:
-        raise InvalidInput(f"fingerprints.data has {len(spec['data'])} bytes; shape {shape} needs {rows * dim * 4}")
-    matrix = np.frombuffer(spec["data"], dtype="<f4").reshape(rows, dim).astype(np.float32)
-    if not np.isfinite(matrix).all():
-        raise InvalidInput("fingerprints hold NaN or infinite values")
+    matrix = _float32_rows(spec["data"], rows, dim, "fingerprints")
     present = _column(request, "fingerprint_present", "<u1", n, default=1).astype(bool)
     if int(present.sum()) != rows:
         raise InvalidInput(f"fingerprint_present marks {int(present.sum())} rollouts for {rows} fingerprint rows")

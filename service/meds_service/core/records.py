@@ -26,3 +26,13 @@ class KeyHead(NamedTuple):
     n: int
     fit_start: int
     fitted_upto: int
+
+    @property
+    def live(self) -> int:
+        """How many vectors the key holds."""
+        return self.n - self.start
+
+    @property
+    def stale(self) -> bool:
+        """Whether the key holds vectors its last fit does not cover exactly."""
+        return self.n > 0 and (self.fit_start, self.fitted_upto) != (self.start, self.n)

@@ -65,6 +65,10 @@ class CachedKey:
     sizes: NDArray[np.int64] = field(default_factory=lambda: np.zeros(1, np.int64))
 
     @property
+    def live(self) -> int:
+        return self.n - self.start
+
+    @property
     def stale(self) -> bool:
         return self.n > 0 and (self.fit_start != self.start or self.fitted_upto != self.n)
 
@@ -221,9 +225,9 @@ class ErrorMemory:
                     continue
                 version = run.version
                 keys = [
-                    KeyRows(key, c.start, c.n, run.index.rows(key, 0, c.n - c.start).copy())
+                    KeyRows(key, c.start, c.n, run.index.rows(key, 0, c.live).copy())
                     for key, c in run.keys.items()
-                    if run.index.count(key) == c.n - c.start
+                    if run.index.count(key) == c.live
                 ]
                 snapshot = Snapshot(run.name, run.created_at, run.index.dim, keys)
             write_snapshot(self.snapshot_dir, snapshot)
@@ -686,14 +690,14 @@ class ErrorMemory:
             if self.shared:
                 heads = self.store.key_heads(name)
                 keys = list(heads) if everything else self.store.list_keys(name, pending_only=True)
-                vectors = sum(heads[k].n - heads[k].start for k in keys if k in heads)
+                vectors = sum(heads[k].live for k in keys if k in heads)
             else:
                 keys = list(run.keys) if everything else sorted(run.pending)
-                vectors = sum(run.keys[k].n - run.keys[k].start for k in keys)
+                vectors = sum(run.keys[k].live for k in keys)
             for key in keys:
                 if key in run.inflight:
                     self._apply(run, run.inflight[key])
-            jobs = [self._submit(run, run.config, job) for job in _split(keys, self.refitter.workers)]
+            jobs = [self._submit(run, run.config, job) for job in split_keys(keys, self.refitter.workers)]
             for future in jobs:
                 self._apply(run, future)
         return {
@@ -713,7 +717,7 @@ class ErrorMemory:
                 keys, vectors, rollouts = counts.keys, counts.vectors, counts.rollouts
                 pending = self.store.pending_count(name)
             else:
-                keys, vectors, rollouts = len(run.keys), sum(c.n - c.start for c in run.keys.values()), run.rollouts
+                keys, vectors, rollouts = len(run.keys), sum(c.live for c in run.keys.values()), run.rollouts
                 pending = len(run.pending)
             return {
                 "keys": keys,
@@ -744,7 +748,7 @@ class ErrorMemory:
                 labels = cached.labels
                 values, counts = np.unique(labels, return_counts=True)
                 groups[group.wire] = {
-                    "vectors": cached.n - cached.start,
+                    "vectors": cached.live,
                     "fitted": cached.fitted_upto - cached.fit_start,
                     "pending_refit": MemoryKey(prompt_id, group) in run.pending,
                     "clusters": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
@@ -766,7 +770,7 @@ class ErrorMemory:
         else:
             for run in self._cached_runs():
                 keys += len(run.keys)
-                vectors += sum(c.n - c.start for c in list(run.keys.values()))
+                vectors += sum(c.live for c in list(run.keys.values()))
                 pending += len(run.pending)
         return {
             "runs": len(names),
@@ -812,8 +816,7 @@ def _batches(keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: 
     job: list[MemoryKey] = []
     vectors = 0
     for key in keys:
-        cached = run.keys[key]
-        size = cached.n - cached.start
+        size = run.keys[key].live
         if job and (len(job) >= max_keys or vectors + size > max_vectors):
             yield job
             job, vectors = [], 0
@@ -823,6 +826,7 @@ def _batches(keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: 
         yield job
 
 
-def _split(keys: list[MemoryKey], parts: int) -> list[list[MemoryKey]]:
+def split_keys(keys: list[MemoryKey], parts: int) -> list[list[MemoryKey]]:
+    """Keys dealt round-robin into at most `parts` jobs (none when there are no keys)."""
     parts = max(1, min(parts, len(keys)))
     return [keys[i::parts] for i in range(parts)] if keys else []

@@ -326,9 +326,7 @@ class SQLiteStore:
                 ("fits", "key_id", key_ids),
                 ("keys", "key_id", key_ids),
             ):
-                for lo in range(0, len(ids), _SQL_VARS):
-                    part = ids[lo : lo + _SQL_VARS]
-                    db.execute(f"DELETE FROM {table} WHERE {column} IN ({','.join('?' * len(part))})", part)
+                _where_in(db, f"DELETE FROM {table} WHERE {column} IN ({{}})", ids)
             db.execute("DELETE FROM runs WHERE run_id=?", (entry.run_id,))
         for key_id in key_ids:
             self._keys.pop(key_id, None)
@@ -403,13 +401,13 @@ class SQLiteStore:
         reading only the chunks that hold them."""
         owner = {c[0]: k for k in keys for c in k.chunks() if c[1] + c[2] > firsts[k.key_id]}
         blobs: dict[int, list[tuple[int, bytes]]] = {}
-        for chunk_id, blob in _fetch(db, "SELECT chunk_id, vectors FROM chunks WHERE chunk_id IN ({})", list(owner)):
+        for chunk_id, blob in _where_in(db, "SELECT chunk_id, vectors FROM chunks WHERE chunk_id IN ({})", list(owner)):
             blobs.setdefault(owner[chunk_id].key_id, []).append((chunk_id, blob))
         vectors = {k.key_id: _join_chunks(k, blobs.get(k.key_id, []), firsts[k.key_id], dim) for k in keys}
         sql = "SELECT key_id, fit_start, fitted_upto, labels FROM fits WHERE key_id IN ({})"
         fits = {
             key_id: (fs, fu, np.frombuffer(labels, dtype="<i4").astype(np.int64))
-            for key_id, fs, fu, labels in _fetch(db, sql, [k.key_id for k in fitted])
+            for key_id, fs, fu, labels in _where_in(db, sql, [k.key_id for k in fitted])
         }
         for k in fitted:  # never fitted: say so, so that a cache holding a stale fit drops it
             fits.setdefault(k.key_id, (0, 0, np.zeros(0, np.int64)))
@@ -431,7 +429,7 @@ class SQLiteStore:
             chunks = {int(found[i]) >> _POS_BITS for i in hits}
             rows = {
                 chunk_id: (orjson.loads(ids), np.frombuffer(results, dtype=RESULT_DTYPE))
-                for chunk_id, ids, results in _fetch(
+                for chunk_id, ids, results in _where_in(
                     db, "SELECT chunk_id, ids, results FROM chunks WHERE chunk_id IN ({})", list(chunks)
                 )
             }
@@ -483,9 +481,8 @@ class SQLiteStore:
                 for c in k.chunks()
                 if k.start < c[1] + c[2] <= a.new_start
             ]
-            for lo in range(0, len(dead), _SQL_VARS):  # a capped memory forgets vectors, keeps ids and results
-                part = dead[lo : lo + _SQL_VARS]
-                db.execute(f"UPDATE chunks SET vectors=x'' WHERE chunk_id IN ({','.join('?' * len(part))})", part)
+            # A capped memory forgets vectors, keeps ids and results.
+            _where_in(db, "UPDATE chunks SET vectors=x'' WHERE chunk_id IN ({})", dead)
             _save_fits(db, {k.key: k for k in keys}, batch.fits)
         for offset, (a, k) in enumerate(zip(batch.appends, keys, strict=True)):
             if k.key_id not in self._keys:
@@ -567,7 +564,8 @@ def _save_fits(db: sqlite3.Connection, keys: dict[MemoryKey, _Key], fits: Sequen
     return saved
 
 
-def _fetch(db: sqlite3.Connection, sql: str, ids: list[int]) -> list[tuple[Any, ...]]:
+def _where_in(db: sqlite3.Connection, sql: str, ids: list[int]) -> list[tuple[Any, ...]]:
+    """Run `sql`, whose `IN ({})` takes the ids, in parts under SQLite's parameter limit; the rows of all parts."""
     rows: list[tuple[Any, ...]] = []
     for lo in range(0, len(ids), _SQL_VARS):
         part = ids[lo : lo + _SQL_VARS]
