@@ -126,6 +126,7 @@ class BaseMedsClient(Generic[HttpClientT]):
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         on_error: OnError = "raise",
         wire: Wire = "auto",
+        http_client: HttpClientT | None = None,
     ) -> None:
         if on_error not in ("raise", "zero"):
             raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
@@ -144,6 +145,12 @@ class BaseMedsClient(Generic[HttpClientT]):
         self.max_batch_bytes = max_batch_bytes
         self.on_error: OnError = on_error
         self.stats = ClientStats()
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else self._new_http()
+
+    def _new_http(self) -> HttpClientT:
+        """The HTTP client this client owns (and closes) when none was passed in."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, on_error={self.on_error!r})"
@@ -306,23 +313,22 @@ def _score_columns_parser(expected_ids: list[str]) -> Callable[[httpx.Response],
             wire = unpack_columns(response.content)
         except ValueError as exc:
             raise APIResponseValidationError(f"unreadable msgpack answer: {exc}", response=response) from exc
-        if wire.rollout_ids != expected_ids:
-            raise APIResponseValidationError(
-                f"{len(wire)} results do not match the {len(expected_ids)} rollouts sent", response=response
-            )
-        return wire
+        return _expect_ids(wire, expected_ids, response)
 
     return parse
 
 
 def _score_parser(expected_ids: list[str]) -> Callable[[httpx.Response], ScoreResults]:
     def parse(response: httpx.Response) -> ScoreResults:
-        results = ScoreResults.from_json(_json_object(response)["results"])
-        if results.rollout_ids != expected_ids:
-            raise APIResponseValidationError(
-                f"{len(results)} results do not match the {len(expected_ids)} rollouts sent",
-                response=response,
-            )
-        return results
+        return _expect_ids(ScoreResults.from_json(_json_object(response)["results"]), expected_ids, response)
 
     return parse
+
+
+def _expect_ids(results: ScoreResults, expected_ids: list[str], response: httpx.Response) -> ScoreResults:
+    """The results, if they answer exactly the rollouts sent, in order."""
+    if results.rollout_ids != expected_ids:
+        raise APIResponseValidationError(
+            f"{len(results)} results do not match the {len(expected_ids)} rollouts sent", response=response
+        )
+    return results

@@ -16,15 +16,6 @@ import anyio
 import httpx
 
 from ._base import BaseMedsClient, Call, ScorePlan
-from ._config import (
-    DEFAULT_MAX_BATCH_BYTES,
-    DEFAULT_MAX_BATCH_ROLLOUTS,
-    DEFAULT_MAX_RETRIES,
-    DEFAULT_TIMEOUT,
-    OnError,
-    RetryPolicy,
-    Wire,
-)
 from ._encoding import ScoreChunk
 from ._exceptions import MedsError
 from ._types import PromptMemory, ReclusterResult, Rollout, Run, RunConfig, ScoreResults
@@ -51,31 +42,8 @@ class MedsClient(BaseMedsClient[httpx.Client]):
     client then does not close it.
     """
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        *,
-        api_key: str | None = None,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-        retries: int | RetryPolicy = DEFAULT_MAX_RETRIES,
-        max_batch_rollouts: int = DEFAULT_MAX_BATCH_ROLLOUTS,
-        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-        on_error: OnError = "raise",
-        wire: Wire = "auto",
-        http_client: httpx.Client | None = None,
-    ) -> None:
-        super().__init__(
-            base_url,
-            api_key=api_key,
-            timeout=timeout,
-            retries=retries,
-            max_batch_rollouts=max_batch_rollouts,
-            max_batch_bytes=max_batch_bytes,
-            on_error=on_error,
-            wire=wire,
-        )
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.Client()
+    def _new_http(self) -> httpx.Client:
+        return httpx.Client()
 
     # -- the API -------------------------------------------------------------------------------
 
@@ -169,31 +137,8 @@ class MedsClient(BaseMedsClient[httpx.Client]):
 class AsyncMedsClient(BaseMedsClient[httpx.AsyncClient]):
     """Asynchronous client of the MEDS service; the same API as `MedsClient`, awaited."""
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        *,
-        api_key: str | None = None,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-        retries: int | RetryPolicy = DEFAULT_MAX_RETRIES,
-        max_batch_rollouts: int = DEFAULT_MAX_BATCH_ROLLOUTS,
-        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-        on_error: OnError = "raise",
-        wire: Wire = "auto",
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(
-            base_url,
-            api_key=api_key,
-            timeout=timeout,
-            retries=retries,
-            max_batch_rollouts=max_batch_rollouts,
-            max_batch_bytes=max_batch_bytes,
-            on_error=on_error,
-            wire=wire,
-        )
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.AsyncClient()
+    def _new_http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient()
 
     async def score(
         self, run: str, rollouts: Iterable[Rollout | Mapping[str, Any]], *, step: int | None = None

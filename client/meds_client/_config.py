@@ -32,9 +32,9 @@ DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024
 """Estimated request body size per score request; half the service's default 32 MiB limit."""
 
 OnError = Literal["raise", "zero"]
+"""What `score` does when the service fails after retries: raise, or return penalty 0 with status "error"."""
 Wire = Literal["auto", "json", "msgpack"]
 """Score request encoding: the compact msgpack columns when msgpack is installed (`auto`), or forced."""
-"""What `score` does when the service fails after retries: raise, or return penalty 0 with status "error"."""
 
 RETRYABLE_STATUS_CODES = frozenset({408, 429})
 """Besides these, every 5xx is retried. Other 4xx mean the request itself is wrong."""

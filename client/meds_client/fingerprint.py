@@ -48,7 +48,9 @@ def boxed_token_ids(tokenizer: Tokenizer) -> list[int]:
     return list(tokenizer.encode(BOXED_TEXT, add_special_tokens=False))
 
 
-def find_boxed_anchor(token_ids: Sequence[int] | torch.Tensor, tokenizer: Tokenizer) -> int | None:
+def find_boxed_anchor(
+    token_ids: Sequence[int] | torch.Tensor, tokenizer: Tokenizer, *, pattern: list[int] | None = None
+) -> int | None:
     """Index in `token_ids` of the `{` token of the last `\\boxed{`, or None.
 
     `token_ids` is one response without padding. The token sequence of `\\boxed{` is searched for
@@ -56,10 +58,11 @@ def find_boxed_anchor(token_ids: Sequence[int] | torch.Tensor, tokenizer: Tokeni
     neighbours): the last token whose text contains `boxed` (case-insensitive), then the first token
     containing `{` from that token on within 10 tokens. Token text is as the tokenizer spells it
     (`convert_ids_to_tokens`), as in the reference. An anchor on the very last token has no sampled
-    token after it, so it gives None too.
+    token after it, so it gives None too. Callers searching many responses pass `pattern`
+    (`boxed_token_ids(tokenizer)`, computed once) to skip encoding it again for each.
     """
     ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else [int(t) for t in token_ids]
-    anchor = _find_sequence_end(ids, boxed_token_ids(tokenizer))
+    anchor = _find_sequence_end(ids, boxed_token_ids(tokenizer) if pattern is None else pattern)
     if anchor is None:
         anchor = _find_by_token_text(list(tokenizer.convert_ids_to_tokens(ids)))
     if anchor is None or anchor >= len(ids) - 1:
@@ -133,7 +136,10 @@ def fingerprint_sequences(
     """
     if len(sequences) != len(response_starts):
         raise ValueError("sequences and response_starts must have the same length")
-    anchors = [_absolute_anchor(seq, start, tokenizer) for seq, start in zip(sequences, response_starts, strict=True)]
+    pattern = boxed_token_ids(tokenizer)
+    anchors = [
+        _absolute_anchor(seq, start, tokenizer, pattern) for seq, start in zip(sequences, response_starts, strict=True)
+    ]
     results: list[npt.NDArray[np.float32] | None] = [None] * len(sequences)
     with_anchor = sorted((i for i, p in enumerate(anchors) if p is not None), key=lambda i: len(sequences[i]))
     for start in range(0, len(with_anchor), batch_size):
@@ -224,8 +230,10 @@ def _check_anchors(anchors: torch.Tensor, attention_mask: torch.Tensor, seq_len:
         raise ValueError("an anchor and the token after it must both be real (attention_mask == 1) tokens")
 
 
-def _absolute_anchor(sequence: Sequence[int], response_start: int, tokenizer: Tokenizer) -> int | None:
-    anchor = find_boxed_anchor(sequence[response_start:], tokenizer)
+def _absolute_anchor(
+    sequence: Sequence[int], response_start: int, tokenizer: Tokenizer, pattern: list[int]
+) -> int | None:
+    anchor = find_boxed_anchor(sequence[response_start:], tokenizer, pattern=pattern)
     return None if anchor is None else response_start + anchor
 
 

@@ -25,7 +25,7 @@ MEDS keys memory by prompt on the server, so split groups are fine.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -100,19 +100,24 @@ class MedsGRPOTrainer(GRPOTrainer):
             )
 
 
-class _PenaltyRewardBase:
+ClientT = TypeVar("ClientT", MedsClient, AsyncMedsClient)
+
+
+class _PenaltyRewardBase(Generic[ClientT]):
     """What the sync and async reward functions share: reading TRL's inputs and shaping the answer."""
 
     __name__ = REWARD_NAME
 
     def __init__(
         self,
+        client: ClientT,
         run: str,
         *,
         accuracy: AccuracyReward,
         threshold: float = DEFAULT_CORRECTNESS_THRESHOLD,
         prompt_id_fn: Callable[[str], str] = prompt_id,
     ) -> None:
+        self.client: ClientT = client
         self.run = run
         self.accuracy = accuracy
         self.threshold = threshold
@@ -157,7 +162,7 @@ class _PenaltyRewardBase:
         return [None if r.status == "error" else float(d) for r, d in zip(results, deltas, strict=True)]
 
 
-class MedsPenaltyReward(_PenaltyRewardBase):
+class MedsPenaltyReward(_PenaltyRewardBase[MedsClient]):
     """TRL reward function (blocking) returning the MEDS change to the accuracy reward per completion.
 
     `accuracy` is your correctness reward function (called with TRL's arguments; a completion is
@@ -165,18 +170,6 @@ class MedsPenaltyReward(_PenaltyRewardBase):
     column when there is one, else by `prompt_id_fn` of the prompt text (the last user message of a
     conversational prompt).
     """
-
-    def __init__(
-        self,
-        client: MedsClient,
-        run: str,
-        *,
-        accuracy: AccuracyReward,
-        threshold: float = DEFAULT_CORRECTNESS_THRESHOLD,
-        prompt_id_fn: Callable[[str], str] = prompt_id,
-    ) -> None:
-        super().__init__(run, accuracy=accuracy, threshold=threshold, prompt_id_fn=prompt_id_fn)
-        self.client = client
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Any], **kwargs: Any
@@ -186,20 +179,8 @@ class MedsPenaltyReward(_PenaltyRewardBase):
         return self._rewards(results, rollouts, accuracy, kwargs)
 
 
-class AsyncMedsPenaltyReward(_PenaltyRewardBase):
+class AsyncMedsPenaltyReward(_PenaltyRewardBase[AsyncMedsClient]):
     """`MedsPenaltyReward` over `AsyncMedsClient`: TRL awaits it concurrently with other async rewards."""
-
-    def __init__(
-        self,
-        client: AsyncMedsClient,
-        run: str,
-        *,
-        accuracy: AccuracyReward,
-        threshold: float = DEFAULT_CORRECTNESS_THRESHOLD,
-        prompt_id_fn: Callable[[str], str] = prompt_id,
-    ) -> None:
-        super().__init__(run, accuracy=accuracy, threshold=threshold, prompt_id_fn=prompt_id_fn)
-        self.client = client
 
     async def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Any], **kwargs: Any

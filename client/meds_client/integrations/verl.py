@@ -32,7 +32,7 @@ from torch import nn
 
 from .._client import MedsClient
 from .._prompt_id import prompt_id
-from ..fingerprint import DEFAULT_BATCH_SIZE, Tokenizer, find_boxed_anchor, layer_logit_fingerprints
+from ..fingerprint import DEFAULT_BATCH_SIZE, Tokenizer, boxed_token_ids, find_boxed_anchor, layer_logit_fingerprints
 from ._shaping import DEFAULT_CORRECTNESS_THRESHOLD, MedsShaper, Shaping, correctness_from_scores, new_rollout_ids
 
 FINGERPRINT_KEY = "meds_fingerprint"
@@ -63,9 +63,10 @@ def response_anchor_positions(batch: DataProtoLike, tokenizer: Tokenizer) -> npt
     responses = batch.batch["responses"]
     prompt_width = batch.batch["input_ids"].shape[1] - responses.shape[1]
     lengths = _response_mask(batch).sum(-1).tolist()
+    pattern = boxed_token_ids(tokenizer)
     anchors = []
     for row, length in zip(responses, lengths, strict=True):
-        anchor = find_boxed_anchor(row[: int(length)], tokenizer)
+        anchor = find_boxed_anchor(row[: int(length)], tokenizer, pattern=pattern)
         anchors.append(-1 if anchor is None else prompt_width + anchor)
     return np.array(anchors, dtype=np.int64)
 
