@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import uuid
 from dataclasses import dataclass, field
 
@@ -49,36 +48,3 @@ class Workload:
             "fingerprints": fps.astype(np.float32),
             "rewards": correct.astype(np.float64),
         }
-
-
-def json_body(step: dict[str, np.ndarray | list[str]]) -> dict[str, object]:
-    """The plain JSON request (fingerprints as lists of floats)."""
-    fps = step["fingerprints"]
-    assert isinstance(fps, np.ndarray)
-    return {
-        "rollouts": [
-            {"rollout_id": rid, "prompt_id": pid, "correct": bool(c), "fingerprint": fp, "reward": float(r)}
-            for rid, pid, c, fp, r in zip(
-                step["rollout_ids"], step["prompt_ids"], step["correct"], fps.tolist(), step["rewards"], strict=True
-            )
-        ]
-    }
-
-
-def binary_body(step: dict[str, np.ndarray | list[str]]) -> dict[str, object]:
-    """The compact request: one base64 float32 matrix, rollouts point at their rows."""
-    fps = step["fingerprints"]
-    assert isinstance(fps, np.ndarray)
-    return {
-        "rollouts": [
-            {"rollout_id": rid, "prompt_id": pid, "correct": bool(c), "fingerprint_row": i, "reward": float(r)}
-            for i, (rid, pid, c, r) in enumerate(
-                zip(step["rollout_ids"], step["prompt_ids"], step["correct"], step["rewards"], strict=True)
-            )
-        ],
-        "fingerprint_matrix": {
-            "dtype": "float32",
-            "shape": list(fps.shape),
-            "data": base64.b64encode(np.ascontiguousarray(fps, dtype="<f4").tobytes()).decode(),
-        },
-    }

@@ -55,3 +55,12 @@ def redis_url(redis_session: RedisServer) -> str:
     """A clean Redis for one test."""
     redis_session.flush()
     return redis_session.url
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own (AOF, fsync always), which the test may kill and restart."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,31 +10,16 @@ import redis
 
 from meds_service.storage.redis import GROUP, STREAM
 from tests.support.redis_server import RedisServer
-from tests.support.reference import ReferenceMEDS
-from tests.support.server import ProcessServer, ProcessWorker
+from tests.support.reference import ReferenceMEDS, assert_matches_reference
+from tests.support.server import ProcessServer, ProcessWorker, wait_for
 from tests.support.trace import TraceSpec, to_wire, trace_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
 def api(tmp_path: Path, name: str, redis_url: str, **env: str) -> ProcessServer:
     values = {"MEDS_REDIS_URL": redis_url, "MEDS_REFIT_BACKGROUND": "false", "MEDS_REFIT_WORKERS": "1", **env}
     return ProcessServer(tmp_path / name, env=values)
-
-
-def check(results: list[dict[str, object]], expected: dict[str, object]) -> None:
-    for item in results:
-        want = expected[str(item["rollout_id"])]
-        got = (item["cluster_size"], item["penalty"], item["shaped_reward"])
-        assert got == (want.cluster_size, want.penalty, want.shaped_reward), item["rollout_id"]  # type: ignore[attr-defined]
 
 
 def claimed(queue: redis.Redis) -> int:
@@ -45,15 +28,6 @@ def claimed(queue: redis.Redis) -> int:
         return int(queue.xpending(STREAM, GROUP)["pending"])
     except redis.exceptions.ResponseError:
         return 0
-
-
-def wait_for(predicate: object, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise TimeoutError("condition not reached")
 
 
 def test_two_replicas_and_a_worker_match_the_reference(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -68,7 +42,7 @@ def test_two_replicas_and_a_worker_match_the_reference(tmp_path: Path, redis_ser
             replica = replicas[i % 2]  # steps alternate between the replicas
             response = httpx.post(f"{replica.base_url}/v1/runs/shared/score", json=to_wire(step), timeout=120)
             assert response.status_code == 200, response.text
-            check(response.json()["results"], reference.step(step))
+            assert_matches_reference(response.json()["results"], reference.step(step))
         # The worker drains the queue; both replicas then see the same fitted memory.
         wait_for(lambda: httpx.get(f"{replicas[0].base_url}/v1/runs/shared").json()["stats"]["pending_refits"] == 0)
         views = [httpx.get(f"{r.base_url}/v1/runs/shared/prompts/prompt-3").json() for r in replicas]

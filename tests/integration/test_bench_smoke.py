@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.bench import run_quick
 
 pytestmark = pytest.mark.slow
 
 
 def test_quick_benchmark_run(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.bench_score", "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_quick("bench.bench_score", tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["refit_throughput"]["labels_differing"] == 0
     assert all(row["ratio"] > 1 for row in summary["critical_path"])

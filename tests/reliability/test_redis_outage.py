@@ -12,23 +12,14 @@ import httpx
 import pytest
 
 from tests.support.redis_server import RedisServer
-from tests.support.reference import ReferenceMEDS
-from tests.support.server import ProcessServer
+from tests.support.reference import ReferenceMEDS, assert_matches_reference
+from tests.support.server import ProcessServer, wait_ready
 from tests.support.trace import TraceSpec, to_wire, trace_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 
-def check(results: list[dict[str, object]], expected: dict[str, object]) -> None:
-    for item in results:
-        want = expected[str(item["rollout_id"])]
-        got = (item["cluster_size"], item["penalty"], item["shaped_reward"])
-        assert got == (want.cluster_size, want.penalty, want.shaped_reward), item["rollout_id"]  # type: ignore[attr-defined]
-
-
-def test_redis_sigkill_and_recovery(tmp_path: Path) -> None:
-    redis_server = RedisServer(tmp_path / "redis")
-    redis_server.start()
+def test_redis_sigkill_and_recovery(tmp_path: Path, redis_server: RedisServer) -> None:
     server = ProcessServer(tmp_path / "api", env={"MEDS_REDIS_URL": redis_server.url, "MEDS_REDIS_TIMEOUT_S": "2"})
     server.start()
     url = f"{server.base_url}/v1/runs/r/score"
@@ -49,10 +40,7 @@ def test_redis_sigkill_and_recovery(tmp_path: Path) -> None:
                 assert httpx.get(f"{server.base_url}/readyz", timeout=30).status_code == 503
                 assert httpx.get(f"{server.base_url}/healthz", timeout=30).status_code == 200
                 redis_server.start()  # same port and folder: the AOF brings everything back
-                deadline = time.monotonic() + 30
-                while httpx.get(f"{server.base_url}/readyz", timeout=30).status_code != 200:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
+                wait_ready(server.base_url, 30)
                 stats = httpx.get(f"{server.base_url}/v1/runs/r", timeout=30).json()["stats"]
                 assert stats["vectors"] == stats["rollouts"] == acked
             if i == 12:  # Redis dies while a request is in flight: the retry gets the same values
@@ -64,13 +52,12 @@ def test_redis_sigkill_and_recovery(tmp_path: Path) -> None:
                 redis_server.start()
             response = httpx.post(url, json=body, timeout=60)
             assert response.status_code == 200, response.text
-            check(response.json()["results"], expected)
+            assert_matches_reference(response.json()["results"], expected)
             acked += sum(1 for r in step if r.fingerprint is not None)
         stats = httpx.get(f"{server.base_url}/v1/runs/r", timeout=30).json()["stats"]
         assert stats["vectors"] == acked
     finally:
         server.stop()
-        redis_server.stop()
 
 
 def _send_ignoring_errors(url: str, body: object) -> None:

@@ -11,21 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.reference import ReferenceMEDS
+from tests.support.reference import ReferenceMEDS, assert_matches_reference
 from tests.support.server import ProcessServer
 from tests.support.trace import TraceSpec, to_wire, trace_steps
 
 pytestmark = pytest.mark.slow
-
-
-def check(results: list[dict[str, object]], expected: dict[str, object]) -> None:
-    for item in results:
-        want = expected[str(item["rollout_id"])]
-        assert (item["cluster_size"], item["penalty"], item["shaped_reward"]) == (
-            want.cluster_size,
-            want.penalty,
-            want.shaped_reward,  # type: ignore[attr-defined]
-        ), item["rollout_id"]
 
 
 def send_ignoring_errors(url: str, body: object) -> None:
@@ -67,7 +57,7 @@ def test_sigkill_between_steps_and_mid_request(tmp_path: Path) -> None:
                 response = httpx.post(f"{server.base_url}/v1/runs/k/score", json=body, timeout=60)
                 assert response.status_code == 200
                 results = response.json()["results"]
-            check(results, expected)
+            assert_matches_reference(results, expected)
             acked_vectors += sum(1 for r in step if r.fingerprint is not None)
             if i in kill_after:
                 before = httpx.get(f"{server.base_url}/v1/runs/k").json()["stats"]

@@ -143,3 +143,11 @@ class ReferenceMEDS:
             else:
                 shaped = r.reward
         return RefResult(label, size, penalty, shaped)
+
+
+def assert_matches_reference(results: list[dict[str, Any]], expected: dict[str, RefResult]) -> None:
+    """Every answered rollout has the reference's cluster size, penalty and shaped reward, exactly."""
+    for item in results:
+        want = expected[str(item["rollout_id"])]
+        got = (item["cluster_size"], item["penalty"], item["shaped_reward"])
+        assert got == (want.cluster_size, want.penalty, want.shaped_reward), item["rollout_id"]
