@@ -15,7 +15,6 @@ import numpy.typing as npt
 
 ScoreStatus = Literal["scored", "skipped", "duplicate", "error"]
 """`error` is added by the client only, in degraded mode (`on_error="zero"`)."""
-MemoryGroup = Literal["wrong", "correct", "unknown"]
 
 FingerprintLike = npt.NDArray[np.floating[Any]] | Sequence[float]
 """One float per layer. numpy arrays are sent in the compact binary form, lists as JSON numbers."""
