@@ -18,11 +18,26 @@ from numpy.typing import NDArray
 
 log = logging.getLogger(__name__)
 
+_search_threads = [1]  # set once at start-up by set_threads; read by every searching thread
+
 
 def set_threads(threads: int) -> None:
-    """OpenMP threads FAISS may use in this process. Per-key searches are tiny: one thread avoids the
-    spin-waiting of idle OpenMP workers, which costs far more than it saves on a small host."""
+    """OpenMP threads FAISS may use for a search. Per-key searches are tiny: one thread avoids the
+    spin-waiting of idle OpenMP workers, which costs far more than it saves on a small host.
+
+    OpenMP keeps this setting per thread, and searches run in the API's worker threads, not in the thread
+    that starts the service: every search applies it in its own thread (`_use_search_threads`).
+    """
+    if threads < 1:
+        raise ValueError("threads must be >= 1")
+    _search_threads[0] = threads
     faiss.omp_set_num_threads(threads)
+
+
+def _use_search_threads() -> None:
+    """Apply the configured OpenMP thread count in the calling thread (a new thread starts with every core)."""
+    if faiss.omp_get_max_threads() != _search_threads[0]:
+        faiss.omp_set_num_threads(_search_threads[0])
 
 
 def gpu_count() -> int:
@@ -110,5 +125,6 @@ class ShardIndex:
             except RuntimeError:
                 log.exception("GPU kNN failed; falling back to the CPU for this index")
                 self._gpu_resources = None
+        _use_search_threads()
         scores, ids = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
         return scores, ids
