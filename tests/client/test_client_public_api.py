@@ -61,6 +61,8 @@ def test_fingerprint_all_is_pinned() -> None:
         "fingerprint_sequences",
         "layer_logit_fingerprints",
         "output_embedding",
+        "response_anchor",
+        "response_anchors",
     }
 
 
