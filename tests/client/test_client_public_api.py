@@ -10,6 +10,7 @@ PUBLIC = {
     "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MAX_BATCH_ROLLOUTS",
     "DEFAULT_MAX_RETRIES",
+    "DEFAULT_SCORE_DEADLINE",
     "DEFAULT_TIMEOUT",
     "APIConnectionError",
     "APIResponseValidationError",
