@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from meds_client.fingerprint import fingerprint_sequences, output_embedding, response_anchor
 from meds_client.testing import tiny_model, tiny_tokenizer
@@ -80,6 +81,14 @@ def worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))  # a hang fails
+    full_tensor = DTensor.full_tensor
+    gathered_whole: list[tuple[int, ...]] = []
+
+    def count_full_tensor(self: DTensor, **kwargs: Any) -> torch.Tensor:
+        gathered_whole.append(tuple(self.shape))
+        return full_tensor(self, **kwargs)
+
+    DTensor.full_tensor = count_full_tensor  # type: ignore[method-assign]
     try:
         tokenizer = tiny_tokenizer()
         rows, starts = rows_of(rank)
@@ -90,6 +99,7 @@ def worker(rank: int, port: int, out: str) -> None:
                 results[f"{kind}-{wrapper}"] = fingerprint_sequences(
                     model, tokenizer, rows, starts, batch_size=BATCH_SIZE
                 )
+        results["gathered_whole"] = gathered_whole
         Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
     finally:
         dist.destroy_process_group()
@@ -116,6 +126,12 @@ def assert_close(actual: list[np.ndarray | None], expected: list[np.ndarray | No
             assert a is not None and np.abs(a - e).max() <= TOLERANCE
 
 
+@pytest.mark.slow
+def test_the_output_embedding_is_never_gathered_whole(sharded_results: list[dict[str, Any]]) -> None:
+    assert [r["gathered_whole"] for r in sharded_results] == [[], []]
+
+
+@pytest.mark.slow  # two processes that import transformers: ~10 s of start-up
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("wrapper", WRAPPERS)
 def test_sharded_and_wrapped_models_match_the_naive_computation(
