@@ -19,6 +19,7 @@ from meds_client import MedsClient
 from meds_client.integrations.trl import (
     FINGERPRINT_COLUMN,
     FINGERPRINT_SECONDS_METRIC,
+    SCORE_SECONDS_METRIC,
     MedsGRPOTrainer,
     MedsPenaltyReward,
     RememberedAccuracy,
@@ -92,7 +93,7 @@ def test_accuracy_runs_once_per_step_and_prefilled_answers_are_fingerprinted(tmp
     assert accuracy.calls == 2  # was 4: once as a listed reward, once inside the penalty reward
     assert "rewards/accuracy/mean" in logs[0]  # TRL still logs it under its own name
     assert seen and all(f is not None and f.shape == (3,) for f in seen)  # the prompt ends in `\boxed{`
-    assert all(entry[FINGERPRINT_SECONDS_METRIC] > 0 for entry in logs)
+    assert all(entry[FINGERPRINT_SECONDS_METRIC] > 0 and entry[SCORE_SECONDS_METRIC] > 0 for entry in logs)
 
 
 def test_a_plain_grpo_trainer_can_list_the_remembered_accuracy(tmp_path: Any, client: MedsClient) -> None:

@@ -22,7 +22,8 @@ Your `accuracy` runs once per step: `MedsPenaltyReward.accuracy` remembers its l
 list `penalty.accuracy` instead of `accuracy` yourself). Completions the service could not score
 (degraded mode) get `None`, which TRL ignores for that function (it is not a fake zero). TRL calls
 reward functions per process on its slice of a group; MEDS keys memory by prompt on the server, so
-split groups are fine. The fingerprint pass is timed and logged as `meds/fingerprint_seconds`.
+split groups are fine. The fingerprint pass and the score call are timed and logged as
+`meds/fingerprint_seconds` and `meds/score_seconds`.
 """
 
 from __future__ import annotations
@@ -52,12 +53,15 @@ FINGERPRINT_COLUMN = "meds_fingerprint"
 PROMPT_ID_COLUMN = "prompt_id"
 REWARD_NAME = "meds_penalty"
 FINGERPRINT_SECONDS_METRIC = "meds/fingerprint_seconds"
+SCORE_SECONDS_METRIC = "meds/score_seconds"
+"""The time of the penalty reward's score call (the service round trip), logged through TRL."""
 
 AccuracyReward = Callable[..., Sequence[float | None]]
 
 __all__ = [
     "FINGERPRINT_COLUMN",
     "FINGERPRINT_SECONDS_METRIC",
+    "SCORE_SECONDS_METRIC",
     "AsyncMedsPenaltyReward",
     "MedsGRPOTrainer",
     "MedsPenaltyReward",
@@ -201,12 +205,13 @@ class _PenaltyRewardBase(Generic[ClientT]):
         rollouts: Sequence[Rollout],
         accuracy: Sequence[float | None],
         kwargs: dict[str, Any],
+        seconds: float,
     ) -> list[float | None]:
         """Per completion: shaped minus raw accuracy reward; None where the service gave no verdict."""
         shaping = Shaping.from_results(results, [r.correct for r in rollouts])
         log_metric = kwargs.get("log_metric")
         if callable(log_metric):
-            for name, value in shaping.metrics().items():
+            for name, value in {**shaping.metrics(), SCORE_SECONDS_METRIC: seconds}.items():
                 log_metric(name, value)
         raw = np.array([0.0 if a is None else a for a in accuracy], dtype=np.float64)
         deltas = shaping.shape(raw) - raw
@@ -227,8 +232,9 @@ class MedsPenaltyReward(_PenaltyRewardBase[MedsClient]):
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Any], **kwargs: Any
     ) -> list[float | None]:
         rollouts, accuracy = self._rollouts(prompts, completions, completion_ids, kwargs)
+        started = time.perf_counter()
         results = self.client.score(self.run, rollouts, step=_global_step(kwargs))
-        return self._rewards(results, rollouts, accuracy, kwargs)
+        return self._rewards(results, rollouts, accuracy, kwargs, time.perf_counter() - started)
 
 
 class AsyncMedsPenaltyReward(_PenaltyRewardBase[AsyncMedsClient]):
@@ -238,8 +244,9 @@ class AsyncMedsPenaltyReward(_PenaltyRewardBase[AsyncMedsClient]):
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Any], **kwargs: Any
     ) -> list[float | None]:
         rollouts, accuracy = self._rollouts(prompts, completions, completion_ids, kwargs)
+        started = time.perf_counter()
         results = await self.client.score(self.run, rollouts, step=_global_step(kwargs))
-        return self._rewards(results, rollouts, accuracy, kwargs)
+        return self._rewards(results, rollouts, accuracy, kwargs, time.perf_counter() - started)
 
 
 def _prompt_text(prompt: Any) -> str:
