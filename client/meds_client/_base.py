@@ -4,9 +4,11 @@ parsing, chunking and degraded mode. The two clients differ only in how they sen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -19,6 +21,7 @@ from ._config import (
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_ROLLOUTS,
     DEFAULT_MAX_RETRIES,
+    DEFAULT_SCORE_DEADLINE,
     DEFAULT_TIMEOUT,
     OnError,
     RetryPolicy,
@@ -26,10 +29,20 @@ from ._config import (
     is_retryable_status,
     resolve_api_key,
     resolve_base_url,
+    resolve_deadline,
     resolve_retries,
     resolve_timeout,
+    timeout_within,
 )
-from ._encoding import COLUMNS_AVAILABLE, MSGPACK, ScoreChunk, coerce_rollouts, plan_chunks, unpack_columns
+from ._encoding import (
+    COLUMNS_AVAILABLE,
+    MSGPACK,
+    ScoreChunk,
+    coerce_rollouts,
+    plan_chunks,
+    unpack_columns,
+    unsendable_rows,
+)
 from ._exceptions import (
     APIConnectionError,
     APIResponseValidationError,
@@ -62,7 +75,8 @@ class ClientStats:
     """HTTP attempts sent, retries included."""
     retries: int = 0
     degraded_batches: int = 0
-    """Score requests answered locally with status `error` (on_error="zero")."""
+    """Score requests answered locally with status `error` (on_error="zero"), including the part of a
+    batch that could not be sent at all (non-finite fingerprints, fingerprints of different sizes)."""
     degraded_rollouts: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -90,11 +104,15 @@ class Call(Generic[T]):
 
 
 class ScorePlan:
-    """A score call split into chunked requests, and the place where their results are reassembled."""
+    """A score call split into chunked requests, and the place where their results are reassembled.
 
-    def __init__(self, run: str, chunks: list[ScoreChunk], size: int) -> None:
+    `deadline_at` (a `time.monotonic()` value, or None) bounds the whole call, retries included.
+    """
+
+    def __init__(self, run: str, chunks: list[ScoreChunk], size: int, deadline_at: float | None = None) -> None:
         self.run = run
         self.chunks = chunks
+        self.deadline_at = deadline_at
         self._results = ScoreResults.empty(size)
 
     def call(self, chunk: ScoreChunk) -> Call[ScoreResults]:
@@ -126,6 +144,7 @@ class BaseMedsClient(Generic[HttpClientT]):
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         on_error: OnError = "raise",
         wire: Wire = "auto",
+        deadline: float | None = DEFAULT_SCORE_DEADLINE,
         http_client: HttpClientT | None = None,
     ) -> None:
         if on_error not in ("raise", "zero"):
@@ -141,6 +160,7 @@ class BaseMedsClient(Generic[HttpClientT]):
         self.api_key = resolve_api_key(api_key)
         self.timeout = resolve_timeout(timeout)
         self.retry_policy = resolve_retries(retries)
+        self.deadline = resolve_deadline(deadline)
         self.max_batch_rollouts = max_batch_rollouts
         self.max_batch_bytes = max_batch_bytes
         self.on_error: OnError = on_error
@@ -187,19 +207,41 @@ class BaseMedsClient(Generic[HttpClientT]):
         return Call("GET", "/readyz", lambda r: r.status_code == 200, retry=False, accept=frozenset({503}))
 
     def _score_plan(self, run: str, rollouts: Iterable[Rollout | Mapping[str, Any]], step: int | None) -> ScorePlan:
-        items = coerce_rollouts(rollouts)
-        chunks = plan_chunks(
+        """The requests of one score call. Under on_error="zero", rollouts that cannot even be encoded
+        (non-finite fingerprints or rewards, fingerprints of different sizes) are answered at once as
+        degraded, and the rest are sent; ids that break the API's rules always raise (a bug, not an outage)."""
+        deadline_at = None if self.deadline is None else time.monotonic() + self.deadline
+        run, items = _run_path(run), coerce_rollouts(rollouts)
+        try:
+            return ScorePlan(run, self._chunks(items, step), len(items), deadline_at)
+        except ValueError as error:
+            bad, reason = unsendable_rows(items)
+            if self.on_error == "raise" or not bad:
+                raise
+            bad_set = set(bad)
+            keep = [i for i in range(len(items)) if i not in bad_set]
+            chunks = [
+                dataclasses.replace(chunk, positions=[keep[p] for p in chunk.positions])
+                for chunk in self._chunks([items[i] for i in keep], step)
+            ]
+            plan = ScorePlan(run, chunks, len(items), deadline_at)
+            unsent = ScoreChunk(bad, [items[i].rollout_id for i in bad])
+            plan.fill(unsent, self._degrade(plan, unsent, f"not sent: {reason} ({error})"))
+            return plan
+
+    def _chunks(self, items: list[Rollout], step: int | None) -> list[ScoreChunk]:
+        return plan_chunks(
             items,
             max_rollouts=self.max_batch_rollouts,
             max_bytes=self.max_batch_bytes,
             step=step,
             columnar=self.columnar,
         )
-        return ScorePlan(_run_path(run), chunks, len(items))
 
     # -- sending policy ------------------------------------------------------------------------
 
-    def _build_request(self, call: Call[Any]) -> httpx.Request:
+    def _build_request(self, call: Call[Any], deadline_at: float | None = None) -> httpx.Request:
+        """The request of one attempt; its timeouts are cut to what is left before `deadline_at`."""
         headers = {"Accept": "application/json", "User-Agent": f"meds-client/{__version__}"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -209,30 +251,54 @@ class BaseMedsClient(Generic[HttpClientT]):
         elif call.body is not None:
             headers["Content-Type"] = "application/json"
             content = _json.dumps(call.body, checked=call.checked_body)
+        timeout = self.timeout
+        if deadline_at is not None:
+            timeout = timeout_within(timeout, max(deadline_at - time.monotonic(), 0.0))
         return self._http.build_request(
-            call.method, self.base_url + call.path, headers=headers, content=content, timeout=self.timeout
+            call.method, self.base_url + call.path, headers=headers, content=content, timeout=timeout
         )
+
+    def _check_deadline(self, call: Call[Any], request: httpx.Request, deadline_at: float | None) -> None:
+        """Refuse to start an attempt once the score call's deadline has passed."""
+        if deadline_at is not None and time.monotonic() >= deadline_at:
+            raise APITimeoutError(
+                f"{call.method} {request.url}: not sent, the score deadline of {self.deadline} s has passed",
+                request=request,
+            )
+
+    def _may_retry(self, call: Call[Any], attempt: int, delay: float, deadline_at: float | None) -> bool:
+        """Whether another attempt is allowed: retryable, tries left, and it would start before the deadline."""
+        in_time = deadline_at is None or time.monotonic() + delay < deadline_at
+        return call.retry and attempt < self.retry_policy.max_retries and in_time
 
     def _is_answer(self, call: Call[Any], response: httpx.Response) -> bool:
         return response.is_success or response.status_code in call.accept
 
-    def _delay_after_status(self, call: Call[Any], response: httpx.Response, attempt: int) -> float:
+    def _delay_after_status(
+        self, call: Call[Any], response: httpx.Response, attempt: int, deadline_at: float | None = None
+    ) -> float:
         """Seconds to wait before resending after an error status; raises when it must not be resent."""
         error = self._status_error(response)
-        if not (call.retry and is_retryable_status(response.status_code) and attempt < self.retry_policy.max_retries):
-            raise error
         delay = self.retry_policy.delay(attempt, response)
+        if not (is_retryable_status(response.status_code) and self._may_retry(call, attempt, delay, deadline_at)):
+            raise error
         self._log_retry(call, attempt, delay, str(error))
         return delay
 
     def _delay_after_transport_error(
-        self, call: Call[Any], request: httpx.Request, exc: httpx.TransportError, attempt: int
+        self,
+        call: Call[Any],
+        request: httpx.Request,
+        exc: httpx.TransportError,
+        attempt: int,
+        deadline_at: float | None = None,
     ) -> float:
-        """Seconds to wait before resending after a connection error or timeout; raises when out of tries."""
-        if not (call.retry and attempt < self.retry_policy.max_retries):
+        """Seconds to wait before resending after a connection error or timeout; raises when out of tries
+        (or out of time)."""
+        delay = self.retry_policy.backoff(attempt)
+        if not self._may_retry(call, attempt, delay, deadline_at):
             cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
             raise cls(f"{call.method} {request.url}: {type(exc).__name__}: {exc}", request=request) from exc
-        delay = self.retry_policy.backoff(attempt)
         self._log_retry(call, attempt, delay, f"{type(exc).__name__}: {exc}")
         return delay
 
@@ -264,9 +330,9 @@ class BaseMedsClient(Generic[HttpClientT]):
             message = f"{call.method} {call.path}: unexpected response body ({type(exc).__name__}: {exc})"
             raise APIResponseValidationError(message, response=response) from exc
 
-    def _degrade(self, plan: ScorePlan, chunk: ScoreChunk, error: MedsError) -> ScoreResults:
+    def _degrade(self, plan: ScorePlan, chunk: ScoreChunk, error: MedsError | str) -> ScoreResults:
         """In degraded mode, stand in for a failed score request with penalty 0 and status `error`."""
-        if self.on_error == "raise" or isinstance(error, NEVER_DEGRADED):
+        if isinstance(error, MedsError) and (self.on_error == "raise" or isinstance(error, NEVER_DEGRADED)):
             raise error
         rollout_ids = chunk.rollout_ids
         self.stats.add(degraded_batches=1, degraded_rollouts=len(rollout_ids))

@@ -36,10 +36,16 @@ class MedsClient(BaseMedsClient[httpx.Client]):
     $MEDS_API_KEY, sent as a Bearer token), `timeout` (seconds or `httpx.Timeout`, default 60),
     `retries` (count or `RetryPolicy`, default 3: 0.5 s doubling to 8 s with jitter, honouring
     Retry-After up to 60 s, on connection errors, timeouts, 408, 429 and 5xx only), chunking
-    (`max_batch_rollouts`, `max_batch_bytes`), `on_error` ("raise", or "zero" for degraded mode) and
-    `wire` ("auto": score requests in the compact msgpack columnar form when msgpack is installed).
-    Pass `http_client` to bring your own `httpx.Client` (proxies, mounts, a mock transport); the
-    client then does not close it.
+    (`max_batch_rollouts`, `max_batch_bytes`), `on_error` ("raise", or "zero" for degraded mode),
+    `deadline` (default 10 s: the most one `score` call takes in all, chunks and retries included;
+    each attempt's timeouts are cut to the time left, and no retry starts past it; None for no
+    deadline; other calls are bounded by `timeout` and `retries` only) and `wire` ("auto": score
+    requests in the compact msgpack columnar form when msgpack is installed). In degraded mode a
+    score request that fails (after retries, or at the deadline), and rollouts that cannot be
+    encoded at all (NaN or infinite fingerprints or rewards; every rollout of a batch whose
+    fingerprints differ in size), get penalty 0 with status "error" and are counted in `stats`;
+    401, 404 and 409 (misconfiguration) and invalid ids still raise. Pass `http_client` to bring your
+    own `httpx.Client` (proxies, mounts, a mock transport); the client then does not close it.
     """
 
     def _new_http(self) -> httpx.Client:
@@ -111,22 +117,23 @@ class MedsClient(BaseMedsClient[httpx.Client]):
 
     def _score_chunk(self, plan: ScorePlan, chunk: ScoreChunk) -> ScoreResults:
         try:
-            return self._send(plan.call(chunk))
+            return self._send(plan.call(chunk), plan.deadline_at)
         except MedsError as error:
             return self._degrade(plan, chunk, error)
 
-    def _send(self, call: Call[T]) -> T:
-        request = self._build_request(call)
+    def _send(self, call: Call[T], deadline_at: float | None = None) -> T:
         for attempt in itertools.count():
+            request = self._build_request(call, deadline_at)
+            self._check_deadline(call, request, deadline_at)
             self.stats.add(requests=1)
             try:
                 response = self._http.send(request)
             except httpx.TransportError as exc:
-                delay = self._delay_after_transport_error(call, request, exc, attempt)
+                delay = self._delay_after_transport_error(call, request, exc, attempt, deadline_at)
             else:
                 if self._is_answer(call, response):
                     return self._parse(call, response)
-                delay = self._delay_after_status(call, response, attempt)
+                delay = self._delay_after_status(call, response, attempt, deadline_at)
             self._sleep(delay)
         raise AssertionError("unreachable")
 
@@ -190,24 +197,35 @@ class AsyncMedsClient(BaseMedsClient[httpx.AsyncClient]):
 
     async def _score_chunk(self, plan: ScorePlan, chunk: ScoreChunk) -> ScoreResults:
         try:
-            return await self._send(plan.call(chunk))
+            return await self._send(plan.call(chunk), plan.deadline_at)
         except MedsError as error:
             return self._degrade(plan, chunk, error)
 
-    async def _send(self, call: Call[T]) -> T:
-        request = self._build_request(call)
+    async def _send(self, call: Call[T], deadline_at: float | None = None) -> T:
         for attempt in itertools.count():
+            request = self._build_request(call, deadline_at)
+            self._check_deadline(call, request, deadline_at)
             self.stats.add(requests=1)
             try:
-                response = await self._http.send(request)
+                response = await self._send_once(request, deadline_at)
             except httpx.TransportError as exc:
-                delay = self._delay_after_transport_error(call, request, exc, attempt)
+                delay = self._delay_after_transport_error(call, request, exc, attempt, deadline_at)
             else:
                 if self._is_answer(call, response):
                     return self._parse(call, response)
-                delay = self._delay_after_status(call, response, attempt)
+                delay = self._delay_after_status(call, response, attempt, deadline_at)
             await self._sleep(delay)
         raise AssertionError("unreachable")
+
+    async def _send_once(self, request: httpx.Request, deadline_at: float | None) -> httpx.Response:
+        """One attempt; with a deadline, cancelled when it passes even if the service trickles bytes."""
+        if deadline_at is None:
+            return await self._http.send(request)
+        try:
+            with anyio.fail_after(max(deadline_at - time.monotonic(), 0.0)):
+                return await self._http.send(request)
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout("the score deadline passed during the request", request=request) from exc
 
     async def _sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds)

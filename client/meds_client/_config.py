@@ -21,6 +21,9 @@ API_KEY_ENV = "MEDS_API_KEY"
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds for each of connect, read, write and pool; well below trainer-level timeouts."""
+DEFAULT_SCORE_DEADLINE = 10.0
+"""Seconds one `score` call may take in all, retries and chunks included; then it fails (or, with
+on_error="zero", answers penalty 0 with status "error"). A hanging service costs a step this much."""
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_INITIAL_RETRY_DELAY = 0.5
 DEFAULT_MAX_RETRY_DELAY = 8.0
@@ -119,3 +122,21 @@ def resolve_retries(retries: int | RetryPolicy) -> RetryPolicy:
 
 def resolve_timeout(timeout: float | httpx.Timeout) -> httpx.Timeout:
     return timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+
+
+def resolve_deadline(deadline: float | None) -> float | None:
+    """A positive, finite number of seconds, or None for no deadline."""
+    if deadline is not None and not (isinstance(deadline, (int, float)) and 0.0 < deadline < float("inf")):
+        raise ValueError(f"deadline must be a positive number of seconds or None, got {deadline!r}")
+    return None if deadline is None else float(deadline)
+
+
+def timeout_within(timeout: httpx.Timeout, seconds_left: float) -> httpx.Timeout:
+    """`timeout` with each of its parts cut to the time left before a deadline."""
+
+    def cut(value: float | None) -> float:
+        return seconds_left if value is None else min(value, seconds_left)
+
+    return httpx.Timeout(
+        connect=cut(timeout.connect), read=cut(timeout.read), write=cut(timeout.write), pool=cut(timeout.pool)
+    )

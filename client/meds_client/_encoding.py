@@ -91,6 +91,34 @@ def plan_chunks(
     return [_chunk(positions, [rollouts[i] for i in positions], step, columnar) for positions in chunks]
 
 
+def unsendable_rows(rollouts: Sequence[Rollout]) -> tuple[list[int], str]:
+    """Positions of the rollouts whose fingerprint or reward cannot be sent, and why; every rollout when
+    the fingerprints disagree on their dimension (which one is wrong cannot be told). Called only when
+    encoding a batch failed, so it may look at rollouts one by one."""
+    bad: list[int] = []
+    dims: set[int] = set()
+    for position, rollout in enumerate(rollouts):
+        if rollout.reward is not None and not math.isfinite(float(rollout.reward)):
+            bad.append(position)
+        elif rollout.fingerprint is not None:
+            try:
+                vector = np.asarray(rollout.fingerprint, dtype=np.float64)
+            except (TypeError, ValueError):
+                bad.append(position)
+                continue
+            if vector.ndim != 1 or vector.size == 0 or not _sendable_floats(vector):
+                bad.append(position)
+            else:
+                dims.add(vector.shape[0])
+    if len(dims) > 1:
+        return list(range(len(rollouts))), f"fingerprints of different dimensions {sorted(dims)} in one batch"
+    return bad, "NaN, infinite or float32-overflowing fingerprints or rewards, or fingerprints that are not 1-D"
+
+
+def _sendable_floats(vector: npt.NDArray[np.float64]) -> bool:
+    return bool(np.isfinite(vector).all() and (np.abs(vector) <= np.finfo(np.float32).max).all())
+
+
 def _chunk(positions: list[int], rollouts: Sequence[Rollout], step: int | None, columnar: bool) -> ScoreChunk:
     ids = [r.rollout_id for r in rollouts]
     if columnar:

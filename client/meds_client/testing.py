@@ -10,7 +10,7 @@ import functools
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPTNeoXConfig,
@@ -33,28 +33,60 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 HIDDEN_SIZE = 32
 NUM_LAYERS = 3
 
-__all__ = ["CORPUS", "NUM_LAYERS", "tiny_model", "tiny_tokenizer"]
+__all__ = ["CORPUS", "NUM_LAYERS", "TOKENIZER_KINDS", "tiny_model", "tiny_tokenizer"]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (~300 tokens) trained on a few maths sentences; a new object per call."""
+TOKENIZER_KINDS = ("byte_level", "metaspace", "wordpiece", "char")
+"""Byte-level BPE (GPT-2, Llama 3, Qwen), SentencePiece-style `▁` BPE (Llama 2, Mistral), WordPiece (BERT)
+and one token per character: the ways tokenizers split `\\boxed{` differently."""
+
+
+def tiny_tokenizer(kind: str = "byte_level") -> PreTrainedTokenizerFast:
+    """A small tokenizer (~300 tokens) trained in-process on a few maths sentences; a new object per call.
+
+    `kind` is one of `TOKENIZER_KINDS`; the default is byte-level BPE.
+    """
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
     return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json(kind)),
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
+        unk_token="<unk>",
         padding_side="right",
     )
 
 
 @functools.cache
-def _trained_tokenizer_json() -> str:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # type: ignore[assignment]
-    tokenizer.decoder = decoders.ByteLevel()  # type: ignore[assignment]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+def _trained_tokenizer_json(kind: str) -> str:
+    tokenizer: Tokenizer
+    if kind == "char":
+        alphabet = sorted({c for line in CORPUS for c in line} | set("\\{}fbox"))
+        vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, "<unk>", *alphabet])}
+        tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # type: ignore[assignment]
+        tokenizer.decoder = decoders.Fuse()  # type: ignore[assignment]
+        return str(tokenizer.to_str())
+    special = [*SPECIAL_TOKENS, "<unk>"]
+    trainer: Any
+    if kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # type: ignore[assignment]
+        tokenizer.decoder = decoders.WordPiece()  # type: ignore[assignment]
+        trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=special)
+    elif kind == "metaspace":
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()  # type: ignore[assignment]
+        tokenizer.decoder = decoders.Metaspace()  # type: ignore[assignment]
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special)
+    else:
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # type: ignore[assignment]
+        tokenizer.decoder = decoders.ByteLevel()  # type: ignore[assignment]
+        trainer = trainers.BpeTrainer(
+            vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
     tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
     return str(tokenizer.to_str())
 

@@ -1,16 +1,14 @@
-"""Fingerprints: anchor search (DESIGN §3) and the gathered-row layer logits against a naive computation."""
+"""Fingerprints: the gathered-row layer logits against a naive computation (anchors: test_client_anchor.py)."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
 import torch
 
+from meds_client import fingerprint
 from meds_client.fingerprint import (
     anchor_mask,
-    boxed_token_ids,
     find_boxed_anchor,
     fingerprint_sequences,
     layer_logit_fingerprints,
@@ -26,74 +24,6 @@ TOKENIZER = tiny_tokenizer()
 
 def encode(text: str) -> list[int]:
     return list(TOKENIZER.encode(text, add_special_tokens=False))
-
-
-def decode(ids: list[int]) -> str:
-    return str(TOKENIZER.decode(ids))
-
-
-class ListTokenizer:
-    """A stand-in tokenizer whose token texts are given, to pin the fallback rules exactly."""
-
-    def __init__(self, boxed: list[int], tokens: Sequence[str]) -> None:
-        self.boxed = boxed
-        self.tokens = list(tokens)
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.boxed
-
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [self.tokens[i] for i in ids]
-
-
-# -- anchor search -----------------------------------------------------------------------------
-
-
-def test_anchor_is_the_brace_token_of_the_exact_boxed_sequence() -> None:
-    ids = encode("x=\\boxed{5}.")
-    boxed = boxed_token_ids(TOKENIZER)
-    anchor = find_boxed_anchor(ids, TOKENIZER)
-    assert anchor is not None
-    assert ids[anchor - len(boxed) + 1 : anchor + 1] == boxed
-    assert decode(ids[anchor + 1 :]).startswith("5")
-
-
-def test_anchor_uses_the_last_boxed_occurrence() -> None:
-    ids = encode("x=\\boxed{3} or x=\\boxed{7}")
-    anchor = find_boxed_anchor(ids, TOKENIZER)
-    assert anchor is not None
-    assert decode(ids[anchor + 1 :]).startswith("7")
-
-
-def test_fallback_finds_brace_when_boxed_is_tokenised_with_its_neighbour() -> None:
-    # Byte-level BPE glues the space to the backslash ("Ġ\\"), so the exact sequence is absent.
-    ids = encode("so \\boxed{42}")
-    boxed = boxed_token_ids(TOKENIZER)
-    assert all(ids[i : i + len(boxed)] != boxed for i in range(len(ids)))
-    anchor = find_boxed_anchor(ids, TOKENIZER)
-    assert anchor is not None and TOKENIZER.convert_ids_to_tokens([ids[anchor]]) == ["{"]
-
-
-@pytest.mark.parametrize(
-    ("tokens", "expected"),
-    [
-        (["a", "ĠBoxed", "x", "{", "1"], 3),  # case-insensitive, `{` two tokens later
-        (["a", "boxed{", "1"], 1),  # the `boxed` token itself may carry the brace
-        (["boxed", *["x"] * 9, "{", "1"], None),  # `{` is the 11th token: outside the window
-        (["boxed", *["x"] * 8, "{", "1"], 9),  # `{` is the 10th token: inside
-        (["boxed", "{", "2", "boxed", "x", "y"], 1),  # last `boxed` has no brace: an earlier one is used
-        (["a", "b", "c"], None),
-    ],
-)
-def test_fallback_rules(tokens: list[str], expected: int | None) -> None:
-    tokenizer = ListTokenizer(boxed=[999], tokens=tokens)
-    assert find_boxed_anchor(list(range(len(tokens))), tokenizer) == expected
-
-
-def test_anchor_on_the_last_token_has_no_next_token() -> None:
-    ids = encode("the answer is x=\\boxed{")
-    assert find_boxed_anchor(ids, TOKENIZER) is None
-    assert find_boxed_anchor(torch.tensor(ids + encode("9")), TOKENIZER) == len(ids) - 1
 
 
 def test_anchor_mask() -> None:
@@ -142,7 +72,7 @@ def test_matches_naive_full_vocabulary_computation(kind: str) -> None:
         if anchor is None:
             assert not vector.any()
         else:
-            np.testing.assert_allclose(vector, naive_fingerprint(model, row, anchor), atol=1e-4, rtol=0)
+            np.testing.assert_allclose(vector, naive_fingerprint(model, row, anchor), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
@@ -151,7 +81,7 @@ def test_left_and_right_padding_agree(kind: str) -> None:
     right = layer_logit_fingerprints(model, *padded_batch("right")[:3])
     left = layer_logit_fingerprints(model, *padded_batch("left")[:3])
     assert np.abs(right).sum() > 0
-    np.testing.assert_allclose(left, right, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(left, right, atol=1e-5, rtol=0)
 
 
 def test_bias_of_the_output_embedding_is_added() -> None:
@@ -161,7 +91,7 @@ def test_bias_of_the_output_embedding_is_added() -> None:
     assert isinstance(head, torch.nn.Linear)
     head.bias = torch.nn.Parameter(torch.randn(head.out_features))
     fingerprints = layer_logit_fingerprints(model, ids, mask, anchors)
-    np.testing.assert_allclose(fingerprints[0], naive_fingerprint(model, rows[0], anchors[0] or 0), atol=1e-4)
+    np.testing.assert_allclose(fingerprints[0], naive_fingerprint(model, rows[0], anchors[0] or 0), atol=1e-5)
 
 
 def test_last_n_layers_keeps_the_deepest_layers() -> None:
@@ -222,13 +152,45 @@ def test_fingerprint_sequences_matches_per_row_results() -> None:
     for row, vector in zip(rows, batched, strict=True):
         if vector is not None:
             anchor = len(prompt) + (find_boxed_anchor(row[len(prompt) :], TOKENIZER) or 0)
-            np.testing.assert_allclose(vector, naive_fingerprint(model, row, anchor), atol=1e-4)
+            np.testing.assert_allclose(vector, naive_fingerprint(model, row, anchor), atol=1e-5)
 
 
 def test_fingerprint_sequences_searches_the_response_only() -> None:
     prompt = encode("Put the answer in x=\\boxed{1} style.")
     rows = [prompt + encode(" it is four")]
     assert fingerprint_sequences(tiny_model("llama"), TOKENIZER, rows, [len(prompt)]) == [None]
+
+
+def test_a_prefilled_answer_is_fingerprinted_at_the_last_prompt_token() -> None:
+    model = tiny_model("llama")
+    prompt = encode(PROMPT + " \\boxed{")
+    row = prompt + encode("5}.")
+    [vector] = fingerprint_sequences(model, TOKENIZER, [row], [len(prompt)])
+    assert vector is not None
+    np.testing.assert_allclose(vector, naive_fingerprint(model, row, len(prompt) - 1), atol=1e-5, rtol=0)
+
+
+def test_hidden_states_of_all_layers_are_not_kept() -> None:
+    model = tiny_model("qwen2")
+    ids, mask, anchors, rows = padded_batch("right")
+    seen: list[object] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("output_hidden_states")), with_kwargs=True
+    )
+    try:
+        fingerprints = layer_logit_fingerprints(model, ids, mask, anchors)
+    finally:
+        hook.remove()
+    assert seen == [False]
+    np.testing.assert_allclose(fingerprints[0], naive_fingerprint(model, rows[0], anchors[0] or 0), atol=1e-5, rtol=0)
+
+
+def test_models_whose_layers_cannot_be_found_use_their_hidden_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model("gpt_neox")
+    ids, mask, anchors, _ = padded_batch("right")
+    hooked = layer_logit_fingerprints(model, ids, mask, anchors)
+    monkeypatch.setattr(fingerprint, "_decoder_layers", lambda inner, count: None)
+    np.testing.assert_array_equal(layer_logit_fingerprints(model, ids, mask, anchors), hooked)
 
 
 def test_output_embedding_of_gpt_neox_is_embed_out() -> None:

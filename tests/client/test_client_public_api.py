@@ -10,6 +10,7 @@ PUBLIC = {
     "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MAX_BATCH_ROLLOUTS",
     "DEFAULT_MAX_RETRIES",
+    "DEFAULT_SCORE_DEADLINE",
     "DEFAULT_TIMEOUT",
     "APIConnectionError",
     "APIResponseValidationError",
@@ -61,6 +62,8 @@ def test_fingerprint_all_is_pinned() -> None:
         "fingerprint_sequences",
         "layer_logit_fingerprints",
         "output_embedding",
+        "response_anchor",
+        "response_anchors",
     }
 
 

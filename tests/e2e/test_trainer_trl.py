@@ -11,15 +11,24 @@ from datasets import Dataset
 from trl.trainer.grpo_config import GRPOConfig
 
 from meds_client import MedsClient, prompt_id
-from meds_client.integrations.trl import FINGERPRINT_COLUMN, MedsGRPOTrainer, MedsPenaltyReward
+from meds_client.integrations.trl import (
+    FINGERPRINT_COLUMN,
+    FINGERPRINT_SECONDS_METRIC,
+    MedsGRPOTrainer,
+    MedsPenaltyReward,
+)
 from meds_client.testing import tiny_model, tiny_tokenizer
 
 PROMPTS = {"Compute 7 * 6. Answer:": "42", "What is 2 + 3? Answer:": "5"}
 RUN = "trl-e2e"
 
 
+CALLS: list[int] = []
+
+
 def accuracy(completions: list[str], answer: list[str], **_: Any) -> list[float]:
     """1.0 when the last boxed answer is the expected one (a tiny random model is almost always wrong)."""
+    CALLS.append(len(completions))
     found = [re.findall(r"\\boxed\{([^}]*)", c) for c in completions]
     return [1.0 if f and f[-1].strip() == a else 0.0 for f, a in zip(found, answer, strict=True)]
 
@@ -51,6 +60,7 @@ def test_grpo_training_logs_meds_penalties(meds_server: str, tmp_path: Any) -> N
         reward_weights=[1.0, 1.0, 0.0],
     )
     seen_fingerprints: list[Any] = []
+    CALLS.clear()
 
     def spy(**kwargs: Any) -> list[float]:
         seen_fingerprints.extend(kwargs[FINGERPRINT_COLUMN])
@@ -70,6 +80,8 @@ def test_grpo_training_logs_meds_penalties(meds_server: str, tmp_path: Any) -> N
 
     logs = [entry for entry in trainer.state.log_history if "rewards/meds_penalty/mean" in entry]
     assert len(logs) >= 6  # 2 prompts x 3 epochs, one prompt (4 completions) per step
+    assert len(CALLS) == len(logs)  # the user's accuracy runs once per step, not once more for MEDS
+    assert all(entry[FINGERPRINT_SECONDS_METRIC] > 0 for entry in logs)
     with_fingerprint = [f for f in seen_fingerprints if f is not None]
     assert len(with_fingerprint) >= len(seen_fingerprints) // 2
     assert all(f.shape == (3,) for f in with_fingerprint)  # one value per decoder layer

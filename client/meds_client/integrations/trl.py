@@ -17,13 +17,21 @@ trainer = MedsGRPOTrainer(
 )
 ```
 
-Completions the service could not score (degraded mode) get `None`, which TRL ignores for that
-function (it is not a fake zero). TRL calls reward functions per process on its slice of a group;
-MEDS keys memory by prompt on the server, so split groups are fine.
+Your `accuracy` runs once per step: `MedsPenaltyReward.accuracy` remembers its last answer, and
+`MedsGRPOTrainer` puts it in place of `accuracy` in the reward list (with a plain `GRPOTrainer`,
+list `penalty.accuracy` instead of `accuracy` yourself). Completions the service could not score
+(degraded mode) get `None`, which TRL ignores for that function (it is not a fake zero). TRL calls
+reward functions per process on its slice of a group; MEDS keys memory by prompt on the server, so
+split groups are fine. The fingerprint pass and the score call are timed and logged as
+`meds/fingerprint_seconds` and `meds/score_seconds`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
@@ -31,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import trl
+from trl.distributed import DistributedBackend
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.grpo_trainer import GRPOTrainer
 
@@ -43,10 +52,21 @@ from ._shaping import DEFAULT_CORRECTNESS_THRESHOLD, Shaping, correctness_from_s
 FINGERPRINT_COLUMN = "meds_fingerprint"
 PROMPT_ID_COLUMN = "prompt_id"
 REWARD_NAME = "meds_penalty"
+FINGERPRINT_SECONDS_METRIC = "meds/fingerprint_seconds"
+SCORE_SECONDS_METRIC = "meds/score_seconds"
+"""The time of the penalty reward's score call (the service round trip), logged through TRL."""
 
 AccuracyReward = Callable[..., Sequence[float | None]]
 
-__all__ = ["FINGERPRINT_COLUMN", "AsyncMedsPenaltyReward", "MedsGRPOTrainer", "MedsPenaltyReward"]
+__all__ = [
+    "FINGERPRINT_COLUMN",
+    "FINGERPRINT_SECONDS_METRIC",
+    "SCORE_SECONDS_METRIC",
+    "AsyncMedsPenaltyReward",
+    "MedsGRPOTrainer",
+    "MedsPenaltyReward",
+    "RememberedAccuracy",
+]
 
 
 class MedsGRPOTrainer(GRPOTrainer):
@@ -55,6 +75,7 @@ class MedsGRPOTrainer(GRPOTrainer):
 
     `meds_last_n_layers` keeps only the deepest layers (the reference uses 14; None keeps all and
     lets the run's `last_n_layers` decide). `meds_batch_size` rows go through the model at once.
+    An accuracy function that is also given to a `MedsPenaltyReward` is called once per step.
     """
 
     def __init__(
@@ -67,13 +88,25 @@ class MedsGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.meds_last_n_layers = meds_last_n_layers
         self.meds_batch_size = meds_batch_size
+        self._share_accuracy()
+
+    def _share_accuracy(self) -> None:
+        """Put each penalty reward's remembering accuracy in place of the same function in the list."""
+        funcs: list[Any] = self.reward_funcs
+        for penalty in [f for f in funcs if isinstance(f, _PenaltyRewardBase)]:
+            for i, func in enumerate(funcs):
+                if func is penalty.accuracy.func:
+                    funcs[i] = penalty.accuracy
 
     def _generate(self, prompts: list[Any]) -> Any:
         generated = super()._generate(prompts)
         prompt_ids, completion_ids, extra_fields = generated[0], generated[1], generated[5]
         if not isinstance(extra_fields, dict):
             raise TypeError(f"unexpected GRPOTrainer._generate result in TRL {trl.__version__}; MEDS supports TRL 1.x")
+        started = time.perf_counter()
         extra_fields[FINGERPRINT_COLUMN] = self._fingerprint_completions(prompt_ids, completion_ids)
+        mode = "train" if getattr(self.model, "training", True) else "eval"
+        self._metrics[mode][FINGERPRINT_SECONDS_METRIC].append(time.perf_counter() - started)
         return generated
 
     def _fingerprint_completions(
@@ -81,15 +114,7 @@ class MedsGRPOTrainer(GRPOTrainer):
     ) -> list[npt.NDArray[np.float32] | None]:
         sequences = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
         starts = [len(p) for p in prompt_ids]
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=getattr(self.args, "ds3_gather_for_generation", True),
-            ) as model,
-            torch.no_grad(),
-            self.accelerator.autocast(),
-        ):
+        with self._fingerprint_model() as model, torch.no_grad(), self.accelerator.autocast():
             return fingerprint_sequences(
                 model,
                 cast(Tokenizer, self.processing_class),
@@ -98,6 +123,36 @@ class MedsGRPOTrainer(GRPOTrainer):
                 last_n_layers=self.meds_last_n_layers,
                 batch_size=self.meds_batch_size,
             )
+
+    def _fingerprint_model(self) -> Any:
+        """The model to run: under DeepSpeed ZeRO-3 the gathered one, as for generation; otherwise the
+        wrapped model itself (FSDP must be called through its wrapper or its own hooks to gather the
+        shards; `fingerprint_sequences` looks through DDP and compile wrappers)."""
+        if DistributedBackend(self.accelerator).is_zero3:  # type: ignore[no-untyped-call]
+            gather = getattr(self.args, "ds3_gather_for_generation", True)
+            return unwrap_model_for_generation(self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather)
+        return contextlib.nullcontext(self.model_wrapped)
+
+
+class RememberedAccuracy:
+    """An accuracy reward function that remembers its answer for the batch it last saw, so that TRL's
+    call (as a listed reward) and the penalty reward's call cost one evaluation per step. A batch is
+    recognised by identity: TRL passes the same `prompts` and `completions` lists to every reward."""
+
+    def __init__(self, func: AccuracyReward) -> None:
+        self.func = func
+        functools.update_wrapper(self, func)  # TRL names the reward after the function
+        self._lock = threading.Lock()
+        self._last: tuple[Sequence[Any], Sequence[Any], list[float | None]] | None = None
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+        with self._lock:
+            last = self._last
+            if last is not None and last[0] is prompts and last[1] is completions:
+                return list(last[2])
+            scores = list(self.func(prompts=prompts, completions=completions, **kwargs))
+            self._last = (prompts, completions, scores)
+            return list(scores)
 
 
 ClientT = TypeVar("ClientT", MedsClient, AsyncMedsClient)
@@ -119,7 +174,7 @@ class _PenaltyRewardBase(Generic[ClientT]):
     ) -> None:
         self.client: ClientT = client
         self.run = run
-        self.accuracy = accuracy
+        self.accuracy = accuracy if isinstance(accuracy, RememberedAccuracy) else RememberedAccuracy(accuracy)
         self.threshold = threshold
         self.prompt_id_fn = prompt_id_fn
 
@@ -150,12 +205,13 @@ class _PenaltyRewardBase(Generic[ClientT]):
         rollouts: Sequence[Rollout],
         accuracy: Sequence[float | None],
         kwargs: dict[str, Any],
+        seconds: float,
     ) -> list[float | None]:
         """Per completion: shaped minus raw accuracy reward; None where the service gave no verdict."""
         shaping = Shaping.from_results(results, [r.correct for r in rollouts])
         log_metric = kwargs.get("log_metric")
         if callable(log_metric):
-            for name, value in shaping.metrics().items():
+            for name, value in {**shaping.metrics(), SCORE_SECONDS_METRIC: seconds}.items():
                 log_metric(name, value)
         raw = np.array([0.0 if a is None else a for a in accuracy], dtype=np.float64)
         deltas = shaping.shape(raw) - raw
@@ -166,17 +222,19 @@ class MedsPenaltyReward(_PenaltyRewardBase[MedsClient]):
     """TRL reward function (blocking) returning the MEDS change to the accuracy reward per completion.
 
     `accuracy` is your correctness reward function (called with TRL's arguments; a completion is
-    correct when it returns at least `threshold`). Prompts are keyed by the dataset's `prompt_id`
-    column when there is one, else by `prompt_id_fn` of the prompt text (the last user message of a
-    conversational prompt).
+    correct when it returns at least `threshold`); it is kept as `self.accuracy`, which remembers its
+    last batch (list that one among the rewards with a plain `GRPOTrainer`). Prompts are keyed by the
+    dataset's `prompt_id` column when there is one, else by `prompt_id_fn` of the prompt text (the last
+    user message of a conversational prompt).
     """
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Any], **kwargs: Any
     ) -> list[float | None]:
         rollouts, accuracy = self._rollouts(prompts, completions, completion_ids, kwargs)
+        started = time.perf_counter()
         results = self.client.score(self.run, rollouts, step=_global_step(kwargs))
-        return self._rewards(results, rollouts, accuracy, kwargs)
+        return self._rewards(results, rollouts, accuracy, kwargs, time.perf_counter() - started)
 
 
 class AsyncMedsPenaltyReward(_PenaltyRewardBase[AsyncMedsClient]):
@@ -186,8 +244,9 @@ class AsyncMedsPenaltyReward(_PenaltyRewardBase[AsyncMedsClient]):
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Any], **kwargs: Any
     ) -> list[float | None]:
         rollouts, accuracy = self._rollouts(prompts, completions, completion_ids, kwargs)
+        started = time.perf_counter()
         results = await self.client.score(self.run, rollouts, step=_global_step(kwargs))
-        return self._rewards(results, rollouts, accuracy, kwargs)
+        return self._rewards(results, rollouts, accuracy, kwargs, time.perf_counter() - started)
 
 
 def _prompt_text(prompt: Any) -> str:
