@@ -46,7 +46,7 @@ from verl.utils.transferqueue_utils import tqbridge
 from verl.workers.config import FSDPEngineConfig
 from verl.workers.engine.utils import postprocess_batch_func, prepare_micro_batches
 
-from meds_client import MedsClient
+from meds_client import MedsClient, prompt_id
 from meds_client._encoding import decode_matrix
 from meds_client.fingerprint import layer_logit_fingerprints
 from meds_client.integrations.verl import MedsVerlHook, compute_fingerprints, response_anchor_positions
@@ -254,6 +254,7 @@ def test_v1_trainer_penalises_repeated_errors_before_grpo(
         assert trainer.actor_rollout_wg.calls[-1]["flag"] is True
         assert ANCHOR_FIELD in trainer.actor_rollout_wg.calls[-1]["fields"]
         assert FINGERPRINT_FLAG not in batch.extra_info  # the reference pass must not fingerprint
+        assert batch.fields is None or not {ANCHOR_FIELD, FINGERPRINT_FIELD} & set(batch.fields)
         stored = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=[FINGERPRINT_FIELD, ANCHOR_FIELD])
         anchors = stored[ANCHOR_FIELD].numpy()
         assert ((anchors >= 0) == ["boxed" in s for s in RESPONSES[step] * 2]).all()
@@ -351,6 +352,20 @@ def test_documented_config_is_valid_for_verl() -> None:
         MedsSettings.from_config(OmegaConf.create({"meds": {"run": "r", "lastn": 3}}))
     with pytest.raises(ValueError, match=r"\+meds.run"):
         MedsSettings.from_config(OmegaConf.create({}))
+
+
+def test_prompt_keys_come_from_the_dataset_index_or_the_prompt_text(tokenizer: Any) -> None:
+    by_index = DriverShaper(MedsSettings(run="r"))
+    assert by_index.prompt_keys(index=[3, 4], data_source=["gsm8k", None], prompts=None, tokenizer=None) == [
+        "gsm8k:3",
+        "4",
+    ]
+    with pytest.raises(ValueError, match="prompt_key=text"):
+        by_index.prompt_keys(index=None, data_source=None, prompts=None, tokenizer=None)
+    by_text = DriverShaper(MedsSettings(run="r", prompt_key="text"))
+    prompts = [torch.tensor(tokenizer.encode(p, add_special_tokens=False)) for p in PROMPTS]
+    keys = by_text.prompt_keys(index=None, data_source=None, prompts=prompts, tokenizer=tokenizer)
+    assert keys == [prompt_id(p) for p in PROMPTS]
 
 
 @pytest.mark.parametrize("use_remove_padding", [True, False])
