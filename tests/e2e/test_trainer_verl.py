@@ -49,12 +49,13 @@ from verl.workers.engine.utils import postprocess_batch_func, prepare_micro_batc
 from meds_client import MedsClient, prompt_id
 from meds_client._encoding import decode_matrix
 from meds_client.fingerprint import layer_logit_fingerprints
+from meds_client.integrations import MedsShaper
 from meds_client.integrations.verl import MedsVerlHook, compute_fingerprints, response_anchor_positions
 from meds_client.integrations.verl._capture import output_rows
 from meds_client.integrations.verl._driver import DriverShaper, MedsSettings
 from meds_client.integrations.verl.engine import ANCHOR_FIELD, FINGERPRINT_FIELD, FINGERPRINT_FLAG, MedsFSDPEngine
 from meds_client.integrations.verl.legacy import MedsRayPPOTrainer
-from meds_client.integrations.verl.trainer import MedsPPOTrainer
+from meds_client.integrations.verl.trainer import MedsPPOTrainer, apply_penalties
 from meds_client.testing import tiny_model, tiny_tokenizer
 from tests.client._fakes import FakeService
 
@@ -283,6 +284,35 @@ def test_v1_trainer_penalises_repeated_errors_before_grpo(
         tq.kv_clear(keys=keys, partition_id="train")
 
 
+def test_v1_penalties_read_acc_from_a_colocated_reward_models_column(transfer_queue: None, tokenizer: Any) -> None:
+    """With a colocated reward model veRL writes `acc` as its own TransferQueue column, not in
+    `reward_extra_info`; padding samples (added to divide the batch) are neither scored nor changed."""
+    samples = rollouts(1, tokenizer)
+    for sample in samples:
+        sample["acc"] = sample["extra_fields"].pop("reward_extra_info")["acc"]
+        sample["rm_scores"] = sample["rm_scores"] * 0 + 0.25  # not the correctness
+        sample[FINGERPRINT_FIELD] = torch.ones(3)
+        sample[ANCHOR_FIELD] = torch.tensor(len(sample["prompts"]) + 1)
+    keys = [f"colocated-{i}" for i in range(len(samples))]
+    tags = [{"is_padding": i == len(samples) - 1} for i in range(len(samples))]
+    tq.kv_batch_put(keys=keys, partition_id="train", fields=tu.list_of_dict_to_tensordict(samples), tags=tags)
+    service = FakeService()
+    meds = DriverShaper(MedsSettings(run="colocated"))
+    client = MedsClient("http://meds.test", http_client=httpx.Client(transport=httpx.MockTransport(service)))
+    meds._shaper = MedsShaper(client, "colocated")
+    metrics = apply_penalties(KVBatchMeta(partition_id="train", keys=keys, tags=tags), meds, tokenizer, step=2)
+    sent = service.bodies()[0]["rollouts"]
+    assert [r["rollout_id"] for r in sent] == keys[:-1]
+    assert [r["correct"] for r in sent] == [s["acc"] >= 0.5 for s in samples[:-1]]
+    scores = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["rm_scores"])["rm_scores"]
+    outcome = np.array([float(r.sum()) for r in scores.unbind()])
+    wrong = np.array([s["acc"] < 0.5 for s in samples]) & (np.arange(len(samples)) < len(samples) - 1)
+    raw = np.array([float(s["rm_scores"].sum()) for s in samples])
+    np.testing.assert_allclose(outcome, np.where(wrong, raw - 0.1, raw), atol=1e-6)  # the fake penalises by 0.1
+    assert metrics["meds/penalized_frac"] == pytest.approx(wrong.sum() / (len(samples) - 1))
+    tq.kv_clear(keys=keys, partition_id="train")
+
+
 def test_v1_config_selects_the_meds_trainer_and_engine_in_a_fresh_process() -> None:
     """The documented environment loads the plugin on `import verl` (as in every Ray worker), and
     veRL's own lookups then return the MEDS trainer and engine. The process may import only what
@@ -325,7 +355,8 @@ def test_v1_config_selects_the_meds_trainer_and_engine_in_a_fresh_process() -> N
         from verl.workers.engine.base import EngineRegistry
         from meds_client.integrations.verl.engine import MedsFSDPEngine
         from meds_client.integrations.verl.legacy import MedsRayPPOTrainer
-        from meds_client.integrations.verl.trainer import MedsPPOTrainer
+        from meds_client.integrations import MedsShaper
+from meds_client.integrations.verl.trainer import MedsPPOTrainer, apply_penalties
         assert get_trainer_cls("meds") is MedsPPOTrainer
         for backend in ("fsdp", "fsdp2"):
             assert EngineRegistry.get_engine_cls("language_model", backend) is MedsFSDPEngine

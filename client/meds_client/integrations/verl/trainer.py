@@ -90,7 +90,8 @@ def apply_penalties(batch: KVBatchMeta, meds: DriverShaper, tokenizer: Any, *, s
     """
     rows = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)]
     keys = [batch.keys[i] for i in rows]
-    data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=_SAMPLE_FIELDS)
+    wanted = [*_SAMPLE_FIELDS, meds.settings.correctness_key]  # a colocated reward model writes it as a column
+    data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=wanted)
     present = set(data.keys())  # TensorDict membership needs keys()
     if FINGERPRINT_FIELD not in present:
         raise RuntimeError(
