@@ -355,8 +355,7 @@ def test_v1_config_selects_the_meds_trainer_and_engine_in_a_fresh_process() -> N
         from verl.workers.engine.base import EngineRegistry
         from meds_client.integrations.verl.engine import MedsFSDPEngine
         from meds_client.integrations.verl.legacy import MedsRayPPOTrainer
-        from meds_client.integrations import MedsShaper
-from meds_client.integrations.verl.trainer import MedsPPOTrainer, apply_penalties
+        from meds_client.integrations.verl.trainer import MedsPPOTrainer
         assert get_trainer_cls("meds") is MedsPPOTrainer
         for backend in ("fsdp", "fsdp2"):
             assert EngineRegistry.get_engine_cls("language_model", backend) is MedsFSDPEngine
