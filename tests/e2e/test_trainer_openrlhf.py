@@ -1,13 +1,17 @@
-"""OpenRLHF end to end: experiences laid out as OpenRLHF 0.11 builds them (one sample each, action
-mask shifted by one token), fingerprinted by a tiny random model, shaped against a live service next
-to a length penalty, then group-normalised as `compute_advantages_and_returns` does.
+"""OpenRLHF end to end, following OpenRLHF 0.11.2 (read from its wheel): experiences laid out as
+`SamplesGenerator._process_response_into_experience` builds them (one sample each, `action_mask`
+shifted by one token, `rewards`/`scores` of shape (1,), `info["reward"]`), fingerprinted by a tiny
+random model, shaped against a live service at the call site OpenRLHF has for reward shaping, right
+after `apply_length_penalties(experiences, args)` in `ExperienceMaker.compute_advantages_and_returns`,
+then grouped by `experience.index` and normalised as that method's `group_norm` does.
 
-OpenRLHF does not install on a CPU-only machine, so `Experience` is mirrored here with the fields the
-integration reads."""
+OpenRLHF does not install on a CPU-only machine, so `Experience` and the parts of
+`compute_advantages_and_returns` around the call site are restated here from its source."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -30,21 +34,35 @@ RUN = "openrlhf-e2e"
 
 @dataclass
 class Experience:
-    """The fields of OpenRLHF's Experience that reward shaping touches."""
+    """OpenRLHF 0.11.2's `Experience` fields (policy, value and multimodal fields left out)."""
 
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    action_mask: torch.Tensor
-    rewards: torch.Tensor
-    scores: torch.Tensor | None
-    response_length: torch.Tensor
+    sequences: torch.Tensor  # (B, T) prompt + response
+    attention_mask: torch.Tensor  # (B, T)
+    action_mask: torch.Tensor  # (B, T - 1): action_mask[t] marks sequences[t + 1] as generated
+    rewards: torch.Tensor  # (B,)
+    scores: torch.Tensor | None  # (B,) 0/1, read by dynamic filtering
+    response_length: torch.Tensor  # (B,)
+    truncated: torch.Tensor  # (B,)
+    total_length: torch.Tensor  # (B,)
     prompts: list[str]
-    index: list[int]
+    labels: list[str]
+    index: list[int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Args:
+    """The parts of OpenRLHF's args that `apply_length_penalties` reads."""
+
+    reward: SimpleNamespace = field(
+        default_factory=lambda: SimpleNamespace(overlong_buffer_len=4, overlong_penalty_factor=1.0)
+    )
+    rollout: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(max_new_tokens=10, n_samples_per_prompt=4))
+
+
 def make_experiences(step: int) -> list[Experience]:
-    """One Experience per sample, as `_process_response_into_experience` builds them."""
+    """One Experience per sample, as `_process_response_into_experience` builds them, with the
+    `index` (position in the prompt-major rollout batch) that the experience maker assigns."""
     tokenizer = tiny_tokenizer()
     experiences = []
     for p_index, (prompt, answer) in enumerate(PROMPTS.items()):
@@ -63,26 +81,37 @@ def make_experiences(step: int) -> list[Experience]:
                     rewards=torch.tensor([score]),
                     scores=torch.tensor([score]),
                     response_length=torch.tensor([len(response_ids)]),
+                    truncated=torch.tensor([False]),
+                    total_length=torch.tensor([float(len(tokens))]),
                     prompts=[prompt],
+                    labels=[answer],
                     index=[p_index * N_SAMPLES + s_index],
-                    info={"reward": torch.tensor([score])},
+                    info={"reward": torch.tensor([score]), "score": torch.tensor([score])},
                 )
             )
     return experiences
 
 
-def overlong_penalty(experiences: list[Experience], expected_len: int = 6, buffer: int = 4) -> None:
-    """DAPO's overlong penalty as OpenRLHF's `apply_overlong_penalty` applies it (in place)."""
+def apply_length_penalties(experiences: list[Experience], args: Args) -> None:
+    """OpenRLHF's DAPO overlong penalty (in place): past `max_new_tokens - buffer` tokens, the reward
+    drops by the excess over the buffer (capped at 1) times the factor."""
+    expected = args.rollout.max_new_tokens - args.reward.overlong_buffer_len
     for experience in experiences:
-        exceed = min(int(experience.response_length[0]) - expected_len, buffer)
-        if exceed > 0:
-            experience.rewards[0] += -exceed / buffer
+        for j, length in enumerate(experience.response_length.tolist()):
+            exceed = min(length - expected, args.reward.overlong_buffer_len)
+            if exceed > 0:
+                experience.rewards[j] += -exceed / args.reward.overlong_buffer_len * args.reward.overlong_penalty_factor
 
 
-def group_norm(experiences: list[Experience]) -> np.ndarray:
-    """OpenRLHF's `group_norm` estimator on the (shaped) rewards, in prompt order."""
-    rewards = torch.cat([e.rewards for e in experiences]).reshape(-1, N_SAMPLES)
-    normed = (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9)
+def group_norm(experiences: list[Experience], args: Args) -> np.ndarray:
+    """`compute_advantages_and_returns`' `group_norm` baseline: rewards put back in rollout order by
+    `experience.index`, grouped by prompt, (r - mean) / (std + 1e-9); returned in rollout order."""
+    indices = torch.tensor([i for e in experiences for i in (e.index or [])])
+    raw = torch.cat([e.rewards for e in experiences])
+    rewards = torch.empty_like(raw)
+    rewards[indices] = raw
+    grouped = rewards.reshape(-1, args.rollout.n_samples_per_prompt)
+    normed = (grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + 1e-9)
     return normed.reshape(-1).numpy()
 
 
@@ -90,12 +119,16 @@ def group_norm(experiences: list[Experience]) -> np.ndarray:
 def test_penalties_land_in_rewards_before_group_normalisation(meds_server: str) -> None:
     tokenizer = tiny_tokenizer()
     model = tiny_model("gpt_neox", vocab_size=len(tokenizer))
+    args = Args()
     with MedsClient(meds_server) as client:
         shaper = MedsShaper(client, RUN)
         for step in RESPONSES:
             experiences = make_experiences(step)
-            overlong_penalty(experiences)
+            for experience in experiences:  # as compute_advantages_and_returns starts
+                experience.rewards = experience.rewards.to(torch.float32)
+            apply_length_penalties(experiences, args)
             before = torch.cat([e.rewards for e in experiences]).numpy().copy()
+            assert (before < torch.cat([e.scores for e in experiences if e.scores is not None]).numpy()).any()
             metrics = apply_meds_penalties(experiences, shaper, step=step, model=model, tokenizer=tokenizer)
             if step == 0:
                 assert metrics["meds/penalty_mean"] == 0.0  # nothing stored yet
@@ -113,7 +146,7 @@ def test_penalties_land_in_rewards_before_group_normalisation(meds_server: str) 
     assert scores.tolist() == [float(r.endswith(("42}", "42}."))) for r in RESPONSES[1]] + [0.0] * 4
     for experience in experiences:
         torch.testing.assert_close(experience.info["reward"], experience.rewards)
-    np.testing.assert_allclose(group_norm(experiences), _normalised(before - penalties), atol=1e-5)
+    np.testing.assert_allclose(group_norm(experiences, args), _normalised(before - penalties), atol=1e-5)
 
 
 def _normalised(rewards: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
-"""MEDS for OpenRLHF: penalties applied to experiences next to the length penalties.
+"""MEDS for OpenRLHF (follows OpenRLHF 0.11.2): penalties applied to experiences next to the length penalties.
 
-OpenRLHF shapes rewards in `ExperienceMaker.compute_advantages_and_returns`: it first calls
-`apply_length_penalties(experiences, args)`, which edits `experience.rewards` in place, and only
-then normalises rewards per prompt group (`group_norm`, `rloo`, `reinforce_baseline`, `dr_grpo`).
-MEDS belongs right there:
+OpenRLHF shapes rewards in `ExperienceMaker.compute_advantages_and_returns`: it promotes
+`experience.rewards` to float32, calls `apply_length_penalties(experiences, args)`, which edits them
+in place, and only then puts them back in rollout order by `experience.index` and normalises them
+per prompt group (`group_norm`, `rloo`, `reinforce_baseline`, `dr_grpo`). MEDS belongs right there:
 
 ```python
 apply_length_penalties(experiences, args)
@@ -15,6 +15,10 @@ decides "wrong" vs "correct". The per-sample penalty and cluster size are added 
 (logged like OpenRLHF's own per-sample info), and `info["reward"]` is kept in sync as
 `apply_length_penalties` does. Experiences are duck-typed (`sequences`, `attention_mask`,
 `action_mask`, `rewards`, `scores`, `prompts`, `info`), so OpenRLHF itself is not imported.
+
+In OpenRLHF 0.11 the policy lives in Ray actor groups while the experience maker runs on the driver;
+pass `model=` only where the policy is at hand (one process, or a colocated actor), else compute the
+fingerprints where the actor runs (`experience_fingerprints`) and pass them as `fingerprints=`.
 """
 
 from __future__ import annotations
