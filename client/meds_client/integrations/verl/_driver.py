@@ -37,6 +37,8 @@ class MedsSettings:
     - `on_error`: `zero` (a batch the service cannot score gets penalty 0 and is counted in
       `meds/error_frac`) or `raise`.
     - `timeout_s`: per request (client default when null).
+    - `deadline_s`: the most one step's scoring may take, retries included (client default, 10 s, when null;
+      past it the step goes on with penalty 0 under `on_error=zero`).
     - `last_n_layers`: keep the deepest n fingerprint values (the paper uses 14); null keeps all.
     - `threshold`: a sample is correct when its accuracy is at least this.
     - `correctness_key`: the reward function's key for accuracy in `reward_extra_info` (`acc`);
@@ -49,6 +51,7 @@ class MedsSettings:
     url: str | None = None
     on_error: str = "zero"
     timeout_s: float | None = None
+    deadline_s: float | None = None
     last_n_layers: int | None = None
     threshold: float = DEFAULT_CORRECTNESS_THRESHOLD
     correctness_key: str = "acc"
@@ -101,6 +104,8 @@ class DriverShaper:
             options: dict[str, Any] = {"on_error": self.settings.on_error}
             if self.settings.timeout_s is not None:
                 options["timeout"] = self.settings.timeout_s
+            if self.settings.deadline_s is not None:
+                options["deadline"] = self.settings.deadline_s
             self._shaper = MedsShaper(MedsClient(self.settings.url, **options), self.settings.run)
         return self._shaper
 
