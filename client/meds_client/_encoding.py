@@ -158,15 +158,6 @@ def encode_matrix(matrix: npt.NDArray[np.float32]) -> dict[str, Any]:
     }
 
 
-def decode_matrix(wire: Mapping[str, Any]) -> npt.NDArray[np.float32]:
-    """Inverse of `encode_matrix` (used by tests and tools)."""
-    if wire.get("dtype") != "float32":
-        raise ValueError(f"unsupported dtype {wire.get('dtype')!r}")
-    rows, cols = (int(n) for n in wire["shape"])
-    flat = np.frombuffer(base64.b64decode(wire["data"]), dtype="<f4")
-    return flat.reshape(rows, cols).astype(np.float32)
-
-
 def _fingerprint_matrix(rollouts: Sequence[Rollout], present: list[int]) -> npt.NDArray[np.float32]:
     """The fingerprints of `present` rollouts as one float32 matrix, checked once for the whole batch."""
     raw = [rollouts[i].fingerprint for i in present]

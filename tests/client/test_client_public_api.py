@@ -21,6 +21,7 @@ PUBLIC = {
     "ClientStats",
     "ConflictError",
     "GroupMemory",
+    "IdCollisionError",
     "InternalServerError",
     "MedsClient",
     "MedsError",

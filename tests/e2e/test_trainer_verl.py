@@ -14,10 +14,9 @@ from verl import DataProto
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
 from meds_client import MedsClient
-from meds_client._encoding import decode_matrix
 from meds_client.integrations.verl import MedsVerlHook, compute_fingerprints, response_anchor_positions
 from meds_client.testing import tiny_model, tiny_tokenizer
-from tests.client._fakes import FakeService
+from tests.client._fakes import FakeService, decode_matrix
 
 PROMPTS = {"Compute 7 * 6. Answer:": "42", "What is 2 + 3? Answer:": "5"}
 RESPONSES = {  # per step: 4 responses per prompt (a GRPO group)

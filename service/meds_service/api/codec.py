@@ -8,47 +8,26 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from pydantic import ValidationError
 
-from ..core.errors import InvalidInput
+from ..core.errors import InvalidInput, SchemaError
 from ..core.types import Group, RolloutBatch, ScoreOutcome
+from .errors import validated
 from .schemas import FingerprintMatrix, ScoreRequest
 
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-class SchemaError(InvalidInput):
-    """The body does not match the request schema (answered with 422)."""
-
-
-def describe(error: ValidationError, limit: int = 5) -> str:
-    """A short message from pydantic errors that never echoes input values (NaN would break JSON)."""
-    parts = []
-    for item in error.errors(include_url=False, include_input=False)[:limit]:
-        where = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{where}: {item['msg']}")
-    more = error.error_count() - limit
-    if more > 0:
-        parts.append(f"and {more} more")
-    return "; ".join(parts)
-
-
-def decode_score_request(body: bytes, *, max_batch: int, max_dim: int) -> tuple[RolloutBatch, int | None]:
-    """Parse and validate a score request body; returns the columns and the step."""
-    try:
-        request = ScoreRequest.model_validate_json(body)
-    except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors(include_url=False, include_input=False)):
-            raise InvalidInput("body is not valid JSON") from None
-        raise SchemaError(describe(exc)) from None
+def decode_score_request(body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch:
+    """Parse and validate a score request body into columns."""
+    request = validated(ScoreRequest, body)
     rollouts = request.rollouts
     ids = [r["rollout_id"] for r in rollouts]
     _check_ids(ids, max_batch)
     fingerprints, present = _fingerprints(request, max_dim)
     rewards = np.array([_or_nan(r.get("reward")) for r in rollouts], dtype=np.float64)
     groups = np.array([Group.of(r.get("correct")) for r in rollouts], dtype=np.int64)
-    batch = RolloutBatch(ids, [r["prompt_id"] for r in rollouts], groups, rewards, fingerprints, present)
-    return batch, request.step
+    prompts = [r["prompt_id"] for r in rollouts]
+    return RolloutBatch(ids, prompts, groups, rewards, fingerprints, present, request.step)
 
 
 def _check_ids(ids: list[str], max_batch: int) -> None:
@@ -144,7 +123,7 @@ MSGPACK = "application/msgpack"
 _COLUMNS = {"step", "rollout_id", "prompt_id", "correct", "reward", "fingerprints", "fingerprint_present"}
 
 
-def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> tuple[RolloutBatch, int | None]:
+def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch:
     """Parse and validate a columnar msgpack score request (the same checks as the JSON form)."""
     try:
         request = msgpack.unpackb(body, raw=False, strict_map_key=True)
@@ -171,7 +150,7 @@ def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> tuple[Rollou
     step = request.get("step")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
         raise SchemaError("step must be an integer")
-    return RolloutBatch(ids, prompts, groups.astype(np.int64), rewards, fingerprints, present), step
+    return RolloutBatch(ids, prompts, groups.astype(np.int64), rewards, fingerprints, present, step)
 
 
 def encode_columns(outcome: ScoreOutcome) -> bytes:

@@ -1,4 +1,4 @@
-"""The v1 routes (DESIGN §5). Handlers only translate between HTTP and the engine."""
+"""The v1 routes (docs/architecture.md, "A score request"). Handlers only translate between HTTP and the engine."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 from starlette.responses import Response
 
-from ..core.errors import InvalidInput, StoreUnavailable, Unauthorized
+from ..core.errors import StoreUnavailable, Unauthorized
 from ..core.types import NO_CLUSTER32, STATUSES, ScoreOutcome
 from ..engine import ErrorMemory
 from ..settings import Settings
-from .codec import MSGPACK, SchemaError, decode_columns, decode_score_request, describe, encode_columns
+from .codec import MSGPACK, decode_columns, decode_score_request, encode_columns
+from .errors import json_object, validated
 from .schemas import (
     RUN_PATTERN,
     ErrorResponse,
@@ -112,13 +112,7 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
     },
 )
 async def put_run(run: RunName, request: Request, engine: EngineDep) -> Response:
-    body = await request.body()
-    try:
-        patch = orjson.loads(body) if body.strip() else {}
-    except orjson.JSONDecodeError:
-        raise InvalidInput("body is not valid JSON") from None
-    if not isinstance(patch, dict):
-        raise SchemaError("body must be a JSON object of config fields")
+    patch = json_object(await request.body())
     _, created = await run_in_threadpool(engine.put_config, run, patch)
     return json_response(run_json(engine, run), 201 if created else 200)
 
@@ -165,7 +159,7 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
     received = time.perf_counter()
     columnar = request.headers.get("content-type", "").split(";")[0].strip().lower() == MSGPACK
     decode = decode_columns if columnar else decode_score_request
-    batch, _step = decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
+    batch = decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
     decoded = time.perf_counter()
     results = await run_in_threadpool(engine.score, run, batch)
     scored = time.perf_counter()
@@ -192,10 +186,7 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
 )
 async def recluster(run: RunName, request: Request, engine: EngineDep) -> Response:
     body = await request.body()
-    try:
-        options = ReclusterRequest.model_validate_json(body) if body.strip() else ReclusterRequest()
-    except ValidationError as exc:
-        raise SchemaError(describe(exc)) from None
+    options = validated(ReclusterRequest, body) if body.strip() else ReclusterRequest()
     report = await run_in_threadpool(engine.recluster, run, options.all)
     return json_response(report)
 

@@ -50,7 +50,7 @@ class RolloutIn(TypedDict):
 
 
 class ScoreRequest(_Strict):
-    step: int | None = Field(None, description="Training step, for logs only.")
+    step: int | None = Field(None, description="Training step, stored with every remembered rollout.")
     rollouts: list[RolloutIn]
     fingerprint_matrix: FingerprintMatrix | None = None
 
@@ -102,12 +102,20 @@ class ReclusterResponse(BaseModel):
     seconds: float
 
 
+class ClusterSteps(BaseModel):
+    size: int = Field(description="Vectors of the cluster in the last fit.")
+    first_step: int | None = Field(description="Earliest training step of its vectors; null = none recorded.")
+    last_step: int | None = Field(description="Latest training step of its vectors; null = none recorded.")
+
+
 class GroupMemory(BaseModel):
     vectors: int
     fitted: int = Field(description="Vectors covered by the last HDBSCAN fit.")
     pending_refit: bool
     clusters: dict[str, int] = Field(description="Label -> size in the last fit (-1 = noise).")
+    cluster_steps: dict[str, ClusterSteps] = Field(description="Label -> size and first and last step seen.")
     labels: list[int] = Field(description="Labels of the fitted vectors in arrival order.")
+    steps: list[int | None] = Field(description="Training step of each fitted vector (aligned with labels).")
 
 
 class PromptResponse(BaseModel):

@@ -112,3 +112,20 @@ class ShardIndex:
                 self._gpu_resources = None
         scores, ids = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
         return scores, ids
+
+
+class ShardIndexes:
+    """The engine's `VectorIndexes`: makes one `ShardIndex` per run, all on one device choice."""
+
+    def __init__(self, device: str = "auto") -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown index device {device!r}")
+        self.device_choice = device
+
+    @property
+    def device(self) -> str:
+        """The device new indexes use."""
+        return "cuda" if self.device_choice != "cpu" and gpu_count() > 0 else "cpu"
+
+    def new(self, dim: int) -> ShardIndex:
+        return ShardIndex(dim, self.device_choice)
