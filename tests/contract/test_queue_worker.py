@@ -1,4 +1,5 @@
-"""The Redis refit queue: jobs queued by commits are fitted, saved and acknowledged; a dead consumer's
+"""The RefitQueue contract (every implementation: conftest.py `queue`): jobs queued by commits are fitted,
+saved and acknowledged; a dead consumer's
 unacknowledged jobs are taken over."""
 
 from __future__ import annotations
@@ -42,9 +43,8 @@ def commit(store: RedisStore, keys: list[MemoryKey], first: int = 0) -> None:
     store.commit("r", CONFIG, ScoredBatch(appends, [], keys))
 
 
-def test_jobs_are_fitted_saved_and_acknowledged(redis_url: str) -> None:
-    store = RedisStore(redis_url)
-    store.ensure_queue()
+def test_jobs_are_fitted_saved_and_acknowledged(queue: RedisStore) -> None:
+    store = queue
     keys = [MemoryKey(f"p{i}", Group.WRONG) for i in range(5)]
     commit(store, keys)
     assert store.pending_count("r") == 5 and queue_length(store) == 5
@@ -58,12 +58,10 @@ def test_jobs_are_fitted_saved_and_acknowledged(redis_url: str) -> None:
     assert store.pending_count("r") == 2
     assert worker.step() == 2 and store.pending_count("r") == 0
     refitter.close()
-    store.close()
 
 
-def test_a_dead_consumers_jobs_are_taken_over(redis_url: str) -> None:
-    store = RedisStore(redis_url)
-    store.ensure_queue()
+def test_a_dead_consumers_jobs_are_taken_over(queue: RedisStore) -> None:
+    store = queue
     keys = [MemoryKey(f"q{i}", Group.UNKNOWN) for i in range(3)]
     commit(store, keys)
     claimed = store.claim_refits("dead", 10, 10, min_idle_ms=60_000)  # delivered, never acknowledged
@@ -74,14 +72,11 @@ def test_a_dead_consumers_jobs_are_taken_over(redis_url: str) -> None:
     assert worker.step() == 3
     assert queue_length(store) == 0 and store.pending_count("r") == 0
     refitter.close()
-    store.close()
 
 
-def test_jobs_of_deleted_runs_are_dropped(redis_url: str) -> None:
-    store = RedisStore(redis_url)
-    store.ensure_queue()
+def test_jobs_of_deleted_runs_are_dropped(queue: RedisStore) -> None:
+    store = queue
     commit(store, [MemoryKey("p", Group.WRONG)])
     store.delete_run("r")
     worker = QueueWorker(store, store, LocalRefitter(store.spec(), 1, processes=False), consumer="c", block_ms=10)
     assert worker.step() == 1 and queue_length(store) == 0
-    store.close()

@@ -1,16 +1,23 @@
-"""Decoding score requests into columns, with every check that keeps bad input out of memory."""
+"""The wire formats of a score request and its answer: one `WireCodec` per media type.
+
+Each codec decodes a request body into columns (`RolloutBatch`), with every check that keeps bad input out
+of memory, and encodes a `ScoreOutcome`. The route picks codecs by Content-Type and Accept from `CODECS`;
+adding a wire format is one codec class and one entry there (docs/architecture.md, "Where to add things").
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+import math
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
+import orjson
 
 from ..core.errors import InvalidInput, SchemaError
-from ..core.types import Group, RolloutBatch, ScoreOutcome
+from ..core.types import NO_CLUSTER32, STATUSES, Group, RolloutBatch, ScoreOutcome
 from .errors import validated
 from .schemas import FingerprintMatrix, ScoreRequest
 
@@ -213,3 +220,76 @@ def _column_fingerprints(request: dict[str, Any], n: int, max_dim: int) -> tuple
     out = np.zeros((n, dim), dtype=np.float32)
     out[present] = matrix
     return out, present
+
+
+# ---- the codecs -------------------------------------------------------------------------------------------
+
+
+class WireCodec(Protocol):
+    """One wire format of score requests and answers."""
+
+    media_type: str
+
+    def decode(self, body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch: ...
+    def encode(self, outcome: ScoreOutcome) -> bytes: ...
+
+
+class JsonCodec:
+    """`application/json`: ScoreRequest in, ScoreResponse out (the default both ways)."""
+
+    media_type = "application/json"
+
+    def decode(self, body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch:
+        return decode_score_request(body, max_batch=max_batch, max_dim=max_dim)
+
+    def encode(self, outcome: ScoreOutcome) -> bytes:
+        return orjson.dumps({"results": results_json(outcome)})
+
+
+class ColumnsCodec:
+    """`application/msgpack`: the compact columnar form (ScoreColumnsRequest / ScoreColumnsResponse)."""
+
+    media_type = MSGPACK
+
+    def decode(self, body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch:
+        return decode_columns(body, max_batch=max_batch, max_dim=max_dim)
+
+    def encode(self, outcome: ScoreOutcome) -> bytes:
+        return encode_columns(outcome)
+
+
+JSON = JsonCodec()
+CODECS: dict[str, WireCodec] = {codec.media_type: codec for codec in (JSON, ColumnsCodec())}
+
+
+def request_codec(content_type: str) -> WireCodec:
+    """The codec of a request body by its Content-Type (JSON when it names no other)."""
+    return CODECS.get(content_type.split(";")[0].strip().lower(), JSON)
+
+
+def response_codec(accept: str) -> WireCodec:
+    """The codec of the answer: the first non-JSON format the Accept header names, else JSON."""
+    for media_type, codec in CODECS.items():
+        if codec is not JSON and media_type in accept:
+            return codec
+    return JSON
+
+
+def results_json(outcome: ScoreOutcome) -> list[dict[str, Any]]:
+    """The `results` list of a JSON score answer, built from columns (fast for 10^4 rollouts)."""
+    names = [s.value for s in STATUSES]
+    records = outcome.records
+    clusters = [None if c == NO_CLUSTER32 else c for c in records["cluster"].tolist()]
+    shaped = [None if math.isnan(x) else x for x in records["shaped"].tolist()]
+    return [
+        {"rollout_id": rid, "status": names[st], "cluster": c, "cluster_size": z, "penalty": p, "shaped_reward": sh}
+        for rid, st, c, z, p, sh in zip(
+            outcome.rollout_ids,
+            outcome.status.tolist(),
+            clusters,
+            records["size"].tolist(),
+            records["penalty"].tolist(),
+            shaped,
+            strict=True,
+        )
+    ]

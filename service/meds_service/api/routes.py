@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import math
 import time
 from typing import Annotated, Any
 
@@ -13,10 +12,9 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from ..core.errors import StoreUnavailable, Unauthorized
-from ..core.types import NO_CLUSTER32, STATUSES, ScoreOutcome
 from ..engine import ErrorMemory
 from ..settings import Settings
-from .codec import MSGPACK, decode_columns, decode_score_request, encode_columns
+from .codec import MSGPACK, request_codec, response_codec
 from .errors import json_object, validated
 from .schemas import (
     RUN_PATTERN,
@@ -64,26 +62,6 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
 
 def json_response(payload: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status_code, media_type="application/json")
-
-
-def results_json(outcome: ScoreOutcome) -> list[dict[str, Any]]:
-    """The `results` list of a score answer, built from columns (fast for 10^4 rollouts)."""
-    names = [s.value for s in STATUSES]
-    records = outcome.records
-    clusters = [None if c == NO_CLUSTER32 else c for c in records["cluster"].tolist()]
-    shaped = [None if math.isnan(x) else x for x in records["shaped"].tolist()]
-    return [
-        {"rollout_id": rid, "status": names[st], "cluster": c, "cluster_size": z, "penalty": p, "shaped_reward": sh}
-        for rid, st, c, z, p, sh in zip(
-            outcome.rollout_ids,
-            outcome.status.tolist(),
-            clusters,
-            records["size"].tolist(),
-            records["penalty"].tolist(),
-            shaped,
-            strict=True,
-        )
-    ]
 
 
 def run_json(engine: ErrorMemory, name: str) -> dict[str, Any]:
@@ -157,16 +135,13 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
     started = time.perf_counter()
     body = await request.body()
     received = time.perf_counter()
-    columnar = request.headers.get("content-type", "").split(";")[0].strip().lower() == MSGPACK
-    decode = decode_columns if columnar else decode_score_request
-    batch = decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
+    decoder = request_codec(request.headers.get("content-type", ""))
+    batch = decoder.decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
     decoded = time.perf_counter()
     results = await run_in_threadpool(engine.score, run, batch)
     scored = time.perf_counter()
-    if MSGPACK in request.headers.get("accept", ""):
-        response = Response(encode_columns(results), media_type=MSGPACK)
-    else:
-        response = json_response({"results": results_json(results)})
+    encoder = response_codec(request.headers.get("accept", ""))
+    response = Response(encoder.encode(results), media_type=encoder.media_type)
     timings = {"receive": received - started, "decode": decoded - received, "score": scored - decoded,
                "encode": time.perf_counter() - scored}  # fmt: skip
     response.headers["server-timing"] = ", ".join(f"{k};dur={1e3 * v:.1f}" for k, v in timings.items())
