@@ -1,6 +1,5 @@
 """The RefitQueue contract (every implementation: conftest.py `queue`): jobs queued by commits are fitted,
-saved and acknowledged; a dead consumer's
-unacknowledged jobs are taken over."""
+saved and acknowledged; a dead consumer's unacknowledged jobs are taken over."""
 
 from __future__ import annotations
 
