@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
+from harness.reference import ReferenceMEDS
 from meds_service.engine import ErrorMemory
 from meds_service.engine.ports import MemoryStore
 from meds_service.storage.index import ShardIndexes
 from meds_service.workers import LocalRefitter
-from tests.support.reference import ReferenceMEDS
 from tests.unit.test_engine import Recorder, grid_trace, replay, to_batch
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.reference import ReferenceMEDS
+from harness.reference import ReferenceMEDS
 from tests.support.trace import TraceSpec, to_wire, trace_steps
 
 pytestmark = pytest.mark.slow

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from harness.reference import ReferenceMEDS, RefRollout
 from meds_service.core.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from meds_service.core.types import Fit, Group, RolloutBatch, RolloutStatus
 from meds_service.engine import ErrorMemory, RefitScheduler
 from meds_service.storage.index import ShardIndexes
 from meds_service.storage.sqlite import SQLiteStore
 from meds_service.workers import LocalRefitter
-from tests.support.reference import ReferenceMEDS, RefRollout
 
 
 class Recorder:

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.reference import ReferenceMEDS
 from meds_service.core.types import Group, KeyRows, MemoryKey, Snapshot
 from meds_service.engine import ErrorMemory
 from meds_service.storage.index import ShardIndexes
 from meds_service.storage.snapshot import SnapshotFolder, read_snapshot, snapshot_path, write_snapshot
 from meds_service.storage.sqlite import SQLiteStore
 from meds_service.workers import LocalRefitter
-from tests.support.reference import ReferenceMEDS
 from tests.unit.test_engine import grid_trace, replay
 
 
