@@ -65,8 +65,9 @@ def plan_chunks(
 ) -> list[ScoreChunk]:
     """Split a batch into requests without splitting a prompt's rollouts when it can be avoided.
 
-    Rollouts of one batch must not see each other (DESIGN §2); keys are per prompt, so keeping each
-    prompt's rollouts in one request keeps that true even when the batch needs several requests.
+    Rollouts of one batch must not see each other (docs/architecture.md, "The algorithm", step 3); keys
+    are per prompt, so keeping each prompt's rollouts in one request keeps that true even when the batch
+    needs several requests.
     Only a single prompt with more rollouts than fit in a request is split (with a warning).
     """
     limit = max(1, min(max_rollouts, max_bytes // _estimated_bytes_per_rollout(rollouts)))

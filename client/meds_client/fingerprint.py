@@ -1,4 +1,4 @@
-"""Layer-logit fingerprints of responses, computed from a Hugging Face causal LM (DESIGN §3).
+"""Layer-logit fingerprints of responses, computed from a Hugging Face causal LM (docs/architecture.md, "Fingerprints").
 
 A response's fingerprint is read at the token of `{` in its last `\\boxed{` (the *anchor* p): for each
 decoder layer l, the logit that the output embedding gives the token actually sampled at p+1 when

@@ -1,4 +1,5 @@
-"""Fingerprints: anchor search (DESIGN §3) and the gathered-row layer logits against a naive computation."""
+"""Fingerprints: anchor search (docs/architecture.md, "Fingerprints") and the gathered-row layer logits
+against a naive computation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A multi-epoch trace replayed through the HTTP API equals a plain implementation of DESIGN §2."""
+"""A multi-epoch trace replayed through the HTTP API equals a plain implementation of docs/architecture.md,
+"The algorithm"."""
 
 from __future__ import annotations
 
