@@ -12,13 +12,12 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
 
 from .core.clustering import fit_labels
 from .core.config import RunConfig
 from .core.errors import StoreUnavailable
 from .core.records import StoreSpec
-from .core.types import Fit, Group, MemoryKey
+from .core.types import Fit, MemoryKey
 from .engine.ports import EngineObserver, MemoryStore, RefitQueue
 from .engine.refits import split_keys
 from .settings import Settings
@@ -38,12 +37,10 @@ def _store_for(spec: StoreSpec) -> MemoryStore:
         return store
 
 
-def refit_job(spec: StoreSpec, run: str, config: dict[str, Any], keys: Sequence[tuple[str, int]]) -> list[Fit]:
+def refit_job(spec: StoreSpec, run: str, config: RunConfig, keys: Sequence[MemoryKey]) -> list[Fit]:
     """Fit the given keys of a run from the store's current vectors (runs in a worker)."""
-    cfg = RunConfig.from_mapping(config)
-    store = _store_for(spec)
-    states = store.load_keys(run, [MemoryKey(p, Group(g)) for p, g in keys], cfg.stored_dim)
-    return [Fit(key, fit_labels(state.vectors, cfg), state.start, state.n) for key, state in states.items()]
+    states = _store_for(spec).load_keys(run, keys, config.stored_dim)
+    return [Fit(key, fit_labels(state.vectors, config), state.start, state.n) for key, state in states.items()]
 
 
 def _init_worker() -> None:
@@ -77,14 +74,14 @@ class LocalRefitter:
             future.result()
 
     def submit(self, run: str, config: RunConfig, keys: Sequence[MemoryKey]) -> Future[list[Fit]]:
-        job = [(k.prompt_id, int(k.group)) for k in keys]
+        job = list(keys)
         with self._lock:
             try:
-                return self._pool.submit(refit_job, self.spec, run, config.as_dict(), job)
+                return self._pool.submit(refit_job, self.spec, run, config, job)
             except BrokenProcessPool:
                 log.error("refit worker pool broke; starting a new one")
                 self._pool = self._new_pool()
-                return self._pool.submit(refit_job, self.spec, run, config.as_dict(), job)
+                return self._pool.submit(refit_job, self.spec, run, config, job)
 
     def close(self) -> None:
         with self._lock:

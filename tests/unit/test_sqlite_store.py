@@ -56,7 +56,7 @@ def test_read_only_view_sees_commits_and_refits_from_it(tmp_path: Path) -> None:
     assert np.array_equal(reader.load_keys("r", [key], 3)[key].vectors, x)
     with pytest.raises(StoreUnavailable):
         reader.save_run("r", RunConfig())
-    fits = refit_job(writer.spec(), "r", RunConfig(dim=3).as_dict(), [("p", 0)])
+    fits = refit_job(writer.spec(), "r", RunConfig(dim=3), [MemoryKey("p", Group.WRONG)])
     assert len(fits) == 1 and fits[0].fitted_upto == 6 and len(fits[0].labels) == 6
     writer.close()
 

@@ -24,7 +24,6 @@ from ..core.penalty import NO_CLUSTER, shape
 from ..core.preprocess import features, stored_vectors, unit_rows
 from ..core.types import (
     NO_CLUSTER32,
-    NO_STEP,
     RESULT_DTYPE,
     STATUSES,
     Fit,
@@ -44,6 +43,7 @@ from .cache import CachedKey, Groups, KeyView, RunMemory, group_rows
 from .coordination import coordination_for
 from .ports import EngineObserver, MemoryStore, NullObserver, Refitter, SnapshotStore, VectorIndexes
 from .refits import Refits
+from .views import MemoryTotals, PromptView, ReclusterReport, RunStats, group_view
 
 log = logging.getLogger(__name__)
 
@@ -285,12 +285,12 @@ class ErrorMemory:
     def inflight_jobs(self) -> int:
         return self.refits.in_flight()
 
-    def recluster(self, name: str, everything: bool = False) -> dict[str, Any]:
+    def recluster(self, name: str, everything: bool = False) -> ReclusterReport:
         return self.refits.recluster(self.coordination.run(name), everything)
 
     # ---- views --------------------------------------------------------------------------------------
 
-    def stats(self, name: str) -> dict[str, Any]:
+    def stats(self, name: str) -> RunStats:
         run = self.coordination.run(name)
         with run.lock:
             counts = self.coordination.counts(run)
@@ -304,7 +304,7 @@ class ErrorMemory:
                 "index_device": run.index.device if run.index else self.indexes.device,
             }
 
-    def prompt(self, name: str, prompt_id: str) -> dict[str, Any]:
+    def prompt(self, name: str, prompt_id: str) -> PromptView:
         """A prompt's memory per group: its last fit's clusters, with the training steps they were seen at."""
         run = self.coordination.run(name)
         keys = [MemoryKey(prompt_id, group) for group in Group]
@@ -312,12 +312,12 @@ class ErrorMemory:
             self.coordination.refresh(run, run.config, keys)
             held = {key: run.keys[key] for key in keys if key in run.keys}
             steps = self.store.load_steps(name, list(held)) if held else {}
-            groups = {key.group.wire: _group_view(key, cached, steps[key], run) for key, cached in held.items()}
+            groups = {key.group.wire: group_view(key, cached, steps[key], run) for key, cached in held.items()}
         if not groups:
             raise NotFound(f"run {name!r} has no memory of prompt {prompt_id!r}")
         return {"prompt_id": prompt_id, "groups": groups}
 
-    def totals(self) -> dict[str, int]:
+    def totals(self) -> MemoryTotals:
         """Across runs, for the metrics gauges."""
         counts = self.coordination.totals()
         return {
@@ -373,31 +373,3 @@ def _assemble(
                 status[i] = STATUSES.index(RolloutStatus.DUPLICATE)
                 records[i] = first.record()
     return ScoreOutcome(batch.rollout_ids, status, records)
-
-
-def _group_view(key: MemoryKey, cached: CachedKey, steps: NDArray[np.int64], run: RunMemory) -> dict[str, Any]:
-    """One group of a prompt: its last fit's labels, the step of each labelled vector, and per cluster its
-    size and the first and last step it was seen at (None where no step was recorded)."""
-    labels = cached.labels
-    fitted_steps = np.full(len(labels), NO_STEP, dtype=np.int64)
-    recorded = steps[cached.fit_start : cached.fitted_upto]
-    fitted_steps[: len(recorded)] = recorded
-    known = fitted_steps != NO_STEP
-    clusters: dict[str, dict[str, int | None]] = {}
-    for label in np.unique(labels).tolist():
-        mine = labels == label
-        seen = fitted_steps[mine & known]
-        clusters[str(label)] = {
-            "size": int(mine.sum()),
-            "first_step": int(seen.min()) if len(seen) else None,
-            "last_step": int(seen.max()) if len(seen) else None,
-        }
-    return {
-        "vectors": cached.live,
-        "fitted": cached.fitted_upto - cached.fit_start,
-        "pending_refit": key in run.pending,
-        "clusters": {label: view["size"] for label, view in clusters.items()},
-        "cluster_steps": clusters,
-        "labels": labels.tolist(),
-        "steps": [None if s == NO_STEP else s for s in fitted_steps.tolist()],
-    }

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 from ..core.config import RunConfig
 from ..core.errors import StoreUnavailable
 from ..core.types import MemoryKey
 from .cache import RefitJob, RunMemory
 from .ports import Coordination, EngineObserver, MemoryStore, Refitter
+from .views import ReclusterReport
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Refits:
     def in_flight(self) -> int:
         return sum(len(run.jobs()) for run in self.coordination.cached())
 
-    def recluster(self, run: RunMemory, everything: bool) -> dict[str, Any]:
+    def recluster(self, run: RunMemory, everything: bool) -> ReclusterReport:
         """Refit now: the pending keys (or every key) of a run, in parallel, and answer when done."""
         started = time.perf_counter()
         with run.lock:
