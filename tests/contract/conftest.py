@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from meds_service.engine.coordination import coordination_for
-from meds_service.engine.ports import Coordination, MemoryStore, SnapshotStore, VectorIndexes
+from meds_service.engine.coordination import Coordination, coordination_for
+from meds_service.engine.ports import MemoryStore, SnapshotStore, VectorIndexes
 from meds_service.storage.index import ShardIndexes, gpu_count
 from meds_service.storage.redis import RedisStore
 from meds_service.storage.snapshot import SnapshotFolder

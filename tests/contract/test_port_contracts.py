@@ -8,7 +8,8 @@ import pytest
 from meds_service.core.config import RunConfig
 from meds_service.core.errors import NotFound
 from meds_service.core.types import Group, KeyRows, MemoryKey, Snapshot
-from meds_service.engine.ports import Coordination, SnapshotStore, VectorIndexes
+from meds_service.engine.coordination import Coordination
+from meds_service.engine.ports import SnapshotStore, VectorIndexes
 
 K = MemoryKey("p", Group.WRONG)
 

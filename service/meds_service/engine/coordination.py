@@ -4,7 +4,8 @@
 counts come from the cache. `SharedCoordination` (Redis): other API replicas and workers write the same
 store, so runs are checked against the store on every call, the keys a request reads are synced first,
 counts come from the store, and a batch's prompts are locked across processes while it is scored.
-`coordination_for` picks one, in one place; everything else in the engine is one code path.
+`coordination_for` picks one, in one place; everything else in the engine is one code path. The
+`Coordination` port is declared here, next to its two implementations: it is the engine's own seam.
 """
 
 from __future__ import annotations
@@ -12,12 +13,45 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import NamedTuple, Protocol
 
 from ..core.config import RunConfig
 from ..core.errors import NotFound
 from ..core.types import MemoryKey
 from .cache import RunMemory, sync
-from .ports import Coordination, MemoryCounts, MemoryStore, SharedStore, VectorIndexes
+from .ports import MemoryStore, SharedStore, VectorIndexes
+
+
+class MemoryCounts(NamedTuple):
+    """A run's size (or the sum over runs) as the engine reports it."""
+
+    keys: int
+    vectors: int
+    rollouts: int
+    pending: int
+
+    @classmethod
+    def total(cls, parts: Sequence[MemoryCounts]) -> MemoryCounts:
+        return cls(*(sum(column) for column in zip(*parts, strict=True))) if parts else cls(0, 0, 0, 0)
+
+
+class Coordination(Protocol):
+    """How this process's cache of the runs relates to the store, and everything that depends on it."""
+
+    def load(self) -> list[RunMemory]: ...
+    def fill(self, run: RunMemory) -> None: ...
+    def names(self) -> list[str]: ...
+    def run(self, name: str, *, create: bool = False) -> RunMemory: ...
+    def create(self, name: str, config: Callable[[], RunConfig]) -> RunMemory | None: ...
+    def delete(self, name: str) -> None: ...
+    def cached(self) -> list[RunMemory]: ...
+    def alive(self, run: RunMemory) -> bool: ...
+    def locked(self, run: str, prompt_ids: Sequence[str]) -> AbstractContextManager[None]: ...
+    def refresh(self, run: RunMemory, config: RunConfig, keys: Iterable[MemoryKey]) -> None: ...
+    def has_memory(self, run: RunMemory) -> bool: ...
+    def counts(self, run: RunMemory) -> MemoryCounts: ...
+    def totals(self) -> MemoryCounts: ...
+    def refit_scope(self, run: RunMemory, everything: bool) -> tuple[list[MemoryKey], int]: ...
 
 
 def coordination_for(store: MemoryStore, indexes: VectorIndexes) -> Coordination:

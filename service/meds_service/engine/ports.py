@@ -10,15 +10,17 @@ in tests/contract that runs every implementation.
     SnapshotStore   index snapshots on local disk, for fast restarts (storage/snapshot.py)
     Refitter        runs HDBSCAN refits somewhere (workers.py)
     EngineObserver  what the engine reports as it works (metrics.py)
-    Coordination    how this process's cache relates to the store (engine/coordination.py: local or shared)
+
+The engine's own seam between one writer and many, `Coordination`, is declared where it is implemented
+(engine/coordination.py): it is a port of the engine's cache, not of an adapter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,9 +37,6 @@ from ..core.types import (
     ScoredBatch,
     Snapshot,
 )
-
-if TYPE_CHECKING:
-    from .cache import RunMemory
 
 
 class MemoryStore(Protocol):
@@ -140,43 +139,6 @@ class EngineObserver(Protocol):
     def knn_fallback(self, tier: str) -> None: ...
 
 
-class MemoryCounts(NamedTuple):
-    """A run's size (or the sum over runs) as the engine reports it."""
-
-    keys: int
-    vectors: int
-    rollouts: int
-    pending: int
-
-    @classmethod
-    def total(cls, parts: Sequence[MemoryCounts]) -> MemoryCounts:
-        return cls(*(sum(column) for column in zip(*parts, strict=True))) if parts else cls(0, 0, 0, 0)
-
-
-class Coordination(Protocol):
-    """How this process's cache of the runs relates to the store, and everything that depends on it.
-
-    `LocalCoordination`: this process is the store's only writer, so its cache is authoritative.
-    `SharedCoordination`: other processes write the store too; the store is the record and the cache
-    follows it (the keys a request touches are synced first, counts are read from the store).
-    """
-
-    def load(self) -> list[RunMemory]: ...
-    def fill(self, run: RunMemory) -> None: ...
-    def names(self) -> list[str]: ...
-    def run(self, name: str, *, create: bool = False) -> RunMemory: ...
-    def create(self, name: str, config: Callable[[], RunConfig]) -> RunMemory | None: ...
-    def delete(self, name: str) -> None: ...
-    def cached(self) -> list[RunMemory]: ...
-    def alive(self, run: RunMemory) -> bool: ...
-    def locked(self, run: str, prompt_ids: Sequence[str]) -> AbstractContextManager[None]: ...
-    def refresh(self, run: RunMemory, config: RunConfig, keys: Iterable[MemoryKey]) -> None: ...
-    def has_memory(self, run: RunMemory) -> bool: ...
-    def counts(self, run: RunMemory) -> MemoryCounts: ...
-    def totals(self) -> MemoryCounts: ...
-    def refit_scope(self, run: RunMemory, everything: bool) -> tuple[list[MemoryKey], int]: ...
-
-
 class NullObserver:
     """An EngineObserver that records nothing."""
 
@@ -197,9 +159,7 @@ class NullObserver:
 
 
 __all__ = [
-    "Coordination",
     "EngineObserver",
-    "MemoryCounts",
     "MemoryStore",
     "NullObserver",
     "RefitQueue",

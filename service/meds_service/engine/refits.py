@@ -15,7 +15,8 @@ from ..core.config import RunConfig
 from ..core.errors import StoreUnavailable
 from ..core.types import MemoryKey
 from .cache import RefitJob, RunMemory
-from .ports import Coordination, EngineObserver, MemoryStore, Refitter
+from .coordination import Coordination
+from .ports import EngineObserver, MemoryStore, Refitter
 from .views import ReclusterReport
 
 log = logging.getLogger(__name__)
