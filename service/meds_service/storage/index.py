@@ -61,12 +61,6 @@ class ShardIndex:
         """Factor on the float32 rounding bound: GPU GEMMs may sum in other orders and fused steps."""
         return 8.0 if self._gpu_resources is not None else 1.0
 
-    def __len__(self) -> int:
-        return len(self._shards)
-
-    def total(self) -> int:
-        return sum(s.count for s in self._shards.values())
-
     def count(self, key: Hashable) -> int:
         shard = self._shards.get(key)
         return 0 if shard is None else shard.count
