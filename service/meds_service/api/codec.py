@@ -19,7 +19,7 @@ import orjson
 from ..core.errors import InvalidInput, SchemaError
 from ..core.types import NO_CLUSTER32, STATUSES, Group, RolloutBatch, ScoreOutcome
 from .errors import validated
-from .schemas import FingerprintMatrix, ScoreRequest
+from .schemas import MAX_STEP, FingerprintMatrix, ScoreRequest
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -155,8 +155,8 @@ def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch
     groups = np.where(correct == 1, int(Group.CORRECT), np.where(correct == 0, int(Group.WRONG), int(Group.UNKNOWN)))
     fingerprints, present = _column_fingerprints(request, n, max_dim)
     step = request.get("step")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-        raise SchemaError("step must be an integer")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP):
+        raise SchemaError(f"step must be an integer from 0 to {MAX_STEP}")
     return RolloutBatch(ids, prompts, groups.astype(np.int64), rewards, fingerprints, present, step)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -39,7 +39,8 @@ STATUS: dict[type[MedsError], int] = {
     StoreUnavailable: 503,
 }
 Model = TypeVar("Model", bound=BaseModel)
-NOT_JSON = "body is not valid JSON"
+T = TypeVar("T")
+_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 _HTTP_TYPES = {
     400: "invalid_input",
     401: "unauthorized",
@@ -78,24 +79,23 @@ def describe(errors: Iterable[Mapping[str, Any]], count: int, limit: int = 5) ->
 
 def validated(model: type[Model], body: bytes) -> Model:
     """A JSON body validated against a wire model: 400 when it is not JSON, 422 when it does not fit."""
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise InvalidInput(NOT_JSON) from None
-        raise SchemaError(describe(errors, exc.error_count())) from None
+    return _parsed(model.model_validate_json, body)
 
 
 def json_object(body: bytes) -> dict[str, Any]:
     """A body that must be a JSON object (or empty: {})."""
+    return _parsed(_OBJECT.validate_json, body) if body.strip() else {}
+
+
+def _parsed(parse: Callable[[bytes], T], body: bytes) -> T:
+    """The one place a JSON body is parsed: 400 when it is not JSON, 422 with `describe` when it does not fit."""
     try:
-        value = orjson.loads(body) if body.strip() else {}
-    except orjson.JSONDecodeError:
-        raise InvalidInput(NOT_JSON) from None
-    if not isinstance(value, dict):
-        raise SchemaError("body must be a JSON object")
-    return value
+        return parse(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise InvalidInput("body is not valid JSON") from None
+        raise SchemaError(describe(errors, exc.error_count())) from None
 
 
 def status_of(exc: MedsError) -> int:
