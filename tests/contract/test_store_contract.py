@@ -140,3 +140,11 @@ def test_steps_are_stored_per_vector(store: MemoryStore) -> None:
 
 def stepped(append: KeyAppend, step: int) -> KeyAppend:
     return dataclasses.replace(append, step=step)
+
+
+def test_heads_of_chosen_keys(store: MemoryStore) -> None:
+    store.commit("r", CONFIG, ScoredBatch([append(W, 0, vectors(3))], [Fit(W, np.array([0, 0, -1]), 0, 3)]))
+    heads = store.heads("r", [W, C])
+    assert (heads[W].start, heads[W].n, heads[W].fit_start, heads[W].fitted_upto) == (0, 3, 0, 3)
+    assert not heads[W].stale and heads[W].has_fit and heads[C].n == 0 and not heads[C].stale
+    assert store.heads("missing", [W])[W].n == 0

@@ -350,8 +350,11 @@ class SQLiteStore:
 
     def heads(self, run: str, keys: Sequence[MemoryKey]) -> dict[MemoryKey, KeyHead]:
         """Counters of the given keys (zeros for keys that are not stored)."""
-        held = self.key_heads(run)
-        return {key: held.get(key) or KeyHead() for key in keys}
+        with self._read():
+            entry = self._runs.get(run)
+            held = {} if entry is None else entry.keys
+            return {key: KeyHead(e.start, e.n, e.fit_start, e.fitted_upto) if (e := held.get(key)) else KeyHead()
+                    for key in keys}  # fmt: skip
 
     def list_keys(self, run: str, pending_only: bool = False) -> list[MemoryKey]:
         """The run's keys (only those whose last fit does not cover their live vectors, if asked)."""
