@@ -579,7 +579,8 @@ def _save_fits(db: sqlite3.Connection, keys: dict[MemoryKey, _Key], fits: Sequen
             continue
         held[fit.key] = KeyHead(entry.start, entry.n, fit.fit_start, fit.fitted_upto)
         rows.append((entry.key_id, fit.fit_start, fit.fitted_upto, fit.labels.astype("<i4").tobytes()))
-    db.executemany("INSERT OR REPLACE INTO fits(key_id, fit_start, fitted_upto, labels) VALUES(?, ?, ?, ?)", rows)
+    if rows:
+        db.executemany("INSERT OR REPLACE INTO fits(key_id, fit_start, fitted_upto, labels) VALUES(?, ?, ?, ?)", rows)
     return len(rows)
 
 
