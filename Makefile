@@ -29,7 +29,7 @@ test: install-test
 	$(BIN)/pytest tests --ignore=tests/unit --ignore=tests/contract -q
 
 lint: install-test
-	$(BIN)/ruff check service client tests bench
+	$(BIN)/ruff check service client tests bench harness
 	$(BIN)/ruff format --check service client
 	$(BIN)/mypy service/meds_service client/meds_client
 

@@ -64,7 +64,8 @@ def knn_timings(dim: int, keys: int, stored: int, queries: int, repeats: int) ->
         out[f"{device}_ms"] = 1e3 * best_of(search, repeats)
         results = search()
         bound = knn.float32_bound(dim, index.rounding_safety)
-        sure = [knn.certain_top_k(scores, 3, stored, bound) for scores, _ in results]
+        want, searchable = np.full(queries, 3), np.full(queries, stored)
+        sure = [knn.certain_top_k(scores, want, searchable, bound) for scores, _ in results]
         votes[device] = [knn.vote(labels[k][ids[:, :3]]) for k, (_, ids) in enumerate(results)]
         out[f"{device}_certain_fraction"] = float(np.mean(np.concatenate(sure)))
     if "cuda" in votes:

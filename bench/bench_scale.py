@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from bench.bench_score import rollouts_of
 from bench.workload import Workload
+from harness.redis_server import RedisServer
+from harness.server import ProcessServer, ProcessWorker
 from meds_client import MedsClient
-from tests.support.redis_server import RedisServer
-from tests.support.server import ProcessServer, ProcessWorker
 
 STEPS = 5
 

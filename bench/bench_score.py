@@ -44,9 +44,9 @@ from sklearn.preprocessing import normalize
 from tqdm import tqdm
 
 from bench.workload import Workload
+from harness.reference import ReferenceMEDS, RefRollout
+from harness.server import ProcessServer
 from meds_client import MedsClient, Rollout
-from tests.support.reference import ReferenceMEDS, RefRollout
-from tests.support.server import ProcessServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

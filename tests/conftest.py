@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from harness.redis_server import RedisServer
+from harness.server import thread_server
 from meds_service.settings import Settings
-from tests.support.redis_server import RedisServer
-from tests.support.server import thread_server
 
 
 @pytest.fixture

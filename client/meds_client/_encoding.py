@@ -65,8 +65,9 @@ def plan_chunks(
 ) -> list[ScoreChunk]:
     """Split a batch into requests without splitting a prompt's rollouts when it can be avoided.
 
-    Rollouts of one batch must not see each other (DESIGN §2); keys are per prompt, so keeping each
-    prompt's rollouts in one request keeps that true even when the batch needs several requests.
+    Rollouts of one batch must not see each other (docs/architecture.md, "The algorithm", step 3); keys
+    are per prompt, so keeping each prompt's rollouts in one request keeps that true even when the batch
+    needs several requests.
     Only a single prompt with more rollouts than fit in a request is split (with a warning).
     """
     limit = max(1, min(max_rollouts, max_bytes // _estimated_bytes_per_rollout(rollouts)))
@@ -184,15 +185,6 @@ def encode_matrix(matrix: npt.NDArray[np.float32]) -> dict[str, Any]:
         "shape": list(data.shape),
         "data": base64.b64encode(data.tobytes()).decode("ascii"),
     }
-
-
-def decode_matrix(wire: Mapping[str, Any]) -> npt.NDArray[np.float32]:
-    """Inverse of `encode_matrix` (used by tests and tools)."""
-    if wire.get("dtype") != "float32":
-        raise ValueError(f"unsupported dtype {wire.get('dtype')!r}")
-    rows, cols = (int(n) for n in wire["shape"])
-    flat = np.frombuffer(base64.b64decode(wire["data"]), dtype="<f4")
-    return flat.reshape(rows, cols).astype(np.float32)
 
 
 def _fingerprint_matrix(rollouts: Sequence[Rollout], present: list[int]) -> npt.NDArray[np.float32]:

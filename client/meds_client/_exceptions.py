@@ -10,15 +10,18 @@ MedsError                          anything raised by meds_client
     │   └── UnprocessableEntityError   422: the body failed schema validation
     ├── AuthenticationError        401: missing or wrong API key
     ├── NotFoundError              404: unknown run (reads, delete)
-    ├── ConflictError              409: a config change that would alter results on a run with memory
+    ├── ConflictError              409 `conflict`: a config change that would alter a run with memory
+    ├── IdCollisionError           409 `id_collision`: two ids of a run share a stored hash; rename one
     ├── PayloadTooLargeError       413: the request body is over the service's limit
     ├── RateLimitError             429: too many requests
     └── InternalServerError        5xx: the service failed
         └── ServiceUnavailableError    503: store unreachable or overloaded (sent with Retry-After)
 ```
 
-Every `APIStatusError` carries `status_code`, `request_id` (from the error body, else the
-`X-Request-ID` header) and `body` (the parsed JSON, or the text when it is not JSON).
+Every `APIStatusError` carries `status_code`, `error_type` (the service's `error.type`), `request_id`
+(from the error body, else the `X-Request-ID` header) and `body` (the parsed JSON, or the text when it is
+not JSON). The class follows the service's error type where one status carries several meanings (409),
+else the status code.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConflictError",
+    "IdCollisionError",
     "InternalServerError",
     "MedsError",
     "NotFoundError",
@@ -76,12 +80,21 @@ class APIStatusError(MedsError):
 
     status_code: int
 
-    def __init__(self, message: str, *, response: httpx.Response, body: Any, request_id: str | None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        response: httpx.Response,
+        body: Any,
+        request_id: str | None,
+        error_type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.response = response
         self.status_code = response.status_code
         self.body = body
         self.request_id = request_id
+        self.error_type = error_type
 
     def __str__(self) -> str:
         suffix = f" (request_id={self.request_id})" if self.request_id else ""
@@ -106,6 +119,13 @@ class NotFoundError(APIStatusError):
 
 class ConflictError(APIStatusError):
     """409: the config change would alter results of a run that already has memory."""
+
+
+class IdCollisionError(APIStatusError):
+    """409 `id_collision`: two prompt ids (or rollout ids) of the run share the hash the store keys them by.
+
+    Nothing of the request was stored. Renaming one id resolves it; in degraded mode (`on_error="zero"`)
+    the affected rollouts get penalty 0 like any other failure."""
 
 
 class PayloadTooLargeError(APIStatusError):
@@ -136,8 +156,16 @@ _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
 }
 
 
-def status_error_class(status_code: int) -> type[APIStatusError]:
-    """The most specific exception class for an error status."""
+_TYPE_ERRORS: dict[str, type[APIStatusError]] = {
+    "conflict": ConflictError,
+    "id_collision": IdCollisionError,
+}
+
+
+def status_error_class(status_code: int, error_type: str | None = None) -> type[APIStatusError]:
+    """The most specific exception class for an error status and the service's error type."""
+    if error_type in _TYPE_ERRORS:
+        return _TYPE_ERRORS[error_type]
     if status_code in _STATUS_ERRORS:
         return _STATUS_ERRORS[status_code]
     return InternalServerError if status_code >= 500 else APIStatusError
@@ -150,11 +178,13 @@ def make_status_error(response: httpx.Response) -> APIStatusError:
     error = error if isinstance(error, dict) else {}
     message = str(error.get("message") or response.reason_phrase or "error")
     error_type = error.get("type")
+    error_type = str(error_type) if error_type else None
     if error_type:
         message = f"{error_type}: {message}"
     request_id = error.get("request_id") or response.headers.get("x-request-id")
-    cls = status_error_class(response.status_code)
-    return cls(message, response=response, body=body, request_id=str(request_id) if request_id else None)
+    cls = status_error_class(response.status_code, error_type)
+    request_id = str(request_id) if request_id else None
+    return cls(message, response=response, body=body, request_id=request_id, error_type=error_type)
 
 
 def _read_body(response: httpx.Response) -> Any:

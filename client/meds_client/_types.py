@@ -21,15 +21,16 @@ FingerprintLike = npt.NDArray[np.floating[Any]] | Sequence[float]
 
 
 class RunConfig(TypedDict, total=False):
-    """A run's configuration (DESIGN §2); every field is optional in `put_run`."""
+    """A run's configuration (the service's `RunConfig`; a contract test holds the two equal); every field is
+    optional in `put_run`."""
 
     alpha: float
     beta: float
     knn_k: int
-    knn_metric: str
+    knn_metric: Literal["cosine"]
     min_cluster_size: int
     min_samples: int
-    cluster_selection_method: str
+    cluster_selection_method: Literal["eom", "leaf"]
     cluster_selection_epsilon: float
     penalty_target: Literal["wrong", "correct", "both", "none"]
     noise_policy: Literal["cluster", "ignore"]

@@ -1,4 +1,4 @@
-"""Layer-logit fingerprints of responses, computed from a Hugging Face causal LM.
+"""Layer-logit fingerprints of responses, computed from a Hugging Face causal LM (docs/architecture.md, "Fingerprints").
 
 A response's fingerprint is read at its *anchor* p, the token that holds the `{` of the last
 `\\boxed{` of the response: for each decoder layer l, the logit that the output embedding gives the

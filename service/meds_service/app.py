@@ -23,10 +23,13 @@ from .api.middleware import RequestContext
 from .api.routes import health, v1
 from .api.schemas import ReclusterRequest, ScoreColumnsRequest, ScoreColumnsResponse, ScoreRequest
 from .engine import ErrorMemory, RefitScheduler
+from .engine.ports import RefitQueue
 from .metrics import Metrics
 from .settings import Settings
-from .storage.index import set_threads
-from .workers import LocalRefitter, QueueWorker, open_store
+from .storage import open_store
+from .storage.index import ShardIndexes, set_threads
+from .storage.snapshot import SnapshotFolder
+from .workers import LocalRefitter, QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,8 @@ def _background_refits(
 ) -> _Background:
     if not settings.refit_background:
         return _Background()
-    if not engine.shared:  # one process owns the memory: schedule its pending keys directly
+    queue = engine.store
+    if not isinstance(queue, RefitQueue):  # one process owns the memory: schedule its pending keys directly
         scheduler = RefitScheduler(
             engine,
             interval_s=settings.refit_interval_s,
@@ -55,7 +59,7 @@ def _background_refits(
         return _Background(scheduler.start, scheduler.stop)
     # A shared store: consume the refit queue like a `meds worker` does, with this process's pool.
     worker = QueueWorker(
-        engine.store, refitter, consumer=f"api-{socket.gethostname()}-{os.getpid()}",
+        engine.store, queue, refitter, consumer=f"api-{socket.gethostname()}-{os.getpid()}",
         batch=settings.refit_queue_batch, claim_idle_s=settings.refit_claim_idle_s, observer=metrics,
     )  # fmt: skip
     return _in_thread(worker.run, "meds-refit-queue")
@@ -100,10 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = ErrorMemory(
             store,
             refitter,
-            index_device=settings.index_device,
+            indexes=ShardIndexes(settings.index_device),
+            snapshots=SnapshotFolder(settings.snapshots()),
             max_dim=settings.max_dim,
             observer=metrics,
-            snapshot_dir=settings.snapshots(),
         )
         background = _background_refits(settings, engine, refitter, metrics)
         snapshots = _periodic(settings.snapshot_interval_s, engine.write_snapshots, "meds-snapshots")

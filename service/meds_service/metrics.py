@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .engine.views import MemoryTotals
+
 # Penalties take few values: 0 and min(0.1 * ln(size + 1), 0.2) for sizes 1..7 with the default alpha/beta.
 PENALTY_BUCKETS = (0.0, 0.07, 0.11, 0.139, 0.161, 0.18, 0.195, 0.2, 0.5, 1.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -50,20 +52,23 @@ class _BulkHistogram(Collector):
 
 
 class _MemoryGauges(Collector):
-    def __init__(self, totals: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, totals: Callable[[], MemoryTotals]) -> None:
         self.totals = totals
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         values = self.totals()
-        docs = {
-            "runs": "Runs with memory or config.",
-            "keys": "Memory keys (run, prompt, correctness group).",
-            "vectors": "Fingerprint vectors stored (live).",
-            "pending_refits": "Keys whose HDBSCAN labels are older than their vectors.",
-            "refits_in_flight": "Refit jobs submitted and not yet adopted.",
-        }
-        for name, doc in docs.items():
-            yield GaugeMetricFamily(f"meds_{name}", doc, value=values.get(name, 0))
+        for name, doc, value in (
+            ("runs", "Runs with memory or config.", values.get("runs", 0)),
+            ("keys", "Memory keys (run, prompt, correctness group).", values.get("keys", 0)),
+            ("vectors", "Fingerprint vectors stored (live).", values.get("vectors", 0)),
+            (
+                "pending_refits",
+                "Keys whose HDBSCAN labels are older than their vectors.",
+                values.get("pending_refits", 0),
+            ),
+            ("refits_in_flight", "Refit jobs submitted and not yet adopted.", values.get("refits_in_flight", 0)),
+        ):
+            yield GaugeMetricFamily(f"meds_{name}", doc, value=value)
 
 
 class Metrics:
@@ -108,7 +113,7 @@ class Metrics:
             registry=self.registry,
         )
 
-    def watch_memory(self, totals: Callable[[], dict[str, int]]) -> None:
+    def watch_memory(self, totals: Callable[[], MemoryTotals]) -> None:
         self.registry.register(_MemoryGauges(totals))
 
     # ---- EngineObserver ---------------------------------------------------------------------------

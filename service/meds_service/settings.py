@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .core.records import StoreSpec
+
 MiB = 1024 * 1024
 
 
@@ -86,7 +88,7 @@ class Settings(BaseSettings):
         """Keyword options of the store the spec names (Redis timeouts and lock waits)."""
         return {"timeout_s": self.redis_timeout_s, "lock_wait_s": self.lock_wait_s} if self.redis_url else {}
 
-    def store_spec(self) -> tuple[str, str]:
+    def store_spec(self) -> StoreSpec:
         if self.redis_url:
-            return ("redis-cluster" if self.redis_cluster else "redis", self.redis_url)
-        return ("sqlite", str(self.data_dir))
+            return StoreSpec("redis-cluster" if self.redis_cluster else "redis", self.redis_url)
+        return StoreSpec("sqlite", str(self.data_dir))

@@ -9,42 +9,27 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
 
 from .core.clustering import fit_labels
 from .core.config import RunConfig
 from .core.errors import StoreUnavailable
-from .core.types import Fit, Group, MemoryKey
-from .engine.memory import split_keys
-from .engine.ports import MemoryStore
+from .core.records import StoreSpec
+from .core.types import Fit, MemoryKey
+from .engine.ports import EngineObserver, MemoryStore, RefitQueue
+from .engine.refits import split_keys
+from .settings import Settings
+from .storage import open_store
 
 log = logging.getLogger(__name__)
 
-_worker_stores: dict[tuple[str, str], MemoryStore] = {}
+_worker_stores: dict[StoreSpec, MemoryStore] = {}
 _worker_stores_lock = threading.Lock()
 
 
-def open_store(
-    spec: tuple[str, str], options: Mapping[str, float] | None = None, *, read_only: bool = False
-) -> MemoryStore:
-    """Open the store a spec describes: `("sqlite", data_dir)`, `("redis", url)` or `("redis-cluster", url)`."""
-    backend, where = spec
-    if backend == "sqlite":
-        from .storage.sqlite import SQLiteStore
-
-        return SQLiteStore(where, read_only=read_only)
-    if backend in ("redis", "redis-cluster"):
-        from .storage.redis import RedisStore
-
-        store: MemoryStore = RedisStore(where, cluster=backend == "redis-cluster", **(options or {}))
-        return store
-    raise ValueError(f"unknown store backend {backend!r}")
-
-
-def _store_for(spec: tuple[str, str]) -> MemoryStore:
+def _store_for(spec: StoreSpec) -> MemoryStore:
     with _worker_stores_lock:
         store = _worker_stores.get(spec)
         if store is None:
@@ -52,12 +37,10 @@ def _store_for(spec: tuple[str, str]) -> MemoryStore:
         return store
 
 
-def refit_job(spec: tuple[str, str], run: str, config: dict[str, Any], keys: Sequence[tuple[str, int]]) -> list[Fit]:
+def refit_job(spec: StoreSpec, run: str, config: RunConfig, keys: Sequence[MemoryKey]) -> list[Fit]:
     """Fit the given keys of a run from the store's current vectors (runs in a worker)."""
-    cfg = RunConfig.from_mapping(config)
-    store = _store_for(spec)
-    states = store.load_keys(run, [MemoryKey(p, Group(g)) for p, g in keys], cfg.stored_dim)
-    return [Fit(key, fit_labels(state.vectors, cfg), state.start, state.n) for key, state in states.items()]
+    states = _store_for(spec).load_keys(run, keys, config.stored_dim)
+    return [Fit(key, fit_labels(state.vectors, config), state.start, state.n) for key, state in states.items()]
 
 
 def _init_worker() -> None:
@@ -71,7 +54,7 @@ def _init_worker() -> None:
 class LocalRefitter:
     """Runs refit jobs on this machine: a pool of worker processes (every core by default) or threads."""
 
-    def __init__(self, spec: tuple[str, str], workers: int | None = None, *, processes: bool = True) -> None:
+    def __init__(self, spec: StoreSpec, workers: int | None = None, *, processes: bool = True) -> None:
         self.spec = spec
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.processes = processes
@@ -91,14 +74,14 @@ class LocalRefitter:
             future.result()
 
     def submit(self, run: str, config: RunConfig, keys: Sequence[MemoryKey]) -> Future[list[Fit]]:
-        job = [(k.prompt_id, int(k.group)) for k in keys]
+        job = list(keys)
         with self._lock:
             try:
-                return self._pool.submit(refit_job, self.spec, run, config.as_dict(), job)
+                return self._pool.submit(refit_job, self.spec, run, config, job)
             except BrokenProcessPool:
                 log.error("refit worker pool broke; starting a new one")
                 self._pool = self._new_pool()
-                return self._pool.submit(refit_job, self.spec, run, config.as_dict(), job)
+                return self._pool.submit(refit_job, self.spec, run, config, job)
 
     def close(self) -> None:
         with self._lock:
@@ -106,7 +89,7 @@ class LocalRefitter:
 
 
 class QueueWorker:
-    """Consumes refit jobs from the Redis queue: fits them on every core, saves the labels, acknowledges.
+    """Consumes refit jobs from a shared `RefitQueue`: fits them on every core, saves the labels, acknowledges.
 
     A job is acknowledged only after its labels are saved, so a worker killed mid-refit loses nothing:
     another consumer takes its jobs over once they have been idle for `claim_idle_s`. Jobs for keys whose
@@ -116,16 +99,18 @@ class QueueWorker:
 
     def __init__(
         self,
-        store: Any,
+        store: MemoryStore,
+        queue: RefitQueue,
         refitter: LocalRefitter,
         *,
         consumer: str,
         batch: int = 512,
         block_ms: int = 1000,
         claim_idle_s: float = 60.0,
-        observer: Any = None,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.store = store
+        self.queue = queue
         self.refitter = refitter
         self.consumer = consumer
         self.batch = batch
@@ -137,7 +122,7 @@ class QueueWorker:
         """Work until `stop` is set; a store outage pauses, it does not end the loop."""
         while not stop.is_set():
             try:
-                self.store.ensure_queue()
+                self.queue.ensure_queue()
                 while not stop.is_set():
                     self.step()
             except StoreUnavailable as exc:
@@ -149,17 +134,17 @@ class QueueWorker:
 
     def step(self) -> int:
         """One round: claim jobs, fit what is stale, save, acknowledge. Returns the jobs handled."""
-        jobs = self.store.claim_refits(self.consumer, self.batch, self.block_ms, self.claim_idle_ms)
+        jobs = self.queue.claim_refits(self.consumer, self.batch, self.block_ms, self.claim_idle_ms)
         by_run: dict[str, tuple[set[MemoryKey], list[bytes]]] = {}
-        for message_id, run, key in jobs:
-            keys, ids = by_run.setdefault(run, (set(), []))
-            keys.add(key)
-            ids.append(message_id)
+        for job in jobs:
+            keys, ids = by_run.setdefault(job.run, (set(), []))
+            keys.add(job.key)
+            ids.append(job.message_id)
         for run, (keys, ids) in by_run.items():
             record = self.store.get_run(run)
             if record is not None and record.config.dim is not None:
                 self._refit(run, record.config, sorted(keys))
-            self.store.ack_refits(ids)
+            self.queue.ack_refits(ids)
         return len(jobs)
 
     def _refit(self, run: str, config: RunConfig, keys: list[MemoryKey]) -> None:
@@ -175,7 +160,7 @@ class QueueWorker:
             self.observer.refit_done(len(fits), sum(len(f.labels) for f in fits), time.perf_counter() - started)
 
 
-def run_worker(settings: Any) -> int:
+def run_worker(settings: Settings) -> int:
     """`meds worker`: consume the refit queue until SIGTERM or SIGINT, then finish the round and exit."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -187,7 +172,10 @@ def run_worker(settings: Any) -> int:
     metrics = Metrics()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=metrics.registry)
-    store: Any = open_store(settings.store_spec(), settings.store_options())
+    store = open_store(settings.store_spec(), settings.store_options())
+    if not isinstance(store, RefitQueue):
+        store.close()
+        raise StoreUnavailable(f"the {settings.store_spec().backend} store has no shared refit queue")
     refitter = LocalRefitter(store.spec(), settings.refit_workers, processes=settings.refit_processes)
     try:
         refitter.warm_up()
@@ -195,10 +183,12 @@ def run_worker(settings: Any) -> int:
         log.info("meds worker %s consuming refits from %s with %d processes", consumer, store.info(), refitter.workers)
         QueueWorker(
             store,
+            store,
             refitter,
             consumer=consumer,
             batch=settings.refit_queue_batch,
             claim_idle_s=settings.refit_claim_idle_s,
+            observer=metrics,
         ).run(stop)
     finally:
         refitter.close()

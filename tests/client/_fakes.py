@@ -4,6 +4,7 @@ blocking view of the async client so that one test body drives both clients."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,13 @@ from meds_client import AsyncMedsClient, RetryPolicy
 from meds_client._encoding import encode_matrix
 
 Responder = Callable[[httpx.Request], httpx.Response]
+
+
+def decode_matrix(wire: dict[str, Any]) -> np.ndarray:
+    """Inverse of the client's `encode_matrix`: the float32 matrix a request carried."""
+    assert wire["dtype"] == "float32"
+    rows, cols = (int(n) for n in wire["shape"])
+    return np.frombuffer(base64.b64decode(wire["data"]), dtype="<f4").reshape(rows, cols).astype(np.float32)
 
 
 class FakeService:

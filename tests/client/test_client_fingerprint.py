@@ -1,4 +1,5 @@
-"""Fingerprints: the gathered-row layer logits against a naive computation (anchors: test_client_anchor.py)."""
+"""Fingerprints (docs/architecture.md, "Fingerprints"): the gathered-row layer logits against a naive
+computation (anchors: test_client_anchor.py)."""
 
 from __future__ import annotations
 

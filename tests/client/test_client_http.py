@@ -30,8 +30,7 @@ from meds_client import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
-from meds_client._encoding import decode_matrix
-from tests.client._fakes import FakeService, error_response
+from tests.client._fakes import FakeService, decode_matrix, error_response
 
 
 def rollouts(n: int, *, prompts: int = 1, dim: int = 4, numpy: bool = True) -> list[Rollout]:

@@ -22,6 +22,7 @@ PUBLIC = {
     "ClientStats",
     "ConflictError",
     "GroupMemory",
+    "IdCollisionError",
     "InternalServerError",
     "MedsClient",
     "MedsError",

@@ -1,4 +1,11 @@
-"""Every store implementation, behind one fixture: the contract suite runs against each."""
+"""Every implementation of every port, behind one fixture per port: each contract suite runs against all.
+
+store          MemoryStore    SQLite, Redis
+coordination   Coordination   LocalCoordination (over SQLite), SharedCoordination (over Redis)
+queue          RefitQueue     Redis
+indexes        VectorIndexes  FAISS shards (CPU, and the GPU when one is visible)
+snapshots      SnapshotStore  local folder
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from meds_service.engine.ports import MemoryStore
+from meds_service.engine.coordination import Coordination, coordination_for
+from meds_service.engine.ports import MemoryStore, SnapshotStore, VectorIndexes
+from meds_service.storage.index import ShardIndexes, gpu_count
 from meds_service.storage.redis import RedisStore
+from meds_service.storage.snapshot import SnapshotFolder
 from meds_service.storage.sqlite import SQLiteStore
 
 
@@ -22,3 +32,29 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MemoryStor
         redis_store = RedisStore(request.getfixturevalue("redis_url"))
         yield redis_store
         redis_store.close()
+
+
+@pytest.fixture
+def coordination(store: MemoryStore) -> Coordination:
+    return coordination_for(store, ShardIndexes("cpu"))
+
+
+@pytest.fixture(params=["redis"])
+def queue(request: pytest.FixtureRequest) -> Iterator[RedisStore]:
+    """A RefitQueue that is also the store its jobs refer to."""
+    redis_store = RedisStore(request.getfixturevalue("redis_url"))
+    redis_store.ensure_queue()
+    yield redis_store
+    redis_store.close()
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def indexes(request: pytest.FixtureRequest) -> VectorIndexes:
+    if request.param == "cuda" and gpu_count() == 0:
+        return ShardIndexes("cpu")  # the GPU path falls back to the CPU, and must keep the contract there
+    return ShardIndexes(request.param)
+
+
+@pytest.fixture
+def snapshots(tmp_path: Path) -> SnapshotStore:
+    return SnapshotFolder(tmp_path / "snapshots")

@@ -1,11 +1,12 @@
-"""The Redis refit queue: jobs queued by commits are fitted, saved and acknowledged; a dead consumer's
-unacknowledged jobs are taken over."""
+"""The RefitQueue contract (every implementation: conftest.py `queue`): jobs queued by commits are fitted,
+saved and acknowledged; a dead consumer's unacknowledged jobs are taken over."""
 
 from __future__ import annotations
 
 import time
 
 import numpy as np
+import redis
 
 from meds_service.core.config import RunConfig
 from meds_service.core.types import (
@@ -15,12 +16,20 @@ from meds_service.core.types import (
     RolloutResult,
     RolloutStatus,
     ScoredBatch,
-    result_records,
 )
-from meds_service.storage.redis import RedisStore
+from meds_service.storage.redis import STREAM, RedisStore
 from meds_service.workers import LocalRefitter, QueueWorker
+from tests.support.records import result_records
 
 CONFIG = RunConfig(dim=3)
+
+
+def queue_length(store: RedisStore) -> int:
+    """Refit jobs not yet acknowledged (delivered or not)."""
+    client = redis.Redis.from_url(store.url)
+    groups = client.xinfo_groups(STREAM)
+    client.close()
+    return int(sum((g.get("lag") or 0) + (g.get("pending") or 0) for g in groups))
 
 
 def commit(store: RedisStore, keys: list[MemoryKey], first: int = 0) -> None:
@@ -33,46 +42,40 @@ def commit(store: RedisStore, keys: list[MemoryKey], first: int = 0) -> None:
     store.commit("r", CONFIG, ScoredBatch(appends, [], keys))
 
 
-def test_jobs_are_fitted_saved_and_acknowledged(redis_url: str) -> None:
-    store = RedisStore(redis_url)
-    store.ensure_queue()
+def test_jobs_are_fitted_saved_and_acknowledged(queue: RedisStore) -> None:
+    store = queue
     keys = [MemoryKey(f"p{i}", Group.WRONG) for i in range(5)]
     commit(store, keys)
-    assert store.pending_count("r") == 5 and store.queue_length() == 5
+    assert store.pending_count("r") == 5 and queue_length(store) == 5
     refitter = LocalRefitter(store.spec(), 2, processes=False)
-    worker = QueueWorker(store, refitter, consumer="c1", block_ms=10)
+    worker = QueueWorker(store, store, refitter, consumer="c1", block_ms=10)
     assert worker.step() == 5
-    assert store.pending_count("r") == 0 and store.queue_length() == 0
+    assert store.pending_count("r") == 0 and queue_length(store) == 0
     heads = store.heads("r", keys)
     assert all(h.fitted_upto == h.n == 4 for h in heads.values())
     commit(store, keys[:2], first=4)  # more vectors: queued again
     assert store.pending_count("r") == 2
     assert worker.step() == 2 and store.pending_count("r") == 0
     refitter.close()
-    store.close()
 
 
-def test_a_dead_consumers_jobs_are_taken_over(redis_url: str) -> None:
-    store = RedisStore(redis_url)
-    store.ensure_queue()
+def test_a_dead_consumers_jobs_are_taken_over(queue: RedisStore) -> None:
+    store = queue
     keys = [MemoryKey(f"q{i}", Group.UNKNOWN) for i in range(3)]
     commit(store, keys)
     claimed = store.claim_refits("dead", 10, 10, min_idle_ms=60_000)  # delivered, never acknowledged
-    assert len(claimed) == 3 and store.queue_length() == 3
+    assert len(claimed) == 3 and queue_length(store) == 3
     refitter = LocalRefitter(store.spec(), 1, processes=False)
-    worker = QueueWorker(store, refitter, consumer="alive", block_ms=10, claim_idle_s=0.01)
+    worker = QueueWorker(store, store, refitter, consumer="alive", block_ms=10, claim_idle_s=0.01)
     time.sleep(0.05)  # the jobs have now been idle longer than claim_idle_s
     assert worker.step() == 3
-    assert store.queue_length() == 0 and store.pending_count("r") == 0
+    assert queue_length(store) == 0 and store.pending_count("r") == 0
     refitter.close()
-    store.close()
 
 
-def test_jobs_of_deleted_runs_are_dropped(redis_url: str) -> None:
-    store = RedisStore(redis_url)
-    store.ensure_queue()
+def test_jobs_of_deleted_runs_are_dropped(queue: RedisStore) -> None:
+    store = queue
     commit(store, [MemoryKey("p", Group.WRONG)])
     store.delete_run("r")
-    worker = QueueWorker(store, LocalRefitter(store.spec(), 1, processes=False), consumer="c", block_ms=10)
-    assert worker.step() == 1 and store.queue_length() == 0
-    store.close()
+    worker = QueueWorker(store, store, LocalRefitter(store.spec(), 1, processes=False), consumer="c", block_ms=10)
+    assert worker.step() == 1 and queue_length(store) == 0

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from meds_service.core.config import RunConfig
 from meds_service.core.errors import StoreUnavailable
 from meds_service.core.types import (
+    NO_STEP,
     Fit,
     Group,
     KeyAppend,
@@ -15,9 +18,9 @@ from meds_service.core.types import (
     RolloutResult,
     RolloutStatus,
     ScoredBatch,
-    result_records,
 )
 from meds_service.engine.ports import MemoryStore
+from tests.support.records import result_records
 
 W = MemoryKey("p1", Group.WRONG)
 C = MemoryKey("p1", Group.CORRECT)
@@ -124,4 +127,24 @@ def test_ping_and_info(store: MemoryStore) -> None:
     store.ping()
     store.checkpoint()
     assert store.info()["backend"] in ("sqlite", "redis")
-    assert store.spec()[0] in ("sqlite", "redis")
+    assert store.spec().backend in ("sqlite", "redis")
+
+
+def test_steps_are_stored_per_vector(store: MemoryStore) -> None:
+    store.commit("r", CONFIG, ScoredBatch([stepped(append(W, 0, vectors(2)), 7), append(C, 0, vectors(1))]))
+    store.commit("r", CONFIG, ScoredBatch([stepped(append(W, 2, vectors(3), start=3), 9)]))
+    steps = store.load_steps("r", [W, C, MemoryKey("nope", Group.WRONG)])
+    assert steps[W].tolist() == [7, 7, 9, 9, 9]  # kept for forgotten vectors too, like their results
+    assert steps[C].tolist() == [NO_STEP] and set(steps) == {W, C}
+
+
+def stepped(append: KeyAppend, step: int) -> KeyAppend:
+    return dataclasses.replace(append, step=step)
+
+
+def test_heads_of_chosen_keys(store: MemoryStore) -> None:
+    store.commit("r", CONFIG, ScoredBatch([append(W, 0, vectors(3))], [Fit(W, np.array([0, 0, -1]), 0, 3)]))
+    heads = store.heads("r", [W, C])
+    assert (heads[W].start, heads[W].n, heads[W].fit_start, heads[W].fitted_upto) == (0, 3, 0, 3)
+    assert not heads[W].stale and heads[W].has_fit and heads[C].n == 0 and not heads[C].stale
+    assert store.heads("missing", [W])[W].n == 0

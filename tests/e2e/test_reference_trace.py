@@ -1,4 +1,5 @@
-"""A multi-epoch trace replayed through the HTTP API equals a plain implementation of DESIGN §2."""
+"""A multi-epoch trace replayed through the HTTP API equals a plain implementation of docs/architecture.md,
+"The algorithm"."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.reference import ReferenceMEDS
+from harness.reference import ReferenceMEDS
 from tests.support.trace import TraceSpec, to_wire, trace_steps
 
 pytestmark = pytest.mark.slow

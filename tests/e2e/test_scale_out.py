@@ -8,10 +8,10 @@ import httpx
 import pytest
 import redis
 
+from harness.redis_server import RedisServer
+from harness.reference import ReferenceMEDS, assert_matches_reference
+from harness.server import ProcessServer, ProcessWorker, wait_for
 from meds_service.storage.redis import GROUP, STREAM
-from tests.support.redis_server import RedisServer
-from tests.support.reference import ReferenceMEDS, assert_matches_reference
-from tests.support.server import ProcessServer, ProcessWorker, wait_for
 from tests.support.trace import TraceSpec, to_wire, trace_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]

@@ -47,7 +47,6 @@ from verl.workers.config import FSDPEngineConfig
 from verl.workers.engine.utils import postprocess_batch_func, prepare_micro_batches
 
 from meds_client import MedsClient, prompt_id
-from meds_client._encoding import decode_matrix
 from meds_client.fingerprint import layer_logit_fingerprints
 from meds_client.integrations import MedsShaper
 from meds_client.integrations.verl import MedsVerlHook, compute_fingerprints, response_anchor_positions
@@ -57,7 +56,7 @@ from meds_client.integrations.verl.engine import ANCHOR_FIELD, FINGERPRINT_FIELD
 from meds_client.integrations.verl.legacy import MedsRayPPOTrainer
 from meds_client.integrations.verl.trainer import MedsPPOTrainer, apply_penalties
 from meds_client.testing import tiny_model, tiny_tokenizer
-from tests.client._fakes import FakeService
+from tests.client._fakes import FakeService, decode_matrix
 
 PROMPTS = {"Compute 7 * 6. Answer:": "42", "What is 2 + 3? Answer:": "5"}
 RESPONSES = {  # per step: 4 responses per prompt (a GRPO group)

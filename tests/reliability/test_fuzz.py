@@ -15,8 +15,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from harness.server import thread_server
 from meds_service.settings import Settings
-from tests.support.server import thread_server
 
 pytestmark = pytest.mark.slow
 

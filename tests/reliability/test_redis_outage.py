@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.redis_server import RedisServer
-from tests.support.reference import ReferenceMEDS, assert_matches_reference
-from tests.support.server import ProcessServer, wait_ready
+from harness.redis_server import RedisServer
+from harness.reference import ReferenceMEDS, assert_matches_reference
+from harness.server import ProcessServer, wait_ready
 from tests.support.trace import TraceSpec, to_wire, trace_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.reference import ReferenceMEDS, assert_matches_reference
-from tests.support.server import ProcessServer
+from harness.reference import ReferenceMEDS, assert_matches_reference
+from harness.server import ProcessServer
 from tests.support.trace import TraceSpec, to_wire, trace_steps
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .reference import RefRollout
+from harness.reference import RefRollout
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,8 @@ BAD_BODIES: list[tuple[str, Any, int]] = [
     ("duplicate ids", {"rollouts": [rollout(0), rollout(0)]}, 400),
     ("missing prompt_id", {"rollouts": [{"rollout_id": "a", "fingerprint": [1.0]}]}, 422),
     ("missing rollouts", {"step": 1}, 422),
+    ("step past int64", {"step": 2**63, "rollouts": [rollout(0)]}, 422),  # was a 500: the store cannot hold it
+    ("negative step", {"step": -1, "rollouts": [rollout(0)]}, 422),
     ("string number", {"rollouts": [rollout(0, fp=["1.0", 2.0, 3.0])]}, 422),
     ("string reward", {"rollouts": [rollout(0, reward="1")]}, 422),
     ("string correct", {"rollouts": [rollout(0, correct="false")]}, 422),
@@ -340,6 +342,7 @@ def test_columnar_msgpack_equals_json(client: TestClient) -> None:
 
 BAD_COLUMNS: list[tuple[str, bytes, int]] = [
     ("not msgpack", b"\xc1\xc1", 400),
+    ("step past int64", columns([rollout(0)], step=2**63), 422),
     ("not a map", msgpack.packb([1, 2]), 422),
     ("unknown field", columns([rollout(0)], colour=1), 422),
     ("ids not a list", msgpack.packb({"rollout_id": "a", "prompt_id": ["p"]}), 422),

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from harness.reference import ReferenceMEDS, RefRollout
 from meds_service.core.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from meds_service.core.types import Fit, Group, RolloutBatch, RolloutStatus
 from meds_service.engine import ErrorMemory, RefitScheduler
+from meds_service.storage.index import ShardIndexes
 from meds_service.storage.sqlite import SQLiteStore
 from meds_service.workers import LocalRefitter
-from tests.support.reference import ReferenceMEDS, RefRollout
 
 
 class Recorder:
@@ -45,7 +46,7 @@ class Recorder:
 def engine(tmp_path: Path) -> Iterator[ErrorMemory]:
     store = SQLiteStore(tmp_path / "data")
     refitter = LocalRefitter(store.spec(), 2, processes=False)
-    memory = ErrorMemory(store, refitter, observer=Recorder())
+    memory = ErrorMemory(store, refitter, observer=Recorder(), indexes=ShardIndexes())
     memory.load()
     yield memory
     refitter.close()
@@ -140,7 +141,7 @@ def test_restart_reloads_memory_and_continues_exactly(tmp_path: Path) -> None:
     steps = list(grid_trace(3, 12))
     store = SQLiteStore(tmp_path / "d")
     refitter = LocalRefitter(store.spec(), 1, processes=False)
-    first = ErrorMemory(store, refitter)
+    first = ErrorMemory(store, refitter, indexes=ShardIndexes())
     first.load()
     first.put_config("r", {"max_memory_per_key": 6})
     replay(first, "r", reference, iter(steps[:6]), 3)
@@ -150,7 +151,7 @@ def test_restart_reloads_memory_and_continues_exactly(tmp_path: Path) -> None:
 
     store = SQLiteStore(tmp_path / "d")
     refitter = LocalRefitter(store.spec(), 1, processes=False)
-    second = ErrorMemory(store, refitter)
+    second = ErrorMemory(store, refitter, indexes=ShardIndexes())
     second.load()
     assert second.stats("r") == stats_before
     replay(second, "r", reference, iter(steps[6:]), 3)
@@ -191,7 +192,7 @@ def test_dimension_is_fixed_by_the_first_fingerprint(engine: ErrorMemory) -> Non
 
 def test_dimension_limits(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "x")
-    memory = ErrorMemory(store, LocalRefitter(store.spec(), 1, processes=False), max_dim=4)
+    memory = ErrorMemory(store, LocalRefitter(store.spec(), 1, processes=False), indexes=ShardIndexes(), max_dim=4)
     memory.load()
     with pytest.raises(InvalidInput, match="over the limit"):
         memory.score("r", to_batch([RefRollout("a", "p", False, [1.0] * 5)], 5))
@@ -236,7 +237,7 @@ class HeldRefitter:
 def test_fast_mode_never_waits_and_exact_mode_waits(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "f")
     held = HeldRefitter(LocalRefitter(store.spec(), 1, processes=False))
-    memory = ErrorMemory(store, held)
+    memory = ErrorMemory(store, held, indexes=ShardIndexes())
     memory.load()
     memory.put_config("fast", {"consistency": "fast"})
     a = [RefRollout(f"a{i}", "p", False, [1.0, float(i), 0.0]) for i in range(4)]
@@ -273,7 +274,7 @@ def test_failed_refits_are_counted_and_retried(tmp_path: Path) -> None:
 
     recorder = Recorder()
     failing = Failing()
-    memory = ErrorMemory(store, failing, observer=recorder)
+    memory = ErrorMemory(store, failing, observer=recorder, indexes=ShardIndexes())
     memory.load()
     memory.score("e", to_batch([RefRollout(f"a{i}", "p", False, [1.0, float(i), 0.0]) for i in range(3)], 3))
     with pytest.raises(StoreUnavailable, match="retry"):

@@ -1,6 +1,9 @@
-"""The kNN vote and the proofs that float32 neighbour sets equal scikit-learn's."""
+"""The kNN vote and the proofs that float32 neighbour sets equal scikit-learn's, checked through the engine's
+own prediction path."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from hypothesis import given, settings
@@ -8,7 +11,13 @@ from hypothesis import strategies as st
 from sklearn.neighbors import NearestNeighbors
 
 from meds_service.core import knn
+from meds_service.core.clustering import cluster_sizes
+from meds_service.core.config import RunConfig
 from meds_service.core.preprocess import unit_rows
+from meds_service.core.types import Group, MemoryKey
+from meds_service.engine.assign import predict
+from meds_service.engine.cache import CachedKey, Groups
+from meds_service.storage.index import ShardIndex
 
 
 def test_vote_most_frequent_ties_to_smallest() -> None:
@@ -23,9 +32,10 @@ def test_vote_single_neighbour() -> None:
 def test_certain_top_k() -> None:
     scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.9, 0.8, 0.7, 0.7], [0.9, 0.8, 0.7, 0.7 - 1e-9]], dtype=np.float32)
     bound = knn.float32_bound(14)
-    assert knn.certain_top_k(scores, 3, 10, bound).tolist() == [True, False, False]
-    # Fewer stored vectors than k: every one is a neighbour.
-    assert knn.certain_top_k(scores[:, :2], 3, 2, bound).tolist() == [True, True, True]
+    k, searchable = np.full(3, 3), np.full(3, 10)
+    assert knn.certain_top_k(scores, k, searchable, bound).tolist() == [True, False, False]
+    # A row that wants every stored vector (fewer than the config's k) is certain whatever its scores.
+    assert knn.certain_top_k(scores, np.array([3, 2, 3]), np.array([10, 2, 3]), bound).tolist() == [True, True, True]
 
 
 def test_bounds_grow_with_dimension_and_stay_tiny() -> None:
@@ -61,21 +71,40 @@ def test_reference_vote_is_the_sklearn_computation() -> None:
         assert knn.reference_vote(history, labels, query, 3) == sklearn_vote(history, labels, query, 3)
 
 
-def engine_style_vote(history: np.ndarray, labels: np.ndarray, query: np.ndarray, k: int) -> tuple[int, str]:
-    """The three tiers as the engine runs them (numpy float32 inner products stand in for FAISS)."""
-    base = unit_rows(history).astype(np.float32)
-    q = unit_rows(query[None, :]).astype(np.float32)[0]
-    sims32 = base @ q
-    order = np.argsort(-sims32, kind="stable")[: k + 1]
-    k_eff = min(k, len(base))
-    if knn.certain_top_k(sims32[order][None, :], k_eff, len(base), knn.float32_bound(history.shape[1]))[0]:
-        return int(knn.vote(labels[order[:k_eff]][None, :])[0]), "float32"
-    label = knn.band_vote(
-        base.astype(np.float64) @ q.astype(np.float64), labels, k, knn.float64_bound(history.shape[1])
+class Tiers:
+    """An engine observer that remembers which tier decided the last vote."""
+
+    def __init__(self) -> None:
+        self.last = "float32"
+
+    def knn_fallback(self, tier: str) -> None:
+        self.last = tier
+
+    def rollouts(self, status: str, count: int) -> None: ...
+    def penalties(self, values: Any) -> None: ...
+    def refit_done(self, keys: int, vectors: int, seconds: float) -> None: ...
+    def refit_failed(self) -> None: ...
+
+
+def engine_vote(history: np.ndarray, labels: np.ndarray, query: np.ndarray, k: int) -> tuple[int, str]:
+    """One query through the engine's own prediction path (engine/assign.py) on a real FAISS index."""
+    key = MemoryKey("p", Group.WRONG)
+    index = ShardIndex(history.shape[1], "cpu")
+    index.append(key, unit_rows(history).astype(np.float32))
+    n = len(history)
+    cached = CachedKey(start=0, n=n, fit_start=0, fitted_upto=n, labels=labels, sizes=cluster_sizes(labels))
+    tiers = Tiers()
+    predicted, _ = predict(
+        index,
+        {key: cached},
+        RunConfig(knn_k=k, dim=history.shape[1]),
+        Groups([key], np.zeros(1, dtype=np.intp), [0, 1]),
+        unit_rows(query[None, :]).astype(np.float32),
+        query[None, :],
+        lambda view: history[view.lo : view.hi],
+        tiers,
     )
-    if label is not None:
-        return label, "float64"
-    return knn.reference_vote(history, labels, query, k), "reference"
+    return int(predicted[0]), tiers.last
 
 
 @settings(max_examples=400, deadline=None)
@@ -96,7 +125,7 @@ def test_tiers_agree_with_sklearn_on_tie_heavy_grids(
     history = np.array(history_l, dtype=np.float64)
     labels = np.array(labels_l, dtype=np.int64)
     query = np.array(query_l, dtype=np.float64)
-    got, _tier = engine_style_vote(history, labels, query, k)
+    got, _tier = engine_vote(history, labels, query, k)
     assert got == sklearn_vote(history, labels, query, k)
 
 
@@ -107,7 +136,7 @@ def test_tiers_agree_with_sklearn_on_random_data_mostly_in_float32() -> None:
         history = rng.standard_normal((rng.integers(1, 60), 14))
         labels = rng.integers(-1, 4, size=len(history))
         query = rng.standard_normal(14)
-        got, tier = engine_style_vote(history, labels, query, 3)
+        got, tier = engine_vote(history, labels, query, 3)
         tiers[tier] += 1
         assert got == sklearn_vote(history, labels, query, 3)
     assert tiers["float32"] > 490

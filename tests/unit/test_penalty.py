@@ -1,4 +1,4 @@
-"""Penalties, masking by target and noise policy, shaped rewards (DESIGN §2 step 6)."""
+"""Penalties, masking by target and noise policy, shaped rewards (docs/architecture.md, "The algorithm", step 6)."""
 
 from __future__ import annotations
 

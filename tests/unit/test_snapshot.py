@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meds_service.core.types import Group, MemoryKey
+from harness.reference import ReferenceMEDS
+from meds_service.core.types import Group, KeyRows, MemoryKey, Snapshot
 from meds_service.engine import ErrorMemory
-from meds_service.storage.snapshot import KeyRows, Snapshot, read_snapshot, snapshot_path, write_snapshot
+from meds_service.storage.index import ShardIndexes
+from meds_service.storage.snapshot import SnapshotFolder, read_snapshot, snapshot_path, write_snapshot
 from meds_service.storage.sqlite import SQLiteStore
 from meds_service.workers import LocalRefitter
-from tests.support.reference import ReferenceMEDS
 from tests.unit.test_engine import grid_trace, replay
 
 
@@ -53,7 +54,7 @@ def test_damaged_snapshots_are_refused(tmp_path: Path, damage: str) -> None:
 def engine_at(folder: Path) -> tuple[ErrorMemory, SQLiteStore, LocalRefitter]:
     store = SQLiteStore(folder / "data")
     refitter = LocalRefitter(store.spec(), 1, processes=False)
-    engine = ErrorMemory(store, refitter, snapshot_dir=folder / "snapshots")
+    engine = ErrorMemory(store, refitter, indexes=ShardIndexes(), snapshots=SnapshotFolder(folder / "snapshots"))
     engine.load()
     return engine, store, refitter
 

@@ -10,6 +10,7 @@ import pytest
 
 from meds_service.core.config import RunConfig
 from meds_service.core.errors import StoreUnavailable
+from meds_service.core.records import StoreSpec
 from meds_service.core.types import (
     Group,
     KeyAppend,
@@ -17,10 +18,11 @@ from meds_service.core.types import (
     RolloutResult,
     RolloutStatus,
     ScoredBatch,
-    result_records,
 )
+from meds_service.storage import open_store
 from meds_service.storage.sqlite import SQLiteStore
-from meds_service.workers import open_store, refit_job
+from meds_service.workers import refit_job
+from tests.support.records import result_records
 
 
 def result(rid: str) -> RolloutResult:
@@ -54,7 +56,7 @@ def test_read_only_view_sees_commits_and_refits_from_it(tmp_path: Path) -> None:
     assert np.array_equal(reader.load_keys("r", [key], 3)[key].vectors, x)
     with pytest.raises(StoreUnavailable):
         reader.save_run("r", RunConfig())
-    fits = refit_job(writer.spec(), "r", RunConfig(dim=3).as_dict(), [("p", 0)])
+    fits = refit_job(writer.spec(), "r", RunConfig(dim=3), [MemoryKey("p", Group.WRONG)])
     assert len(fits) == 1 and fits[0].fitted_upto == 6 and len(fits[0].labels) == 6
     writer.close()
 
@@ -77,7 +79,7 @@ def test_broken_connection_is_unavailable(tmp_path: Path) -> None:
 
 def test_unknown_backend() -> None:
     with pytest.raises(ValueError, match="unknown store backend"):
-        open_store(("postgres", "x"))
+        open_store(StoreSpec("postgres", "x"))
 
 
 def test_checkpoint_moves_the_wal_into_the_database_file(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """What every trainer integration does the same way: score a batch, turn penalties into rewards, log.
 
-Reward shaping follows the reference (DESIGN §2): a wrong rollout's reward becomes `r - p`, a
-correct one's `r / (1 + p)` (non-zero only when the run's `penalty_target` covers correct rollouts),
+Reward shaping follows the reference (docs/architecture.md, "The algorithm"): a wrong rollout's reward
+becomes `r - p`, a correct one's `r / (1 + p)` (non-zero only when the run's `penalty_target` covers correct rollouts),
 a rollout of unknown correctness keeps `r`. Rollouts the service could not score (degraded mode,
 status `error`) keep `r` too, and are counted.
 """

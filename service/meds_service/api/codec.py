@@ -1,54 +1,40 @@
-"""Decoding score requests into columns, with every check that keeps bad input out of memory."""
+"""The wire formats of a score request and its answer: one `WireCodec` per media type.
+
+Each codec decodes a request body into columns (`RolloutBatch`), with every check that keeps bad input out
+of memory, and encodes a `ScoreOutcome`. The route picks codecs by Content-Type and Accept from `CODECS`;
+adding a wire format is one codec class and one entry there (docs/architecture.md, "Where to add things").
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+import math
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
-from pydantic import ValidationError
+import orjson
 
-from ..core.errors import InvalidInput
-from ..core.types import Group, RolloutBatch, ScoreOutcome
-from .schemas import FingerprintMatrix, ScoreRequest
+from ..core.errors import InvalidInput, SchemaError
+from ..core.types import NO_CLUSTER32, STATUSES, Group, RolloutBatch, ScoreOutcome
+from .errors import validated
+from .schemas import MAX_STEP, FingerprintMatrix, ScoreRequest
 
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-class SchemaError(InvalidInput):
-    """The body does not match the request schema (answered with 422)."""
-
-
-def describe(error: ValidationError, limit: int = 5) -> str:
-    """A short message from pydantic errors that never echoes input values (NaN would break JSON)."""
-    parts = []
-    for item in error.errors(include_url=False, include_input=False)[:limit]:
-        where = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{where}: {item['msg']}")
-    more = error.error_count() - limit
-    if more > 0:
-        parts.append(f"and {more} more")
-    return "; ".join(parts)
-
-
-def decode_score_request(body: bytes, *, max_batch: int, max_dim: int) -> tuple[RolloutBatch, int | None]:
-    """Parse and validate a score request body; returns the columns and the step."""
-    try:
-        request = ScoreRequest.model_validate_json(body)
-    except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors(include_url=False, include_input=False)):
-            raise InvalidInput("body is not valid JSON") from None
-        raise SchemaError(describe(exc)) from None
+def decode_score_request(body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch:
+    """Parse and validate a score request body into columns."""
+    request = validated(ScoreRequest, body)
     rollouts = request.rollouts
     ids = [r["rollout_id"] for r in rollouts]
     _check_ids(ids, max_batch)
     fingerprints, present = _fingerprints(request, max_dim)
     rewards = np.array([_or_nan(r.get("reward")) for r in rollouts], dtype=np.float64)
     groups = np.array([Group.of(r.get("correct")) for r in rollouts], dtype=np.int64)
-    batch = RolloutBatch(ids, [r["prompt_id"] for r in rollouts], groups, rewards, fingerprints, present)
-    return batch, request.step
+    prompts = [r["prompt_id"] for r in rollouts]
+    return RolloutBatch(ids, prompts, groups, rewards, fingerprints, present, request.step)
 
 
 def _check_ids(ids: list[str], max_batch: int) -> None:
@@ -144,7 +130,7 @@ MSGPACK = "application/msgpack"
 _COLUMNS = {"step", "rollout_id", "prompt_id", "correct", "reward", "fingerprints", "fingerprint_present"}
 
 
-def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> tuple[RolloutBatch, int | None]:
+def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch:
     """Parse and validate a columnar msgpack score request (the same checks as the JSON form)."""
     try:
         request = msgpack.unpackb(body, raw=False, strict_map_key=True)
@@ -169,9 +155,9 @@ def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> tuple[Rollou
     groups = np.where(correct == 1, int(Group.CORRECT), np.where(correct == 0, int(Group.WRONG), int(Group.UNKNOWN)))
     fingerprints, present = _column_fingerprints(request, n, max_dim)
     step = request.get("step")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-        raise SchemaError("step must be an integer")
-    return RolloutBatch(ids, prompts, groups.astype(np.int64), rewards, fingerprints, present), step
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP):
+        raise SchemaError(f"step must be an integer from 0 to {MAX_STEP}")
+    return RolloutBatch(ids, prompts, groups.astype(np.int64), rewards, fingerprints, present, step)
 
 
 def encode_columns(outcome: ScoreOutcome) -> bytes:
@@ -234,3 +220,76 @@ def _column_fingerprints(request: dict[str, Any], n: int, max_dim: int) -> tuple
     out = np.zeros((n, dim), dtype=np.float32)
     out[present] = matrix
     return out, present
+
+
+# ---- the codecs -------------------------------------------------------------------------------------------
+
+
+class WireCodec(Protocol):
+    """One wire format of score requests and answers."""
+
+    media_type: str
+
+    def decode(self, body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch: ...
+    def encode(self, outcome: ScoreOutcome) -> bytes: ...
+
+
+class JsonCodec:
+    """`application/json`: ScoreRequest in, ScoreResponse out (the default both ways)."""
+
+    media_type = "application/json"
+
+    def decode(self, body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch:
+        return decode_score_request(body, max_batch=max_batch, max_dim=max_dim)
+
+    def encode(self, outcome: ScoreOutcome) -> bytes:
+        return orjson.dumps({"results": results_json(outcome)})
+
+
+class ColumnsCodec:
+    """`application/msgpack`: the compact columnar form (ScoreColumnsRequest / ScoreColumnsResponse)."""
+
+    media_type = MSGPACK
+
+    def decode(self, body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch:
+        return decode_columns(body, max_batch=max_batch, max_dim=max_dim)
+
+    def encode(self, outcome: ScoreOutcome) -> bytes:
+        return encode_columns(outcome)
+
+
+JSON = JsonCodec()
+CODECS: dict[str, WireCodec] = {codec.media_type: codec for codec in (JSON, ColumnsCodec())}
+
+
+def request_codec(content_type: str) -> WireCodec:
+    """The codec of a request body by its Content-Type (JSON when it names no other)."""
+    return CODECS.get(content_type.split(";")[0].strip().lower(), JSON)
+
+
+def response_codec(accept: str) -> WireCodec:
+    """The codec of the answer: the first non-JSON format the Accept header names, else JSON."""
+    for media_type, codec in CODECS.items():
+        if codec is not JSON and media_type in accept:
+            return codec
+    return JSON
+
+
+def results_json(outcome: ScoreOutcome) -> list[dict[str, Any]]:
+    """The `results` list of a JSON score answer, built from columns (fast for 10^4 rollouts)."""
+    names = [s.value for s in STATUSES]
+    records = outcome.records
+    clusters = [None if c == NO_CLUSTER32 else c for c in records["cluster"].tolist()]
+    shaped = [None if math.isnan(x) else x for x in records["shaped"].tolist()]
+    return [
+        {"rollout_id": rid, "status": names[st], "cluster": c, "cluster_size": z, "penalty": p, "shaped_reward": sh}
+        for rid, st, c, z, p, sh in zip(
+            outcome.rollout_ids,
+            outcome.status.tolist(),
+            clusters,
+            records["size"].tolist(),
+            records["penalty"].tolist(),
+            shaped,
+            strict=True,
+        )
+    ]

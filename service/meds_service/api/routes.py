@@ -1,23 +1,21 @@
-"""The v1 routes (DESIGN §5). Handlers only translate between HTTP and the engine."""
+"""The v1 routes (docs/architecture.md, "A score request"). Handlers only translate between HTTP and the engine."""
 
 from __future__ import annotations
 
 import hmac
-import math
 import time
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 from starlette.responses import Response
 
-from ..core.errors import InvalidInput, StoreUnavailable, Unauthorized
-from ..core.types import NO_CLUSTER32, STATUSES, ScoreOutcome
+from ..core.errors import StoreUnavailable, Unauthorized
 from ..engine import ErrorMemory
 from ..settings import Settings
-from .codec import MSGPACK, SchemaError, decode_columns, decode_score_request, describe, encode_columns
+from .codec import MSGPACK, request_codec, response_codec
+from .errors import json_object, validated
 from .schemas import (
     RUN_PATTERN,
     ErrorResponse,
@@ -66,26 +64,6 @@ def json_response(payload: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status_code, media_type="application/json")
 
 
-def results_json(outcome: ScoreOutcome) -> list[dict[str, Any]]:
-    """The `results` list of a score answer, built from columns (fast for 10^4 rollouts)."""
-    names = [s.value for s in STATUSES]
-    records = outcome.records
-    clusters = [None if c == NO_CLUSTER32 else c for c in records["cluster"].tolist()]
-    shaped = [None if math.isnan(x) else x for x in records["shaped"].tolist()]
-    return [
-        {"rollout_id": rid, "status": names[st], "cluster": c, "cluster_size": z, "penalty": p, "shaped_reward": sh}
-        for rid, st, c, z, p, sh in zip(
-            outcome.rollout_ids,
-            outcome.status.tolist(),
-            clusters,
-            records["size"].tolist(),
-            records["penalty"].tolist(),
-            shaped,
-            strict=True,
-        )
-    ]
-
-
 def run_json(engine: ErrorMemory, name: str) -> dict[str, Any]:
     return {
         "run": name,
@@ -112,13 +90,7 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
     },
 )
 async def put_run(run: RunName, request: Request, engine: EngineDep) -> Response:
-    body = await request.body()
-    try:
-        patch = orjson.loads(body) if body.strip() else {}
-    except orjson.JSONDecodeError:
-        raise InvalidInput("body is not valid JSON") from None
-    if not isinstance(patch, dict):
-        raise SchemaError("body must be a JSON object of config fields")
+    patch = json_object(await request.body())
     _, created = await run_in_threadpool(engine.put_config, run, patch)
     return json_response(run_json(engine, run), 201 if created else 200)
 
@@ -163,16 +135,13 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
     started = time.perf_counter()
     body = await request.body()
     received = time.perf_counter()
-    columnar = request.headers.get("content-type", "").split(";")[0].strip().lower() == MSGPACK
-    decode = decode_columns if columnar else decode_score_request
-    batch, _step = decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
+    decoder = request_codec(request.headers.get("content-type", ""))
+    batch = decoder.decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
     decoded = time.perf_counter()
     results = await run_in_threadpool(engine.score, run, batch)
     scored = time.perf_counter()
-    if MSGPACK in request.headers.get("accept", ""):
-        response = Response(encode_columns(results), media_type=MSGPACK)
-    else:
-        response = json_response({"results": results_json(results)})
+    encoder = response_codec(request.headers.get("accept", ""))
+    response = Response(encoder.encode(results), media_type=encoder.media_type)
     timings = {"receive": received - started, "decode": decoded - received, "score": scored - decoded,
                "encode": time.perf_counter() - scored}  # fmt: skip
     response.headers["server-timing"] = ", ".join(f"{k};dur={1e3 * v:.1f}" for k, v in timings.items())
@@ -192,10 +161,7 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
 )
 async def recluster(run: RunName, request: Request, engine: EngineDep) -> Response:
     body = await request.body()
-    try:
-        options = ReclusterRequest.model_validate_json(body) if body.strip() else ReclusterRequest()
-    except ValidationError as exc:
-        raise SchemaError(describe(exc)) from None
+    options = validated(ReclusterRequest, body) if body.strip() else ReclusterRequest()
     report = await run_in_threadpool(engine.recluster, run, options.all)
     return json_response(report)
 

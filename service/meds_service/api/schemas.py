@@ -11,6 +11,8 @@ from ..core.config import RunConfig
 
 RUN_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 Id = Annotated[str, Field(min_length=1, max_length=512)]
+MAX_STEP = 2**63 - 1
+Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
 
 
 class _Strict(BaseModel):
@@ -50,7 +52,7 @@ class RolloutIn(TypedDict):
 
 
 class ScoreRequest(_Strict):
-    step: int | None = Field(None, description="Training step, for logs only.")
+    step: Step | None = Field(None, description="Training step, stored with every remembered rollout.")
     rollouts: list[RolloutIn]
     fingerprint_matrix: FingerprintMatrix | None = None
 
@@ -102,12 +104,20 @@ class ReclusterResponse(BaseModel):
     seconds: float
 
 
+class ClusterSteps(BaseModel):
+    size: int = Field(description="Vectors of the cluster in the last fit.")
+    first_step: int | None = Field(description="Earliest training step of its vectors; null = none recorded.")
+    last_step: int | None = Field(description="Latest training step of its vectors; null = none recorded.")
+
+
 class GroupMemory(BaseModel):
     vectors: int
     fitted: int = Field(description="Vectors covered by the last HDBSCAN fit.")
     pending_refit: bool
     clusters: dict[str, int] = Field(description="Label -> size in the last fit (-1 = noise).")
+    cluster_steps: dict[str, ClusterSteps] = Field(description="Label -> size and first and last step seen.")
     labels: list[int] = Field(description="Labels of the fitted vectors in arrival order.")
+    steps: list[int | None] = Field(description="Training step of each fitted vector (aligned with labels).")
 
 
 class PromptResponse(BaseModel):
@@ -140,7 +150,7 @@ class ScoreColumnsRequest(BaseModel):
     """The columnar msgpack form of a score request: one entry per rollout in every column (documentation
     of `application/msgpack` bodies; binary columns are msgpack bin values)."""
 
-    step: int | None = None
+    step: Step | None = None
     rollout_id: list[Id]
     prompt_id: list[Id]
     correct: bytes | None = Field(None, description="int8 per rollout: 1 correct, 0 wrong, -1 unknown.")

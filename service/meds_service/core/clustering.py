@@ -1,4 +1,4 @@
-"""HDBSCAN refits of one key (DESIGN §2 step 5), with the reference's labels guaranteed.
+"""HDBSCAN refits of one key (docs/architecture.md, "The algorithm", step 5), with the reference's labels guaranteed.
 
 The reference calls `hdbscan.HDBSCAN(min_cluster_size=2, min_samples=1).fit_predict(normalize(X))`. We call
 the same package's own tree-building and labelling functions with the very arguments that estimator passes

@@ -1,4 +1,5 @@
-"""A run's configuration: the knobs of the MEDS algorithm (DESIGN §2), validated on construction."""
+"""A run's configuration: the knobs of the MEDS algorithm (docs/architecture.md, "The algorithm"), validated on
+construction."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 from .errors import Conflict, InvalidInput
 from .types import Group
@@ -63,11 +64,8 @@ class RunConfig:
         _check_optional_int("dim", self.dim, 1)
         if self.layer_diff and self.dim is not None and self.dim < 2:
             raise InvalidInput("layer_diff needs fingerprints of at least 2 values (dim >= 2)")
-        _check_choice("penalty_target", self.penalty_target, ("wrong", "correct", "both", "none"))
-        _check_choice("noise_policy", self.noise_policy, ("cluster", "ignore"))
-        _check_choice("consistency", self.consistency, ("exact", "fast"))
-        _check_choice("knn_metric", self.knn_metric, ("cosine",))
-        _check_choice("cluster_selection_method", self.cluster_selection_method, ("eom", "leaf"))
+        for name, choices in CHOICES.items():
+            _check_choice(name, getattr(self, name), choices)
         if not isinstance(self.layer_diff, bool):
             raise InvalidInput("layer_diff must be a boolean")
 
@@ -121,6 +119,12 @@ class RunConfig:
         if target != "none":
             groups.add(Group.UNKNOWN)
         return frozenset(groups)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(hint) for name, hint in get_type_hints(RunConfig).items() if get_origin(hint) is Literal
+}
+"""The allowed values of every field with a fixed set of them, read from the field types (their one home)."""
 
 
 def stored_columns(dim: int, layer_diff: bool, last_n_layers: int | None) -> int:

@@ -1,12 +1,16 @@
 """The one error tree of the service.
 
-    MedsError
-    ├── InvalidInput        bad request content (400/422)
-    ├── Unauthorized        missing or wrong API key (401)
-    ├── NotFound            unknown run or prompt (404)
-    ├── Conflict            config change that would alter a run with memory (409)
-    ├── PayloadTooLarge     body over the configured limit (413)
-    └── StoreUnavailable    the store cannot be reached or is overloaded (503)
+    MedsError                   type sent to clients
+    ├── InvalidInput            invalid_input       bad request content (400)
+    │   └── SchemaError         invalid_input       the body does not match the request schema (422)
+    ├── Unauthorized            unauthorized        missing or wrong API key (401)
+    ├── NotFound                not_found           unknown run or prompt (404)
+    ├── Conflict                conflict            config change that would alter a run with memory (409)
+    ├── IdCollision             id_collision        two ids of one run share a stored hash: rename one (409)
+    ├── PayloadTooLarge         payload_too_large   body over the configured limit (413)
+    └── StoreUnavailable        unavailable         the store cannot be reached or is overloaded (503)
+
+One meaning per type: a client can act on the type alone (the client's exception tree mirrors it).
 
 Adapters translate library exceptions (sqlite3, redis, faiss) into this tree at their boundary; the API maps
 it to status codes in one place (`api/errors.py`).
@@ -31,6 +35,10 @@ class InvalidInput(MedsError, ValueError):
     type = "invalid_input"
 
 
+class SchemaError(InvalidInput):
+    """The body does not match the request schema (answered with 422)."""
+
+
 class Unauthorized(MedsError):
     type = "unauthorized"
 
@@ -41,6 +49,14 @@ class NotFound(MedsError):
 
 class Conflict(MedsError):
     type = "conflict"
+
+
+class IdCollision(MedsError):
+    """Two different prompt ids (or rollout ids of one prompt) of a run share the hash a store keys them by.
+
+    Nothing of the batch was stored; renaming one id resolves it. Not a `Conflict`: no config is involved."""
+
+    type = "id_collision"
 
 
 class PayloadTooLarge(MedsError):

@@ -1,4 +1,4 @@
-"""kNN label vote (DESIGN §2 step 3), exact to the reference including equal-distance ties.
+"""kNN label vote (docs/architecture.md, "The algorithm", step 3), exact to the reference including equal-distance ties.
 
 The reference asks scikit-learn `NearestNeighbors(n_neighbors=min(k, n), metric="cosine",
 algorithm="brute")` for each new vector's neighbours among a key's stored vectors and takes the most frequent
@@ -41,12 +41,18 @@ def vote(neighbour_labels: NDArray[np.int64]) -> NDArray[np.int64]:
     return np.asarray(rows[np.arange(len(rows)), np.argmax(counts, axis=1)], dtype=np.int64)
 
 
-def certain_top_k(scores: NDArray[np.float32], k: int, searchable: int, bound: float) -> NDArray[np.bool_]:
-    """Rows of a descending score matrix ([q, k+1] or [q, searchable]) whose first-k set is unambiguous."""
-    if searchable <= k:
-        return np.ones(len(scores), dtype=bool)
-    gap = scores[:, k - 1].astype(np.float64) - scores[:, k].astype(np.float64)
-    return np.asarray(gap > 2 * bound)
+def certain_top_k(
+    scores: NDArray[np.float32], k: NDArray[np.int64], searchable: NDArray[np.int64], bound: float
+) -> NDArray[np.bool_]:
+    """Rows of a descending score matrix ([q, k_max+1]) whose first-k set is unambiguous (tier 1).
+
+    Row i asks for its first k[i] of searchable[i] stored vectors: certain when it wants them all, or when
+    its k-th and (k+1)-th similarities differ by more than twice the rounding bound.
+    """
+    rows = np.arange(len(scores))
+    kth = scores[rows, k - 1].astype(np.float64)
+    after = scores[rows, np.minimum(k, scores.shape[1] - 1)].astype(np.float64)
+    return np.asarray((searchable <= k) | (kth - after > 2 * bound))
 
 
 def band_vote(similarities: NDArray[np.float64], labels: NDArray[np.int64], k: int, bound: float) -> int | None:

@@ -1,4 +1,4 @@
-"""From predicted clusters to penalties and shaped rewards (DESIGN §2 step 6)."""
+"""From predicted clusters to penalties and shaped rewards (docs/architecture.md, "The algorithm", step 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fingerprint preprocessing (DESIGN §2 step 2), split so that storage stays exact.
+"""Fingerprint preprocessing (docs/architecture.md, "The algorithm", step 2), split so that storage stays exact.
 
 The reference computes features in float64 from float32 fingerprints: optional first differences, then the
 last n values. A first difference of two float32 numbers is generally not a float32 number, so we store the

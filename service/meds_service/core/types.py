@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -69,15 +69,14 @@ class RolloutResult:
             None if np.isnan(shaped) else shaped,
         )
 
-
-def result_records(results: Sequence[RolloutResult]) -> NDArray[np.void]:
-    """RESULT_DTYPE records of results (the inverse of RolloutResult.from_record)."""
-    records = np.empty(len(results), dtype=RESULT_DTYPE)
-    records["cluster"] = [NO_CLUSTER32 if r.cluster is None else r.cluster for r in results]
-    records["size"] = [r.cluster_size for r in results]
-    records["penalty"] = [r.penalty for r in results]
-    records["shaped"] = [np.nan if r.shaped_reward is None else r.shaped_reward for r in results]
-    return records
+    def record(self) -> tuple[int, int, float, float]:
+        """This result as one RESULT_DTYPE record (the inverse of `from_record`)."""
+        return (
+            NO_CLUSTER32 if self.cluster is None else self.cluster,
+            self.cluster_size,
+            self.penalty,
+            np.nan if self.shaped_reward is None else self.shaped_reward,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +121,13 @@ class KeyState:
 @dataclass(frozen=True, slots=True)
 class KeyDelta:
     """What a key gained since a cached view of it: the vectors with sequence numbers first..n that the
-    cache lacks, its live start, and its last fit (fit_start, fitted_upto, labels) when that changed."""
+    cache lacks, its live start, and its last fit when that changed."""
 
     start: int
     n: int
     first: int
     vectors: NDArray[np.float32]
-    fit: tuple[int, int, NDArray[np.int64]] | None = None
+    fit: Fit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +141,7 @@ class KeyAppend:
     new_start: int
     rollout_ids: list[str]
     results: NDArray[np.void]  # RESULT_DTYPE, one per rollout id
+    step: int | None = None  # the training step the client sent with the batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +163,7 @@ class RolloutBatch:
     rewards: NDArray[np.float64]  # NaN where the rollout carries no reward
     fingerprints: NDArray[np.float32]  # [n, dim]; rows where has_fingerprint is False are ignored
     has_fingerprint: NDArray[np.bool_]
+    step: int | None = None  # the trainer's step, stored with every remembered rollout
 
     def __len__(self) -> int:
         return len(self.rollout_ids)
@@ -176,3 +177,35 @@ class Fit:
     labels: NDArray[np.int64]
     fit_start: int
     fitted_upto: int
+
+
+NO_STEP = -1  # the stored step of a vector whose batch carried none (or that was stored before steps were)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRefit:
+    """One job taken from a shared refit queue: refit `key` of `run`, then acknowledge `message_id`."""
+
+    message_id: bytes
+    run: str
+    key: MemoryKey
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRows:
+    """A key's normalised vectors of sequence numbers start..n, as an index snapshot holds them."""
+
+    key: MemoryKey
+    start: int
+    n: int
+    rows: NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A run's index on local disk: only a cache of the store, for fast restarts."""
+
+    run: str
+    created_at: float
+    dim: int
+    keys: list[KeyRows]

@@ -76,12 +76,6 @@ class ShardIndex:
         """Factor on the float32 rounding bound: GPU GEMMs may sum in other orders and fused steps."""
         return 8.0 if self._gpu_resources is not None else 1.0
 
-    def __len__(self) -> int:
-        return len(self._shards)
-
-    def total(self) -> int:
-        return sum(s.count for s in self._shards.values())
-
     def count(self, key: Hashable) -> int:
         shard = self._shards.get(key)
         return 0 if shard is None else shard.count
@@ -128,3 +122,20 @@ class ShardIndex:
         _use_search_threads()
         scores, ids = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
         return scores, ids
+
+
+class ShardIndexes:
+    """The engine's `VectorIndexes`: makes one `ShardIndex` per run, all on one device choice."""
+
+    def __init__(self, device: str = "auto") -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown index device {device!r}")
+        self.device_choice = device
+
+    @property
+    def device(self) -> str:
+        """The device new indexes use."""
+        return "cuda" if self.device_choice != "cpu" and gpu_count() > 0 else "cpu"
+
+    def new(self, dim: int) -> ShardIndex:
+        return ShardIndex(dim, self.device_choice)

@@ -7,8 +7,11 @@ Layout (every key prefixed `meds:`; `{...}` is a Redis Cluster hash tag):
     {r:RUN}:keys               set of "GROUP:PROMPT_ID" members, one per memory key
     {r:RUN}:pending            set of members whose refit is queued and not yet done
     {p:RUN:H}:m0|m1|m2         per memory key (H = XXH3 of the prompt id, group 0/1/2): hash with
-                               prompt, n, start, base, fit_start, fitted_upto, labels (int32 bytes)
+                               prompt, n, start, base, sbase, fit_start, fitted_upto, labels (int32 bytes)
     {p:RUN:H}:v0|v1|v2         the key's float32 rows from sequence number `base`, appended in place
+    {p:RUN:H}:s0|s1|s2         the training step of each of the key's vectors from sequence number
+                               `sbase` (int64, -1 = none); kept whole, like the ids, when vectors are
+                               forgotten. Keys stored before steps were kept start at their n then.
     {p:RUN:H}:ids              hash: rollout_id -> group byte + result record (idempotent retries)
     {p:RUN:H}:lock             per-prompt lock held while a replica scores that prompt
     refits                     stream of refit jobs, consumer group `workers`
@@ -27,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -38,15 +42,18 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ..core.config import RunConfig
-from ..core.errors import Conflict, StoreUnavailable
-from ..core.records import KeyHead, RunCounts, RunRecord
+from ..core.errors import IdCollision, StoreUnavailable
+from ..core.records import KeyHead, RunCounts, RunRecord, StoreSpec
 from ..core.types import (
+    NO_STEP,
     RESULT_DTYPE,
     Fit,
     Group,
+    KeyAppend,
     KeyDelta,
     KeyState,
     MemoryKey,
+    QueuedRefit,
     RolloutResult,
     RolloutStatus,
     ScoredBatch,
@@ -59,34 +66,39 @@ STREAM = b"meds:refits"
 GROUP = b"workers"
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
 
-# Commit of one batch. KEYS: run-level keys (5, or 0 on Redis Cluster) then meta, vec, ids per append.
-# ARGV: rowbytes, appends, run, config json, created_at, then per append 10 values and its (id, record) pairs.
+# Commit of one batch. KEYS: run-level keys (5, or 0 on Redis Cluster) then meta, vec, ids, steps per append.
+# ARGV: _CommitHead (rowbytes, appends, run, config json, created_at), then per append the 11 values of
+# _AppendArgs and its (id, record) pairs.
 _COMMIT = """
 local rowbytes, napp, run = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local runlevel = (#KEYS - 3 * napp) == 5
+local runlevel = (#KEYS - 4 * napp) == 5
 local k0 = runlevel and 5 or 0
 local p = 6
 for i = 1, napp do
-  local meta = KEYS[k0 + 3 * i - 2]
+  local meta = KEYS[k0 + 4 * i - 3]
   local n = tonumber(redis.call('HGET', meta, 'n') or '0')
   if n ~= tonumber(ARGV[p]) then return redis.error_reply('MEDSCONFLICT ' .. meta) end
   local expected = ARGV[p + 4]
   local prompt = redis.call('HGET', meta, 'prompt')
   if prompt and prompt ~= expected then return redis.error_reply('MEDSHASH ' .. meta) end
-  p = p + 10 + 2 * tonumber(ARGV[p + 9])
+  p = p + 11 + 2 * tonumber(ARGV[p + 10])
 end
 local new_keys, new_vectors, new_rollouts = 0, 0, 0
 p = 6
 for i = 1, napp do
-  local meta, vec, ids = KEYS[k0 + 3 * i - 2], KEYS[k0 + 3 * i - 1], KEYS[k0 + 3 * i]
+  local meta, vec, ids, steps = KEYS[k0 + 4 * i - 3], KEYS[k0 + 4 * i - 2], KEYS[k0 + 4 * i - 1], KEYS[k0 + 4 * i]
   local first, newstart, vectors = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), ARGV[p + 2]
   local member, prompt, refit = ARGV[p + 3], ARGV[p + 4], ARGV[p + 5]
-  local fs, fu, labels, npairs = ARGV[p + 6], ARGV[p + 7], ARGV[p + 8], tonumber(ARGV[p + 9])
+  local fs, fu, labels = ARGV[p + 6], ARGV[p + 7], ARGV[p + 8]
+  local stepbytes, npairs = ARGV[p + 9], tonumber(ARGV[p + 10])
   if first == 0 then
-    redis.call('HSET', meta, 'prompt', prompt, 'start', 0, 'base', 0)
+    redis.call('HSET', meta, 'prompt', prompt, 'start', 0, 'base', 0, 'sbase', 0)
     new_keys = new_keys + 1
     if runlevel then redis.call('SADD', KEYS[2], member) end
+  elseif not redis.call('HGET', meta, 'sbase') then
+    redis.call('HSET', meta, 'sbase', first)
   end
+  redis.call('APPEND', steps, stepbytes)
   local oldstart = tonumber(redis.call('HGET', meta, 'start') or '0')
   local n = first + npairs
   redis.call('APPEND', vec, vectors)
@@ -99,8 +111,8 @@ for i = 1, napp do
   if fu ~= '' then redis.call('HSET', meta, 'fit_start', fs, 'fitted_upto', fu, 'labels', labels) end
   local fields = {}
   for j = 0, npairs - 1 do
-    fields[#fields + 1] = ARGV[p + 10 + 2 * j]
     fields[#fields + 1] = ARGV[p + 11 + 2 * j]
+    fields[#fields + 1] = ARGV[p + 12 + 2 * j]
     if #fields >= 4000 then redis.call('HSET', ids, unpack(fields)); fields = {} end
   end
   if #fields > 0 then redis.call('HSET', ids, unpack(fields)) end
@@ -110,7 +122,7 @@ for i = 1, napp do
   end
   new_vectors = new_vectors + npairs - (newstart - oldstart)
   new_rollouts = new_rollouts + npairs
-  p = p + 10 + 2 * npairs
+  p = p + 11 + 2 * npairs
 end
 if runlevel then
   redis.call('HSET', KEYS[1], 'config', ARGV[4])
@@ -160,7 +172,7 @@ def _translated(method: Callable[P, T]) -> Callable[P, T]:
             if "MEDSCONFLICT" in str(exc):
                 raise StoreUnavailable("a key changed under this batch; retry", retry_after=1) from exc
             if "MEDSHASH" in str(exc):
-                raise Conflict("two prompt ids of this run share a hash; rename one") from exc
+                raise IdCollision("two prompt ids of this run share a hash; rename one") from exc
             raise StoreUnavailable(f"Redis refused a command: {exc}", retry_after=1) from exc
 
     return wrapper
@@ -176,10 +188,59 @@ def _key_of(member: bytes | str) -> MemoryKey:
     return MemoryKey(prompt, Group(int(group)))
 
 
-class RedisStore:
-    """`MemoryStore` on Redis, plus the refit queue (a Redis Stream) that `meds worker`s consume."""
+@dataclass(frozen=True)
+class _CommitHead:
+    """The first five ARGV of _COMMIT."""
 
-    shared = True  # other processes write too: the engine syncs what it reads
+    rowbytes: int
+    appends: int
+    run: str
+    config: str  # JSON
+    created_at: float
+
+    def argv(self) -> list[str | int | bytes]:
+        return [self.rowbytes, self.appends, self.run, self.config, repr(self.created_at)]
+
+
+@dataclass(frozen=True)
+class _AppendArgs:
+    """One append's ARGV of _COMMIT, in the script's order, then its (rollout id, stored record) pairs."""
+
+    first: int
+    new_start: int
+    vectors: bytes
+    member: str
+    prompt: str
+    refit: bool
+    fit: Fit | None  # labels known without HDBSCAN, saved with the append
+    steps: bytes
+    pairs: list[str | bytes]
+
+    @classmethod
+    def of(cls, append: KeyAppend, fit: Fit | None, refit: bool) -> _AppendArgs:
+        group = bytes([int(append.key.group)])
+        records = append.results.astype(RESULT_DTYPE, copy=False)
+        pairs: list[str | bytes] = []
+        for rollout_id, record in zip(append.rollout_ids, records, strict=True):
+            pairs += [rollout_id, group + record.tobytes()]
+        step = NO_STEP if append.step is None else append.step
+        return cls(
+            append.first_seq, append.new_start, append.vectors.astype("<f4").tobytes(), _member(append.key),
+            append.key.prompt_id, refit, fit, np.full(len(append.rollout_ids), step, "<i8").tobytes(), pairs,
+        )  # fmt: skip
+
+    def argv(self) -> list[str | int | bytes]:
+        fit = self.fit
+        return [
+            self.first, self.new_start, self.vectors, self.member, self.prompt, "1" if self.refit else "0",
+            "" if fit is None else fit.fit_start, "" if fit is None else fit.fitted_upto,
+            b"" if fit is None else fit.labels.astype("<i4").tobytes(), self.steps, len(self.pairs) // 2,
+            *self.pairs,
+        ]  # fmt: skip
+
+
+class RedisStore:
+    """`SharedStore` on Redis, plus the `RefitQueue` (a Redis Stream) that `meds worker`s consume."""
 
     def __init__(
         self,
@@ -227,12 +288,15 @@ class RedisStore:
     def _vec(self, run: str, key: MemoryKey) -> str:
         return self._prompt_key(run, key.prompt_id, f"v{int(key.group)}")
 
+    def _steps(self, run: str, key: MemoryKey) -> str:
+        return self._prompt_key(run, key.prompt_id, f"s{int(key.group)}")
+
     # ---- housekeeping -----------------------------------------------------------------------------
 
-    def spec(self) -> tuple[str, str]:
-        return ("redis-cluster" if self.cluster else "redis", self.url)
+    def spec(self) -> StoreSpec:
+        return StoreSpec("redis-cluster" if self.cluster else "redis", self.url)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> dict[str, str]:
         parts = urlsplit(self.url)
         host = parts.hostname or ""
         netloc = f"{host}:{parts.port}" if parts.port else host
@@ -281,7 +345,8 @@ class RedisStore:
         members = [_key_of(m) for m in self._r.smembers(self._run_key(run, "keys"))]
         names: list[str] = []
         for key in members:
-            names += [self._meta(run, key), self._vec(run, key), self._prompt_key(run, key.prompt_id, "ids")]
+            names += [self._meta(run, key), self._vec(run, key), self._steps(run, key),
+                      self._prompt_key(run, key.prompt_id, "ids")]  # fmt: skip
         for lo in range(0, len(names), 512):
             pipe = self._r.pipeline(transaction=False)
             for name in names[lo : lo + 512]:
@@ -317,7 +382,10 @@ class RedisStore:
     @_translated
     def heads(self, run: str, keys: Sequence[MemoryKey]) -> dict[MemoryKey, KeyHead]:
         """Counters of the given keys (zeros for keys that are not stored)."""
-        return {key: KeyHead(*values[:4]) for key, values in zip(keys, self._heads(run, keys), strict=True)}
+        return {
+            key: KeyHead(start=start, n=n, fit_start=fit_start, fitted_upto=fitted_upto)
+            for key, (start, n, fit_start, fitted_upto, _, _) in zip(keys, self._heads(run, keys), strict=True)
+        }
 
     def _heads(self, run: str, keys: Sequence[MemoryKey]) -> list[tuple[int, int, int, int, int, bytes | None]]:
         """(start, n, fit_start, fitted_upto, base, prompt) of each key (zeros for keys not stored)."""
@@ -327,7 +395,7 @@ class RedisStore:
         heads = []
         for key, row in zip(keys, pipe.execute(), strict=True):
             if row[5] is not None and row[5].decode() != key.prompt_id:
-                raise Conflict(f"prompt ids {key.prompt_id!r} and {row[5].decode()!r} share a hash; rename one")
+                raise IdCollision(f"prompt ids {key.prompt_id!r} and {row[5].decode()!r} share a hash; rename one")
             heads.append((*(int(v or 0) for v in row[:5]), row[5]))
         return heads
 
@@ -344,7 +412,7 @@ class RedisStore:
             first = max(seen.n, start)
             if first < n:
                 pipe.getrange(self._vec(run, key), (first - base) * rowbytes, (n - base) * rowbytes - 1)
-            fit_changed = (fit_start, fitted_upto) != (seen.fit_start, seen.fitted_upto)
+            fit_changed = not seen.same_fit(KeyHead(start, n, fit_start, fitted_upto))
             if fit_changed:
                 pipe.hmget(self._meta(run, key), "fit_start", "fitted_upto", "labels")
             plan.append((key, start, n, first, first < n, fit_changed))
@@ -357,7 +425,7 @@ class RedisStore:
             fit = None
             if fit_changed:
                 fs, fu, labels = next(replies)
-                fit = (int(fs or 0), int(fu or 0), np.frombuffer(labels or b"", dtype="<i4").astype(np.int64))
+                fit = Fit(key, np.frombuffer(labels or b"", dtype="<i4").astype(np.int64), int(fs or 0), int(fu or 0))
             changes[key] = KeyDelta(start, n, first, vectors, fit)
         return changes
 
@@ -370,8 +438,8 @@ class RedisStore:
         for key, delta in changes.items():
             if delta.n == 0:
                 continue
-            fit_start, fitted_upto, labels = delta.fit or (0, 0, np.zeros(0, np.int64))
-            states[key] = KeyState(delta.vectors, delta.start, labels, fit_start, fitted_upto)
+            fit = delta.fit or Fit(key, np.zeros(0, np.int64), 0, 0)
+            states[key] = KeyState(delta.vectors, delta.start, fit.labels, fit.fit_start, fit.fitted_upto)
         return states
 
     @_translated
@@ -391,38 +459,58 @@ class RedisStore:
         return found
 
     @_translated
+    def load_steps(self, run: str, keys: Sequence[MemoryKey]) -> dict[MemoryKey, np.ndarray]:
+        """The training step of each vector of these keys ever stored (sequence numbers 0..n), NO_STEP where
+        none was recorded (before `sbase`, or batches sent without one)."""
+        pipe = self._r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(self._meta(run, key), "n", "sbase")
+            pipe.get(self._steps(run, key))
+        replies = pipe.execute()
+        out = {}
+        for i, key in enumerate(keys):
+            (n, sbase), blob = replies[2 * i], replies[2 * i + 1]
+            if n is None:
+                continue
+            steps = np.full(int(n), NO_STEP, dtype=np.int64)
+            if sbase is not None and blob:
+                recorded = np.frombuffer(blob, dtype="<i8")
+                steps[int(sbase) : int(sbase) + len(recorded)] = recorded
+            out[key] = steps
+        return out
+
+    @_translated
     def commit(self, run: str, config: RunConfig, batch: ScoredBatch) -> None:
         """One atomic script per batch (per prompt on Redis Cluster); refused whole if a key moved on."""
         if not batch.appends:
             return
         fits = {fit.key: fit for fit in batch.fits}
         refits = set(batch.refits)
-        run_keys = [self._run_key(run, w) for w in ("run", "keys", "pending")] + [STREAM.decode(), "meds:runs"]
-        head = [str(4 * config.stored_dim), "0", run, json.dumps(config.as_dict()), repr(time.time())]
-        groups: dict[str, tuple[list[str], list[Any]]] = {}
+        parts: dict[str, list[KeyAppend]] = {}
         for append in batch.appends:
-            keys, args = groups.setdefault(append.key.prompt_id if self.cluster else "", ([], []))
-            keys += [self._meta(run, append.key), self._vec(run, append.key),
-                     self._prompt_key(run, append.key.prompt_id, "ids")]  # fmt: skip
-            fit = fits.get(append.key)
-            group_byte = bytes([int(append.key.group)])
-            records = append.results.astype(RESULT_DTYPE, copy=False)
-            args += [
-                append.first_seq, append.new_start, append.vectors.astype("<f4").tobytes(), _member(append.key),
-                append.key.prompt_id, "1" if append.key in refits else "0",
-                "" if fit is None else fit.fit_start, "" if fit is None else fit.fitted_upto,
-                b"" if fit is None else fit.labels.astype("<i4").tobytes(), len(append.rollout_ids),
-            ]  # fmt: skip
-            for rollout_id, record in zip(append.rollout_ids, records, strict=True):
-                args += [rollout_id, group_byte + record.tobytes()]
+            parts.setdefault(append.key.prompt_id if self.cluster else "", []).append(append)
+
+        def script(appends: list[KeyAppend]) -> tuple[list[str], list[str | int | bytes]]:
+            head = _CommitHead(4 * config.stored_dim, len(appends), run, json.dumps(config.as_dict()), time.time())
+            keys = [name for a in appends for name in self._append_keys(run, a.key)]
+            args = [x for a in appends for x in _AppendArgs.of(a, fits.get(a.key), a.key in refits).argv()]
+            return keys, [*head.argv(), *args]
+
         if not self.cluster:
-            keys, args = groups[""]
-            self._commit(keys=run_keys + keys, args=[*head[:1], len(batch.appends), *head[2:], *args])
+            keys, args = script(batch.appends)
+            run_keys = [self._run_key(run, w) for w in ("run", "keys", "pending")] + [STREAM.decode(), "meds:runs"]
+            self._commit(keys=run_keys + keys, args=args)
             return
         totals = np.zeros(3, dtype=np.int64)
-        for keys, args in groups.values():
-            totals += self._commit(keys=keys, args=[*head[:1], len(keys) // 3, *head[2:], *args])
+        for appends in parts.values():
+            keys, args = script(appends)
+            totals += self._commit(keys=keys, args=args)
         self._run_level(run, config, batch, totals)
+
+    def _append_keys(self, run: str, key: MemoryKey) -> list[str]:
+        """The KEYS of one append in _COMMIT."""
+        return [self._meta(run, key), self._vec(run, key), self._prompt_key(run, key.prompt_id, "ids"),
+                self._steps(run, key)]  # fmt: skip
 
     def _run_level(self, run: str, config: RunConfig, batch: ScoredBatch, totals: np.ndarray) -> None:
         """On Redis Cluster the run's counters and queue live in other slots: updated after the prompts."""
@@ -504,15 +592,15 @@ class RedisStore:
                 raise
 
     @_translated
-    def claim_refits(
-        self, consumer: str, count: int, block_ms: int, min_idle_ms: int
-    ) -> list[tuple[bytes, str, MemoryKey]]:
+    def claim_refits(self, consumer: str, count: int, block_ms: int, min_idle_ms: int) -> list[QueuedRefit]:
         """Jobs for this consumer: first those a dead consumer left unacknowledged, then new ones."""
         _, messages, _ = self._r.xautoclaim(STREAM, GROUP, consumer, min_idle_ms, "0-0", count=count)
         if not messages:
             reply = self._r.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=count, block=block_ms)
             messages = reply[0][1] if reply else []
-        return [(mid, fields[b"run"].decode(), _key_of(fields[b"key"])) for mid, fields in messages if fields]
+        return [
+            QueuedRefit(mid, fields[b"run"].decode(), _key_of(fields[b"key"])) for mid, fields in messages if fields
+        ]
 
     @_translated
     def ack_refits(self, message_ids: Sequence[bytes]) -> None:
@@ -521,12 +609,3 @@ class RedisStore:
             pipe.xack(STREAM, GROUP, *message_ids)
             pipe.xdel(STREAM, *message_ids)
             pipe.execute()
-
-    @_translated
-    def queue_length(self) -> int:
-        """Refit jobs not yet acknowledged (delivered or not)."""
-        try:
-            groups = self._r.xinfo_groups(STREAM)
-        except redis.exceptions.ResponseError:
-            return 0
-        return int(sum((g.get("lag") or 0) + (g.get("pending") or 0) for g in groups))

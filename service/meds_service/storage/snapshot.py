@@ -15,34 +15,16 @@ import json
 import logging
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from numpy.typing import NDArray
 
-from ..core.types import Group, MemoryKey
+from ..core.types import Group, KeyRows, MemoryKey, Snapshot
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"MEDSIDX1"
 _DIGEST = 32
-
-
-@dataclass(frozen=True)
-class KeyRows:
-    key: MemoryKey
-    start: int
-    n: int
-    rows: NDArray[np.float32]  # normalised vectors of sequence numbers start..n
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    run: str
-    created_at: float
-    dim: int
-    keys: list[KeyRows]
 
 
 def snapshot_path(folder: Path, run: str) -> Path:
@@ -122,3 +104,16 @@ def _parse(blob: bytes) -> Snapshot:
     if row * dim != len(data):
         raise ValueError("row count mismatch")
     return Snapshot(header["run"], float(header["created_at"]), dim, keys)
+
+
+class SnapshotFolder:
+    """The engine's `SnapshotStore`: one snapshot file per run in a local folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def read(self, run: str) -> Snapshot | None:
+        return read_snapshot(self.folder, run)
+
+    def write(self, snapshot: Snapshot) -> None:
+        write_snapshot(self.folder, snapshot)

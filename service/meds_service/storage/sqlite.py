@@ -31,9 +31,10 @@ import numpy as np
 import orjson
 
 from ..core.config import RunConfig
-from ..core.errors import Conflict, StoreUnavailable
-from ..core.records import KeyHead, RunCounts, RunRecord
+from ..core.errors import IdCollision, StoreUnavailable
+from ..core.records import KeyHead, RunCounts, RunRecord, StoreSpec
 from ..core.types import (
+    NO_STEP,
     RESULT_DTYPE,
     Fit,
     Group,
@@ -74,7 +75,8 @@ CREATE TABLE IF NOT EXISTS chunks(
     vectors BLOB NOT NULL,
     hashes BLOB NOT NULL,
     ids BLOB NOT NULL,
-    results BLOB NOT NULL
+    results BLOB NOT NULL,
+    step INTEGER
 );
 CREATE TABLE IF NOT EXISTS fits(
     key_id INTEGER PRIMARY KEY,
@@ -86,14 +88,12 @@ CREATE TABLE IF NOT EXISTS fits(
 
 
 @dataclass
-class _Key:
-    key_id: int
-    run_id: int
-    key: MemoryKey
-    start: int = 0
-    n: int = 0
-    fit_start: int = 0
-    fitted_upto: int = 0
+class _Key(KeyHead):
+    """A key in the catalog: its counters and where its chunks are."""
+
+    key_id: int = field(kw_only=True)
+    run_id: int = field(kw_only=True)
+    key: MemoryKey = field(kw_only=True)
     # Chunks in order, as flat integer arrays (no Python object per chunk: long runs have millions).
     chunk_ids: array[int] = field(default_factory=lambda: array("q"))
     firsts: array[int] = field(default_factory=lambda: array("q"))
@@ -113,9 +113,9 @@ class _Run:
 
 
 class SQLiteStore:
-    """`MemoryStore` on one SQLite file. Thread-safe: one connection, serialised by a lock."""
+    """`MemoryStore` on one SQLite file. Thread-safe: one connection, serialised by a lock.
 
-    shared = False  # the only writer: the engine's cache is authoritative between calls
+    The API process is its only writer, so the engine holds it with `LocalCoordination`."""
 
     def __init__(self, data_dir: str | Path, *, synchronous: str = "FULL", read_only: bool = False) -> None:
         self.data_dir = Path(data_dir)
@@ -144,6 +144,7 @@ class SQLiteStore:
                 # Checkpoints run in the background (checkpoint()); this is only a safety valve (~400 MB).
                 self._db.execute("PRAGMA wal_autocheckpoint=100000")
                 self._db.executescript(_SCHEMA)
+                _add_step_column(self._db)
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB
             with self._lock:
@@ -151,9 +152,9 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
 
-    def spec(self) -> tuple[str, str]:
+    def spec(self) -> StoreSpec:
         """A picklable description from which a worker process opens its own read-only view."""
-        return ("sqlite", str(self.data_dir))
+        return StoreSpec("sqlite", str(self.data_dir))
 
     def _take_folder_lock(self) -> None:
         fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -193,7 +194,7 @@ class SQLiteStore:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> dict[str, str]:
         return {"backend": "sqlite", "path": str(self.path)}
 
     # ---- plumbing ---------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ class SQLiteStore:
                     self._keys[key_id].fit_start, self._keys[key_id].fitted_upto = fit_start, fitted_upto
 
     def _add_key(self, key_id: int, run_id: int, key: MemoryKey) -> _Key:
-        entry = self._keys[key_id] = _Key(key_id, run_id, key)
+        entry = self._keys[key_id] = _Key(key_id=key_id, run_id=run_id, key=key)
         name = self._run_names.get(run_id)
         if name is not None:
             self._runs[name].keys[key] = entry
@@ -278,11 +279,6 @@ class SQLiteStore:
     def ping(self) -> None:
         with self._read() as db:
             db.execute("SELECT 1").fetchone()
-
-    @contextmanager
-    def locked(self, run: str, prompt_ids: Sequence[str]) -> Iterator[None]:
-        """No cross-process locks needed: this process is the only writer (the engine locks runs)."""
-        yield
 
     # ---- runs -------------------------------------------------------------------------------------
 
@@ -352,15 +348,21 @@ class SQLiteStore:
                 return {}
             return {k: KeyHead(e.start, e.n, e.fit_start, e.fitted_upto) for k, e in entry.keys.items()}
 
+    def heads(self, run: str, keys: Sequence[MemoryKey]) -> dict[MemoryKey, KeyHead]:
+        """Counters of the given keys (zeros for keys that are not stored)."""
+        with self._read():
+            entry = self._runs.get(run)
+            held = {} if entry is None else entry.keys
+            return {key: KeyHead(e.start, e.n, e.fit_start, e.fitted_upto) if (e := held.get(key)) else KeyHead()
+                    for key in keys}  # fmt: skip
+
     def list_keys(self, run: str, pending_only: bool = False) -> list[MemoryKey]:
         """The run's keys (only those whose last fit does not cover their live vectors, if asked)."""
         with self._read():
             entry = self._runs.get(run)
             if entry is None:
                 return []
-            return sorted(
-                k.key for k in entry.keys.values() if not pending_only or (k.fit_start, k.fitted_upto) != (k.start, k.n)
-            )
+            return sorted(k.key for k in entry.keys.values() if not pending_only or k.stale)
 
     def pending_count(self, run: str) -> int:
         return len(self.list_keys(run, pending_only=True))
@@ -371,7 +373,7 @@ class SQLiteStore:
             entry = self._runs.get(run)
             known = {} if entry is None else {key: entry.keys[key] for key in since if key in entry.keys}
             firsts = {k.key_id: max(since[key].n, k.start) for key, k in known.items()}
-            changed = [k for key, k in known.items() if (k.fit_start, k.fitted_upto) != since[key][2:]]
+            changed = [k for key, k in known.items() if not k.same_fit(since[key])]
             vectors, fits = self._load(db, list(known.values()), firsts, changed, dim)
         empty = np.zeros((0, dim), np.float32)
         changes = {key: KeyDelta(0, 0, 0, empty) for key in since if key not in known}
@@ -389,14 +391,14 @@ class SQLiteStore:
             vectors, fits = self._load(db, wanted, {k.key_id: k.start for k in wanted}, wanted, dim)
         states = {}
         for k in wanted:
-            fit_start, fitted_upto, labels = fits[k.key_id]
-            states[k.key] = KeyState(vectors[k.key_id], k.start, labels, fit_start, fitted_upto)
+            fit = fits[k.key_id]
+            states[k.key] = KeyState(vectors[k.key_id], k.start, fit.labels, fit.fit_start, fit.fitted_upto)
         return states
 
     @staticmethod
     def _load(
         db: sqlite3.Connection, keys: Sequence[_Key], firsts: Mapping[int, int], fitted: Sequence[_Key], dim: int
-    ) -> tuple[dict[int, np.ndarray], dict[int, tuple[int, int, np.ndarray]]]:
+    ) -> tuple[dict[int, np.ndarray], dict[int, Fit]]:
         """Vectors of each key from sequence number firsts[key_id] on, and the fits of the `fitted` keys,
         reading only the chunks that hold them."""
         owner = {c[0]: k for k in keys for c in k.chunks() if c[1] + c[2] > firsts[k.key_id]}
@@ -405,12 +407,13 @@ class SQLiteStore:
             blobs.setdefault(owner[chunk_id].key_id, []).append((chunk_id, blob))
         vectors = {k.key_id: _join_chunks(k, blobs.get(k.key_id, []), firsts[k.key_id], dim) for k in keys}
         sql = "SELECT key_id, fit_start, fitted_upto, labels FROM fits WHERE key_id IN ({})"
+        by_id = {k.key_id: k.key for k in fitted}
         fits = {
-            key_id: (fs, fu, np.frombuffer(labels, dtype="<i4").astype(np.int64))
-            for key_id, fs, fu, labels in _where_in(db, sql, [k.key_id for k in fitted])
+            key_id: Fit(by_id[key_id], np.frombuffer(labels, dtype="<i4").astype(np.int64), fs, fu)
+            for key_id, fs, fu, labels in _where_in(db, sql, list(by_id))
         }
         for k in fitted:  # never fitted: say so, so that a cache holding a stale fit drops it
-            fits.setdefault(k.key_id, (0, 0, np.zeros(0, np.int64)))
+            fits.setdefault(k.key_id, Fit(k.key, np.zeros(0, np.int64), 0, 0))
         return vectors, fits
 
     def find_results(self, run: str, prompt_ids: Sequence[str], rollout_ids: Sequence[str]) -> dict[str, RolloutResult]:
@@ -438,7 +441,7 @@ class SQLiteStore:
             chunk_id, position = int(found[i]) >> _POS_BITS, int(found[i]) & ((1 << _POS_BITS) - 1)
             ids, results = rows[chunk_id]
             if ids[position] != rollout_ids[i]:
-                raise Conflict(f"rollout id {rollout_ids[i]!r} collides with another id's hash; use another id")
+                raise IdCollision(f"rollout id {rollout_ids[i]!r} collides with another id's hash; use another id")
             out[rollout_ids[i]] = RolloutResult.from_record(rollout_ids[i], RolloutStatus.SCORED, results[position])
         return out
 
@@ -456,8 +459,8 @@ class SQLiteStore:
             hashes = [all_hashes[lo:hi] for lo, hi in itertools.pairwise(bounds)]
             results = [_blob(a.results, RESULT_DTYPE) for a in batch.appends]
             db.executemany(
-                "INSERT INTO chunks(key_id, first_seq, start, count, vectors, hashes, ids, results) "
-                "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO chunks(key_id, first_seq, start, count, vectors, hashes, ids, results, step) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         k.key_id,
@@ -468,6 +471,7 @@ class SQLiteStore:
                         _blob(h, "<u8"),
                         orjson.dumps(a.rollout_ids),
                         result,
+                        a.step,
                     )
                     for a, k, h, result in zip(batch.appends, keys, hashes, results, strict=True)
                 ],
@@ -521,7 +525,7 @@ class SQLiteStore:
                 (run.run_id, key.prompt_id, int(key.group)),
             ).fetchone()
             # Into the catalog only once committed: a rollback must not leave it behind.
-            entry = _Key(int(key_id), run.run_id, key)
+            entry = _Key(key_id=int(key_id), run_id=run.run_id, key=key)
         return entry
 
     def save_fits(self, run: str, fits: Sequence[Fit]) -> int:
@@ -538,8 +542,25 @@ class SQLiteStore:
 
     @staticmethod
     def _adopt_fit(entry: _Key, fit: Fit) -> None:
-        if fit.fitted_upto >= entry.fitted_upto and fit.fit_start >= entry.fit_start:
+        if entry.admits(fit.fit_start, fit.fitted_upto):
             entry.fit_start, entry.fitted_upto = fit.fit_start, fit.fitted_upto
+
+    def load_steps(self, run: str, keys: Sequence[MemoryKey]) -> dict[MemoryKey, np.ndarray]:
+        """The training step of each vector of these keys ever stored (sequence numbers 0..n), NO_STEP where
+        none was recorded (stores written before steps were kept, or batches sent without one)."""
+        with self._read() as db:
+            entry = self._runs.get(run)
+            held = [] if entry is None else [entry.keys[k] for k in keys if k in entry.keys]
+            sql = "SELECT chunk_id, step FROM chunks WHERE chunk_id IN ({}) AND step IS NOT NULL"
+            step_of = dict(_where_in(db, sql, [c for k in held for c in k.chunk_ids]))
+        out = {}
+        for k in held:
+            steps = np.full(k.n, NO_STEP, dtype=np.int64)
+            for chunk_id, first, count in k.chunks():
+                if chunk_id in step_of:
+                    steps[first : first + count] = step_of[chunk_id]
+            out[k.key] = steps
+        return out
 
 
 def _blob(array: np.ndarray, dtype: Any) -> memoryview:
@@ -548,20 +569,26 @@ def _blob(array: np.ndarray, dtype: Any) -> memoryview:
 
 
 def _save_fits(db: sqlite3.Connection, keys: dict[MemoryKey, _Key], fits: Sequence[Fit]) -> int:
-    saved = 0
+    """Write the fits that win over the stored ones (the catalog holds every key's current fit counters:
+    this process is the only writer)."""
+    held: dict[MemoryKey, KeyHead] = {}
+    rows = []
     for fit in fits:
         entry = keys.get(fit.key)
-        if entry is None:
+        if entry is None or not held.get(fit.key, entry).admits(fit.fit_start, fit.fitted_upto):
             continue
-        cur = db.execute(
-            "INSERT INTO fits(key_id, fit_start, fitted_upto, labels) VALUES(?, ?, ?, ?) "
-            "ON CONFLICT(key_id) DO UPDATE SET fit_start=excluded.fit_start, fitted_upto=excluded.fitted_upto, "
-            "labels=excluded.labels WHERE excluded.fitted_upto >= fits.fitted_upto "
-            "AND excluded.fit_start >= fits.fit_start",
-            (entry.key_id, fit.fit_start, fit.fitted_upto, fit.labels.astype("<i4").tobytes()),
-        )
-        saved += cur.rowcount
-    return saved
+        held[fit.key] = KeyHead(entry.start, entry.n, fit.fit_start, fit.fitted_upto)
+        rows.append((entry.key_id, fit.fit_start, fit.fitted_upto, fit.labels.astype("<i4").tobytes()))
+    if rows:
+        db.executemany("INSERT OR REPLACE INTO fits(key_id, fit_start, fitted_upto, labels) VALUES(?, ?, ?, ?)", rows)
+    return len(rows)
+
+
+def _add_step_column(db: sqlite3.Connection) -> None:
+    """Stores written before steps were kept lack the column: add it (their chunks' steps stay NULL)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
+    if "step" not in columns:
+        db.execute("ALTER TABLE chunks ADD COLUMN step INTEGER")
 
 
 def _where_in(db: sqlite3.Connection, sql: str, ids: list[int]) -> list[tuple[Any, ...]]:

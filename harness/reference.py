@@ -1,4 +1,5 @@
-"""A plain implementation of DESIGN §2 written from the paper's reference code, for exactness tests.
+"""A plain implementation of docs/architecture.md, "The algorithm", written from the paper's reference code,
+for exactness tests.
 
 Deliberately naive: Python dicts and lists, one scikit-learn NearestNeighbors per rollout and a public
 `hdbscan.HDBSCAN` refit of every touched key after every step, as the reference trainer does.

@@ -1,0 +1,149 @@
+"""Refit bookkeeping: which keys need an HDBSCAN refit, submitting them to the Refitter, adopting results.
+
+A finished fit is saved to the store first, then adopted by the cache; a fit older than the one held is
+never adopted (`KeyHead.admits`). Under `consistency="exact"` a score that reads a key with a pending
+refit waits for it first (`wait_for`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from ..core.config import RunConfig
+from ..core.errors import StoreUnavailable
+from ..core.types import MemoryKey
+from .cache import RefitJob, RunMemory
+from .coordination import Coordination
+from .ports import EngineObserver, MemoryStore, Refitter
+from .views import ReclusterReport
+
+log = logging.getLogger(__name__)
+
+MAX_EXACT_ROUNDS = 3
+
+
+class Refits:
+    """The refit jobs of every run this process holds."""
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        refitter: Refitter,
+        coordination: Coordination,
+        observer: EngineObserver,
+        notify: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.refitter = refitter
+        self.coordination = coordination
+        self.observer = observer
+        self.notify = notify  # called when keys became pending or a job finished
+
+    def wait_for(self, run: RunMemory, config: RunConfig, keys: Iterable[MemoryKey]) -> None:
+        """The `exact` rule: keys this batch reads must have a fit of all their vectors first."""
+        due = [k for k in keys if k in run.pending]
+        rounds = 0
+        while due:
+            rounds += 1
+            if rounds > MAX_EXACT_ROUNDS:
+                raise StoreUnavailable("refits of this batch's keys keep going stale; retry", retry_after=1)
+            waits = {id(job): job for k in due if (job := run.inflight.get(k)) is not None}
+            fresh = [k for k in due if k not in run.inflight]
+            if fresh:
+                job = self.submit(run, config, fresh)
+                waits[id(job)] = job
+            for job in waits.values():
+                self.apply(run, job)
+            due = [k for k in due if k in run.pending]
+
+    def submit(self, run: RunMemory, config: RunConfig, keys: Sequence[MemoryKey]) -> RefitJob:
+        job = RefitJob(self.refitter.submit(run.name, config, keys))
+        job.future.add_done_callback(lambda _: self.notify())
+        for key in keys:
+            run.inflight[key] = job
+        return job
+
+    def apply(self, run: RunMemory, job: RefitJob) -> None:
+        """Wait for a refit job and adopt its labels (store first, then cache). Caller holds the run lock."""
+        try:
+            fits = job.future.result()
+        except Exception:
+            log.exception("refit of run %s failed", run.name)
+            self.observer.refit_failed()
+            fits = []
+        for key in [k for k, j in run.inflight.items() if j is job]:
+            del run.inflight[key]
+        if not fits or not self.coordination.alive(run):
+            return
+        self.store.save_fits(run.name, fits)
+        for fit in fits:
+            if fit.key in run.keys:
+                run.keys[fit.key].take_fit(fit)
+                run.refresh_pending(fit.key)
+        self.observer.refit_done(len(fits), sum(len(f.labels) for f in fits), job.seconds)
+
+    def schedule(self, max_jobs: int, max_keys_per_job: int, max_vectors_per_job: int) -> int:
+        """Background scheduling: submit pending keys not yet in flight, batched. Returns jobs submitted."""
+        submitted = 0
+        for run in self.coordination.cached():
+            with run.lock:
+                todo = [k for k in run.pending if k not in run.inflight]
+                for job in _batches(todo, run, max_keys_per_job, max_vectors_per_job):
+                    if submitted >= max_jobs:
+                        return submitted
+                    self.submit(run, run.config, job)
+                    submitted += 1
+        return submitted
+
+    def reap(self, block: bool = False) -> int:
+        """Adopt the results of finished background refit jobs. Returns jobs applied."""
+        applied = 0
+        for run in self.coordination.cached():
+            with run.lock:
+                for job in [j for j in run.jobs() if block or j.future.done()]:
+                    self.apply(run, job)
+                    applied += 1
+        return applied
+
+    def in_flight(self) -> int:
+        return sum(len(run.jobs()) for run in self.coordination.cached())
+
+    def recluster(self, run: RunMemory, everything: bool) -> ReclusterReport:
+        """Refit now: the pending keys (or every key) of a run, in parallel, and answer when done."""
+        started = time.perf_counter()
+        with run.lock:
+            keys, vectors = self.coordination.refit_scope(run, everything)
+            for key in keys:
+                if key in run.inflight:
+                    self.apply(run, run.inflight[key])
+            jobs = [self.submit(run, run.config, part) for part in split_keys(keys, self.refitter.workers)]
+            for job in jobs:
+                self.apply(run, job)
+        return {
+            "run": run.name,
+            "refitted_keys": len(keys),
+            "vectors": vectors,
+            "seconds": round(time.perf_counter() - started, 6),
+        }
+
+
+def split_keys(keys: list[MemoryKey], parts: int) -> list[list[MemoryKey]]:
+    """Keys dealt round-robin into at most `parts` jobs (none when there are no keys)."""
+    parts = max(1, min(parts, len(keys)))
+    return [keys[i::parts] for i in range(parts)] if keys else []
+
+
+def _batches(keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: int) -> Iterable[list[MemoryKey]]:
+    job: list[MemoryKey] = []
+    vectors = 0
+    for key in keys:
+        size = run.keys[key].live
+        if job and (len(job) >= max_keys or vectors + size > max_vectors):
+            yield job
+            job, vectors = [], 0
+        job.append(key)
+        vectors += size
+    if job:
+        yield job
