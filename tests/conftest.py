@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from meds_service.settings import Settings
+from tests.support.redis_cluster import RedisClusterServer
 from tests.support.redis_server import RedisServer
 from tests.support.server import thread_server
 
@@ -64,3 +65,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    """One real 3-master Redis Cluster for the session (AOF, fsync always), joined by `redis-cli --cluster`."""
+    cluster = RedisClusterServer(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterServer) -> str:
+    """A clean Redis Cluster for one test: the URL of one of its nodes."""
+    redis_cluster.flush()
+    return redis_cluster.url
