@@ -81,3 +81,11 @@ def redis_cluster_url(redis_cluster: RedisClusterServer) -> str:
     """A clean Redis Cluster for one test: the URL of one of its nodes."""
     redis_cluster.flush()
     return redis_cluster.url
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_target(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """(URL, cluster) of a clean single Redis, then of a clean 3-master Redis Cluster."""
+    if request.param == "redis-cluster":
+        return request.getfixturevalue("redis_cluster_url"), True
+    return request.getfixturevalue("redis_url"), False

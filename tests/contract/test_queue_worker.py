@@ -33,8 +33,8 @@ def commit(store: RedisStore, keys: list[MemoryKey], first: int = 0) -> None:
     store.commit("r", CONFIG, ScoredBatch(appends, [], keys))
 
 
-def test_jobs_are_fitted_saved_and_acknowledged(redis_url: str) -> None:
-    store = RedisStore(redis_url)
+def test_jobs_are_fitted_saved_and_acknowledged(redis_store: RedisStore) -> None:
+    store = redis_store
     store.ensure_queue()
     keys = [MemoryKey(f"p{i}", Group.WRONG) for i in range(5)]
     commit(store, keys)
@@ -49,11 +49,10 @@ def test_jobs_are_fitted_saved_and_acknowledged(redis_url: str) -> None:
     assert store.pending_count("r") == 2
     assert worker.step() == 2 and store.pending_count("r") == 0
     refitter.close()
-    store.close()
 
 
-def test_a_dead_consumers_jobs_are_taken_over(redis_url: str) -> None:
-    store = RedisStore(redis_url)
+def test_a_dead_consumers_jobs_are_taken_over(redis_store: RedisStore) -> None:
+    store = redis_store
     store.ensure_queue()
     keys = [MemoryKey(f"q{i}", Group.UNKNOWN) for i in range(3)]
     commit(store, keys)
@@ -65,14 +64,12 @@ def test_a_dead_consumers_jobs_are_taken_over(redis_url: str) -> None:
     assert worker.step() == 3
     assert store.queue_length() == 0 and store.pending_count("r") == 0
     refitter.close()
-    store.close()
 
 
-def test_jobs_of_deleted_runs_are_dropped(redis_url: str) -> None:
-    store = RedisStore(redis_url)
+def test_jobs_of_deleted_runs_are_dropped(redis_store: RedisStore) -> None:
+    store = redis_store
     store.ensure_queue()
     commit(store, [MemoryKey("p", Group.WRONG)])
     store.delete_run("r")
     worker = QueueWorker(store, LocalRefitter(store.spec(), 1, processes=False), consumer="c", block_ms=10)
     assert worker.step() == 1 and store.queue_length() == 0
-    store.close()

@@ -124,14 +124,16 @@ return {new_keys, new_vectors, new_rollouts}
 """
 
 # Save one fit unless an equal or newer one is stored. KEYS: meta [, pending set]. ARGV: fs, fu, labels, member.
+# Returns 0 (not saved), 1 (saved; the key has vectors it does not cover) or 2 (saved and current).
 _SAVE_FIT = """
 local cur = redis.call('HMGET', KEYS[1], 'fit_start', 'fitted_upto', 'n', 'start')
 if not cur[3] then return 0 end
 local fs, fu = tonumber(ARGV[1]), tonumber(ARGV[2])
 if fu < tonumber(cur[2] or '0') or fs < tonumber(cur[1] or '0') then return 0 end
 redis.call('HSET', KEYS[1], 'fit_start', fs, 'fitted_upto', fu, 'labels', ARGV[3])
-if KEYS[2] and fu == tonumber(cur[3]) and fs == tonumber(cur[4]) then redis.call('SREM', KEYS[2], ARGV[4]) end
-return 1
+if fu ~= tonumber(cur[3]) or fs ~= tonumber(cur[4]) then return 1 end
+if KEYS[2] then redis.call('SREM', KEYS[2], ARGV[4]) end
+return 2
 """
 
 # Take a lock, or keep one this process already holds (a release that an outage prevented). ARGV: token, ttl.
@@ -419,21 +421,54 @@ class RedisStore:
             keys, args = groups[""]
             self._commit(keys=run_keys + keys, args=[*head[:1], len(batch.appends), *head[2:], *args])
             return
-        totals = np.zeros(3, dtype=np.int64)
-        for keys, args in groups.values():
-            totals += self._commit(keys=keys, args=[*head[:1], len(keys) // 3, *head[2:], *args])
-        self._run_level(run, config, batch, totals)
+        self._cluster_commit(run, config, batch, [(prompt, keys, [*head[:1], len(keys) // 3, *head[2:], *args])
+                                                  for prompt, (keys, args) in groups.items()])  # fmt: skip
 
-    def _run_level(self, run: str, config: RunConfig, batch: ScoredBatch, totals: np.ndarray) -> None:
-        """On Redis Cluster the run's counters and queue live in other slots: updated after the prompts."""
+    # ---- Redis Cluster ----------------------------------------------------------------------------
+    # A cluster runs a script only on keys of one slot, and redis-py refuses EVALSHA in a cluster pipeline.
+    # So each prompt's update is its own script (sent with EVAL, routed to the prompt's slot), and the
+    # run-level keys, which live in other slots, are updated after the prompts' scripts.
+
+    def _queue_script(self, pipe: Any, script: Any, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Queue a script on a pipeline: EVALSHA on a single Redis, EVAL with the script's text on a cluster."""
+        if self.cluster:
+            pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)
+        else:
+            script(keys=keys, args=args, client=pipe)
+
+    def _cluster_commit(
+        self, run: str, config: RunConfig, batch: ScoredBatch, scripts: list[tuple[str, list[str], list[Any]]]
+    ) -> None:
+        """One atomic script per prompt, all sent in one pipeline (one round trip per node); then the run's
+        counters, key set and refit queue for the prompts that were stored. A prompt whose key moved on is
+        refused whole; its error is raised after the others are accounted for."""
+        pipe = self._r.pipeline(transaction=False)
+        for _, keys, args in scripts:
+            self._queue_script(pipe, self._commit, keys, args)
+        replies = pipe.execute(raise_on_error=False)
+        stored = {prompt for (prompt, _, _), reply in zip(scripts, replies, strict=True)
+                  if not isinstance(reply, Exception)}  # fmt: skip
+        totals = [sum(int(reply[i]) for reply in replies if not isinstance(reply, Exception)) for i in range(3)]
+        if stored:
+            appended = [a.key for a in batch.appends if a.key.prompt_id in stored]
+            refits = [key for key in batch.refits if key.prompt_id in stored]
+            self._cluster_run_level(run, config, appended, refits, totals)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+
+    def _cluster_run_level(
+        self, run: str, config: RunConfig, appended: list[MemoryKey], refits: list[MemoryKey], totals: list[int]
+    ) -> None:
+        """What the single-Redis commit script does to run-level keys, for the prompts a cluster stored."""
         pipe = self._r.pipeline(transaction=False)
         pipe.hset(self._run_key(run, "run"), "config", json.dumps(config.as_dict()))
         pipe.hsetnx(self._run_key(run, "run"), "created_at", repr(time.time()))
         pipe.sadd("meds:runs", run)
-        pipe.sadd(self._run_key(run, "keys"), *[_member(a.key) for a in batch.appends])
-        for field, value in zip(("keys", "vectors", "rollouts"), totals.tolist(), strict=True):
+        pipe.sadd(self._run_key(run, "keys"), *[_member(key) for key in appended])
+        for field, value in zip(("keys", "vectors", "rollouts"), totals, strict=True):
             pipe.hincrby(self._run_key(run, "run"), field, value)
-        for key in batch.refits:
+        for key in refits:
             pipe.sadd(self._run_key(run, "pending"), _member(key))
             pipe.xadd(STREAM, {"run": run, "key": _member(key)})
         pipe.execute()
@@ -445,14 +480,14 @@ class RedisStore:
         pipe = self._r.pipeline(transaction=False)
         for fit in fits:
             keys = [self._meta(run, fit.key)] + ([] if self.cluster else [pending])
-            self._save_fit(keys=keys, args=[fit.fit_start, fit.fitted_upto, fit.labels.astype("<i4").tobytes(),
-                                            _member(fit.key)], client=pipe)  # fmt: skip
-        saved = pipe.execute()
-        if self.cluster:
-            done = [_member(f.key) for f, ok in zip(fits, saved, strict=True) if ok]
-            if done:
-                self._r.srem(pending, *done)
-        return int(sum(saved))
+            args = [fit.fit_start, fit.fitted_upto, fit.labels.astype("<i4").tobytes(), _member(fit.key)]
+            self._queue_script(pipe, self._save_fit, keys, args)
+        saved = [int(reply) for reply in pipe.execute()]
+        if self.cluster:  # the pending set is in the run's slot: a key leaves it once its saved fit is current
+            current = [_member(fit.key) for fit, reply in zip(fits, saved, strict=True) if reply == 2]
+            if current:
+                self._r.srem(pending, *current)
+        return sum(1 for reply in saved if reply)
 
     # ---- locks ------------------------------------------------------------------------------------
 
@@ -481,7 +516,7 @@ class RedisStore:
     def _acquire(self, names: list[str], token: str) -> list[str]:
         pipe = self._r.pipeline(transaction=False)
         for name in names:
-            self._lock(keys=[name], args=[token, self.lock_ttl_ms], client=pipe)
+            self._queue_script(pipe, self._lock, [name], [token, self.lock_ttl_ms])
         return [name for name, ok in zip(names, pipe.execute(), strict=True) if ok]
 
     @_translated
@@ -490,7 +525,7 @@ class RedisStore:
             return
         pipe = self._r.pipeline(transaction=False)
         for name in names:
-            self._unlock(keys=[name], args=[token], client=pipe)
+            self._queue_script(pipe, self._unlock, [name], [token])
         pipe.execute()
 
     # ---- refit queue ------------------------------------------------------------------------------
