@@ -57,6 +57,18 @@ class RedisClusterServer:
         finally:
             client.close()
 
+    def kill(self) -> None:
+        """SIGKILL every node: only what their AOFs hold survives."""
+        for node in self.nodes:
+            node.kill()
+
+    def restart(self) -> None:
+        """Start every node again on its port and folder (nodes.conf keeps the cluster, the AOF the data)."""
+        for node in self.nodes:
+            if node.proc is None or node.proc.poll() is not None:
+                node.start()
+        self._wait_ok()
+
     def flush(self) -> None:
         """Empty every master (each holds its own slots)."""
         for node in self.nodes:

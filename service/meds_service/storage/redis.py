@@ -58,6 +58,8 @@ T = TypeVar("T")
 STREAM = b"meds:refits"
 GROUP = b"workers"
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+# What redis-py raises when no node of a Redis Cluster answers, or none serves a slot (after its own retries).
+_CLUSTER_ERRORS = (redis.exceptions.RedisClusterException, redis.exceptions.ClusterError)
 
 # Commit of one batch. KEYS: run-level keys (5, or 0 on Redis Cluster) then meta, vec, ids per append.
 # ARGV: rowbytes, appends, run, config json, created_at, then per append 10 values and its (id, record) pairs.
@@ -158,6 +160,8 @@ def _translated(method: Callable[P, T]) -> Callable[P, T]:
             return method(*args, **kwargs)
         except _REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis is unreachable: {exc}", retry_after=1) from exc
+        except _CLUSTER_ERRORS as exc:
+            raise StoreUnavailable(f"the Redis Cluster is unavailable: {exc}", retry_after=1) from exc
         except redis.exceptions.ResponseError as exc:
             if "MEDSCONFLICT" in str(exc):
                 raise StoreUnavailable("a key changed under this batch; retry", retry_after=1) from exc
@@ -166,6 +170,12 @@ def _translated(method: Callable[P, T]) -> Callable[P, T]:
             raise StoreUnavailable(f"Redis refused a command: {exc}", retry_after=1) from exc
 
     return wrapper
+
+
+@_translated
+def _connect_cluster(url: str, options: dict[str, Any]) -> redis.cluster.RedisCluster:
+    """A Redis Cluster client: it reads the slot map from the node `url` names (or another it lists) now."""
+    return redis.cluster.RedisCluster.from_url(url, **options)
 
 
 def _member(key: MemoryKey) -> str:
@@ -202,7 +212,7 @@ class RedisStore:
             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         }
         if cluster:
-            self._r: Any = redis.cluster.RedisCluster.from_url(url, **options)
+            self._r: Any = _connect_cluster(url, options)
         else:
             self._r = redis.Redis.from_url(url, health_check_interval=10, **options)
         self._commit = self._r.register_script(_COMMIT)
