@@ -14,8 +14,10 @@ Layout (every key prefixed `meds:`; `{...}` is a Redis Cluster hash tag):
     refits                     stream of refit jobs, consumer group `workers`
 
 All of one prompt's data shares a hash slot, so each prompt's update is one atomic Lua script even on
-Redis Cluster; on a single Redis a whole batch is one script (atomic as a whole). Run every shipped
-config with `appendonly yes` and `appendfsync always`: then an acknowledged batch is on disk.
+Redis Cluster; on a single Redis a whole batch is one script (atomic as a whole). On a cluster the
+run-level keys live in other slots and are updated after the prompts' scripts, for the prompts stored
+(the functions under "Redis Cluster" below). Run every shipped config with `appendonly yes` and
+`appendfsync always`: then an acknowledged batch is on disk.
 """
 
 from __future__ import annotations
