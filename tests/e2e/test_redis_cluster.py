@@ -12,23 +12,28 @@ import pytest
 
 from tests.support.redis_cluster import RedisClusterServer
 from tests.support.reference import ReferenceMEDS, assert_matches_reference
-from tests.support.server import wait_ready
+from tests.support.server import wait_for, wait_ready
 from tests.support.trace import TraceSpec, to_wire, trace_steps
 
 pytestmark = pytest.mark.redis
 
 
 def cluster_server(start_server: Callable[..., str], url: str, **overrides: object) -> str:
-    return start_server(redis_url=url, redis_cluster=True, refit_processes=False, refit_workers=1, **overrides)
+    settings: dict[str, object] = {"refit_processes": False, "refit_workers": 1, **overrides}
+    return start_server(redis_url=url, redis_cluster=True, **settings)
 
 
 def test_scores_on_a_redis_cluster(start_server: Callable[..., str], redis_cluster_url: str) -> None:
-    base = cluster_server(start_server, redis_cluster_url)
+    # Refits in a worker process, which opens the cluster from the store's spec.
+    base = cluster_server(start_server, redis_cluster_url, refit_processes=True)
     reference = ReferenceMEDS()
     for step in trace_steps(TraceSpec(prompts=6, rollouts=8, epochs=2, prompts_per_step=3, seed=4)):
         response = httpx.post(f"{base}/v1/runs/c/score", json=to_wire(step), timeout=60)
         assert response.status_code == 200, response.text
         assert_matches_reference(response.json()["results"], reference.step(step))
+    wait_for(lambda: httpx.get(f"{base}/v1/runs/c").json()["stats"]["pending_refits"] == 0, 60)
+    view = httpx.get(f"{base}/v1/runs/c/prompts/prompt-0").json()["groups"]["wrong"]
+    assert view["fitted"] == view["vectors"] > 0
 
 
 @pytest.fixture

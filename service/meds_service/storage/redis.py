@@ -37,6 +37,7 @@ import redis
 import redis.cluster
 import xxhash
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from ..core.config import RunConfig
@@ -441,7 +442,7 @@ class RedisStore:
     # So each prompt's update is its own script (sent with EVAL, routed to the prompt's slot), and the
     # run-level keys, which live in other slots, are updated after the prompts' scripts.
 
-    def _queue_script(self, pipe: Any, script: Any, keys: Sequence[str], args: Sequence[Any]) -> None:
+    def _queue_script(self, pipe: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> None:
         """Queue a script on a pipeline: EVALSHA on a single Redis, EVAL with the script's text on a cluster."""
         if self.cluster:
             pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)
