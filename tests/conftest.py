@@ -12,6 +12,7 @@ import pytest
 from harness.redis_server import RedisServer
 from harness.server import thread_server
 from meds_service.settings import Settings
+from tests.support.redis_cluster import RedisClusterServer
 
 
 @pytest.fixture
@@ -64,3 +65,27 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    """One real 3-master Redis Cluster for the session (AOF, fsync always), joined by `redis-cli --cluster`."""
+    cluster = RedisClusterServer(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterServer) -> str:
+    """A clean Redis Cluster for one test: the URL of one of its nodes."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_target(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """(URL, cluster) of a clean single Redis, then of a clean 3-master Redis Cluster."""
+    if request.param == "redis-cluster":
+        return request.getfixturevalue("redis_cluster_url"), True
+    return request.getfixturevalue("redis_url"), False

@@ -1,8 +1,8 @@
 """Every implementation of every port, behind one fixture per port: each contract suite runs against all.
 
-store          MemoryStore    SQLite, Redis
+store          MemoryStore    SQLite, Redis, Redis Cluster
 coordination   Coordination   LocalCoordination (over SQLite), SharedCoordination (over Redis)
-queue          RefitQueue     Redis
+queue          RefitQueue     Redis, Redis Cluster
 indexes        VectorIndexes  FAISS shards (CPU, and the GPU when one is visible)
 snapshots      SnapshotStore  local folder
 """
@@ -22,14 +22,16 @@ from meds_service.storage.snapshot import SnapshotFolder
 from meds_service.storage.sqlite import SQLiteStore
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MemoryStore]:
     if request.param == "sqlite":
         sqlite = SQLiteStore(tmp_path / "data")
         yield sqlite
         sqlite.close()
     else:
-        redis_store = RedisStore(request.getfixturevalue("redis_url"))
+        cluster = request.param == "redis-cluster"
+        url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
+        redis_store = RedisStore(url, cluster=cluster)
         yield redis_store
         redis_store.close()
 
@@ -39,10 +41,11 @@ def coordination(store: MemoryStore) -> Coordination:
     return coordination_for(store, ShardIndexes("cpu"))
 
 
-@pytest.fixture(params=["redis"])
-def queue(request: pytest.FixtureRequest) -> Iterator[RedisStore]:
-    """A RefitQueue that is also the store its jobs refer to."""
-    redis_store = RedisStore(request.getfixturevalue("redis_url"))
+@pytest.fixture
+def queue(redis_target: tuple[str, bool]) -> Iterator[RedisStore]:
+    """A RefitQueue that is also the store its jobs refer to: on a single Redis, then on a Redis Cluster."""
+    url, cluster = redis_target
+    redis_store = RedisStore(url, cluster=cluster)
     redis_store.ensure_queue()
     yield redis_store
     redis_store.close()
@@ -58,3 +61,12 @@ def indexes(request: pytest.FixtureRequest) -> VectorIndexes:
 @pytest.fixture
 def snapshots(tmp_path: Path) -> SnapshotStore:
     return SnapshotFolder(tmp_path / "snapshots")
+
+
+@pytest.fixture
+def redis_store(redis_target: tuple[str, bool]) -> Iterator[RedisStore]:
+    """A RedisStore on a clean single Redis, then on a clean 3-master Redis Cluster."""
+    url, cluster = redis_target
+    store = RedisStore(url, cluster=cluster)
+    yield store
+    store.close()

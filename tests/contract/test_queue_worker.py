@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import redis
 
 from meds_service.core.config import RunConfig
 from meds_service.core.types import (
@@ -17,19 +16,12 @@ from meds_service.core.types import (
     RolloutStatus,
     ScoredBatch,
 )
-from meds_service.storage.redis import STREAM, RedisStore
+from meds_service.storage.redis import RedisStore
 from meds_service.workers import LocalRefitter, QueueWorker
+from tests.support.queue import queue_length
 from tests.support.records import result_records
 
 CONFIG = RunConfig(dim=3)
-
-
-def queue_length(store: RedisStore) -> int:
-    """Refit jobs not yet acknowledged (delivered or not)."""
-    client = redis.Redis.from_url(store.url)
-    groups = client.xinfo_groups(STREAM)
-    client.close()
-    return int(sum((g.get("lag") or 0) + (g.get("pending") or 0) for g in groups))
 
 
 def commit(store: RedisStore, keys: list[MemoryKey], first: int = 0) -> None:

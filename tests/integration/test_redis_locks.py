@@ -1,4 +1,4 @@
-"""Per-prompt locks on Redis: they exclude other processes, never this one's own leftovers."""
+"""Per-prompt locks on Redis and Redis Cluster: they exclude other processes, never this one's own leftovers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from meds_service.storage.redis import RedisStore
 pytestmark = pytest.mark.redis
 
 
-def test_locks_exclude_other_processes_and_not_this_one(redis_url: str) -> None:
-    first, second = RedisStore(redis_url, lock_wait_s=0.3), RedisStore(redis_url, lock_wait_s=0.3)
+def test_locks_exclude_other_processes_and_not_this_one(redis_target: tuple[str, bool]) -> None:
+    url, cluster = redis_target
+    first, second = (RedisStore(url, cluster=cluster, lock_wait_s=0.3) for _ in range(2))
     with first.locked("r", ["p1", "p2"]):
         with pytest.raises(StoreUnavailable, match="another replica"), second.locked("r", ["p2", "p3"]):
             pass

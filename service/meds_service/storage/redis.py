@@ -17,8 +17,10 @@ Layout (every key prefixed `meds:`; `{...}` is a Redis Cluster hash tag):
     refits                     stream of refit jobs, consumer group `workers`
 
 All of one prompt's data shares a hash slot, so each prompt's update is one atomic Lua script even on
-Redis Cluster; on a single Redis a whole batch is one script (atomic as a whole). Run every shipped
-config with `appendonly yes` and `appendfsync always`: then an acknowledged batch is on disk.
+Redis Cluster; on a single Redis a whole batch is one script (atomic as a whole). On a cluster the
+run-level keys live in other slots and are updated after the prompts' scripts, for the prompts stored
+(the functions under "Redis Cluster" below). Run every shipped config with `appendonly yes` and
+`appendfsync always`: then an acknowledged batch is on disk.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import redis
 import redis.cluster
 import xxhash
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from ..core.config import RunConfig
@@ -65,6 +68,8 @@ T = TypeVar("T")
 STREAM = b"meds:refits"
 GROUP = b"workers"
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+# What redis-py raises when no node of a Redis Cluster answers, or none serves a slot (after its own retries).
+_CLUSTER_ERRORS = (redis.exceptions.RedisClusterException, redis.exceptions.ClusterError)
 
 # Commit of one batch. KEYS: run-level keys (5, or 0 on Redis Cluster) then meta, vec, ids, steps per append.
 # ARGV: _CommitHead (rowbytes, appends, run, config json, created_at), then per append the 11 values of
@@ -136,14 +141,16 @@ return {new_keys, new_vectors, new_rollouts}
 """
 
 # Save one fit unless an equal or newer one is stored. KEYS: meta [, pending set]. ARGV: fs, fu, labels, member.
+# Returns 0 (not saved), 1 (saved; the key has vectors it does not cover) or 2 (saved and current).
 _SAVE_FIT = """
 local cur = redis.call('HMGET', KEYS[1], 'fit_start', 'fitted_upto', 'n', 'start')
 if not cur[3] then return 0 end
 local fs, fu = tonumber(ARGV[1]), tonumber(ARGV[2])
 if fu < tonumber(cur[2] or '0') or fs < tonumber(cur[1] or '0') then return 0 end
 redis.call('HSET', KEYS[1], 'fit_start', fs, 'fitted_upto', fu, 'labels', ARGV[3])
-if KEYS[2] and fu == tonumber(cur[3]) and fs == tonumber(cur[4]) then redis.call('SREM', KEYS[2], ARGV[4]) end
-return 1
+if fu ~= tonumber(cur[3]) or fs ~= tonumber(cur[4]) then return 1 end
+if KEYS[2] then redis.call('SREM', KEYS[2], ARGV[4]) end
+return 2
 """
 
 # Take a lock, or keep one this process already holds (a release that an outage prevented). ARGV: token, ttl.
@@ -168,6 +175,8 @@ def _translated(method: Callable[P, T]) -> Callable[P, T]:
             return method(*args, **kwargs)
         except _REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis is unreachable: {exc}", retry_after=1) from exc
+        except _CLUSTER_ERRORS as exc:
+            raise StoreUnavailable(f"the Redis Cluster is unavailable: {exc}", retry_after=1) from exc
         except redis.exceptions.ResponseError as exc:
             if "MEDSCONFLICT" in str(exc):
                 raise StoreUnavailable("a key changed under this batch; retry", retry_after=1) from exc
@@ -176,6 +185,12 @@ def _translated(method: Callable[P, T]) -> Callable[P, T]:
             raise StoreUnavailable(f"Redis refused a command: {exc}", retry_after=1) from exc
 
     return wrapper
+
+
+@_translated
+def _connect_cluster(url: str, options: dict[str, Any]) -> redis.cluster.RedisCluster:
+    """A Redis Cluster client: it reads the slot map from the node `url` names (or another it lists) now."""
+    return redis.cluster.RedisCluster.from_url(url, **options)
 
 
 def _member(key: MemoryKey) -> str:
@@ -261,7 +276,7 @@ class RedisStore:
             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         }
         if cluster:
-            self._r: Any = redis.cluster.RedisCluster.from_url(url, **options)
+            self._r: Any = _connect_cluster(url, options)
         else:
             self._r = redis.Redis.from_url(url, health_check_interval=10, **options)
         self._commit = self._r.register_script(_COMMIT)
@@ -501,27 +516,58 @@ class RedisStore:
             run_keys = [self._run_key(run, w) for w in ("run", "keys", "pending")] + [STREAM.decode(), "meds:runs"]
             self._commit(keys=run_keys + keys, args=args)
             return
-        totals = np.zeros(3, dtype=np.int64)
-        for appends in parts.values():
-            keys, args = script(appends)
-            totals += self._commit(keys=keys, args=args)
-        self._run_level(run, config, batch, totals)
+        self._cluster_commit(run, config, batch, [(prompt, *script(appends)) for prompt, appends in parts.items()])
 
     def _append_keys(self, run: str, key: MemoryKey) -> list[str]:
         """The KEYS of one append in _COMMIT."""
         return [self._meta(run, key), self._vec(run, key), self._prompt_key(run, key.prompt_id, "ids"),
                 self._steps(run, key)]  # fmt: skip
 
-    def _run_level(self, run: str, config: RunConfig, batch: ScoredBatch, totals: np.ndarray) -> None:
-        """On Redis Cluster the run's counters and queue live in other slots: updated after the prompts."""
+    # ---- Redis Cluster ----------------------------------------------------------------------------
+    # A cluster runs a script only on keys of one slot, and redis-py refuses EVALSHA in a cluster pipeline.
+    # So each prompt's update is its own script (sent with EVAL, routed to the prompt's slot), and the
+    # run-level keys, which live in other slots, are updated after the prompts' scripts.
+
+    def _queue_script(self, pipe: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Queue a script on a pipeline: EVALSHA on a single Redis, EVAL with the script's text on a cluster."""
+        if self.cluster:
+            pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)
+        else:
+            script(keys=keys, args=args, client=pipe)
+
+    def _cluster_commit(
+        self, run: str, config: RunConfig, batch: ScoredBatch, scripts: list[tuple[str, list[str], list[Any]]]
+    ) -> None:
+        """One atomic script per prompt, all sent in one pipeline (one round trip per node); then the run's
+        counters, key set and refit queue for the prompts that were stored. A prompt whose key moved on is
+        refused whole; its error is raised after the others are accounted for."""
+        pipe = self._r.pipeline(transaction=False)
+        for _, keys, args in scripts:
+            self._queue_script(pipe, self._commit, keys, args)
+        replies = pipe.execute(raise_on_error=False)
+        stored = {prompt for (prompt, _, _), reply in zip(scripts, replies, strict=True)
+                  if not isinstance(reply, Exception)}  # fmt: skip
+        totals = [sum(int(reply[i]) for reply in replies if not isinstance(reply, Exception)) for i in range(3)]
+        if stored:
+            appended = [a.key for a in batch.appends if a.key.prompt_id in stored]
+            refits = [key for key in batch.refits if key.prompt_id in stored]
+            self._cluster_run_level(run, config, appended, refits, totals)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+
+    def _cluster_run_level(
+        self, run: str, config: RunConfig, appended: list[MemoryKey], refits: list[MemoryKey], totals: list[int]
+    ) -> None:
+        """What the single-Redis commit script does to run-level keys, for the prompts a cluster stored."""
         pipe = self._r.pipeline(transaction=False)
         pipe.hset(self._run_key(run, "run"), "config", json.dumps(config.as_dict()))
         pipe.hsetnx(self._run_key(run, "run"), "created_at", repr(time.time()))
         pipe.sadd("meds:runs", run)
-        pipe.sadd(self._run_key(run, "keys"), *[_member(a.key) for a in batch.appends])
-        for field, value in zip(("keys", "vectors", "rollouts"), totals.tolist(), strict=True):
+        pipe.sadd(self._run_key(run, "keys"), *[_member(key) for key in appended])
+        for field, value in zip(("keys", "vectors", "rollouts"), totals, strict=True):
             pipe.hincrby(self._run_key(run, "run"), field, value)
-        for key in batch.refits:
+        for key in refits:
             pipe.sadd(self._run_key(run, "pending"), _member(key))
             pipe.xadd(STREAM, {"run": run, "key": _member(key)})
         pipe.execute()
@@ -533,14 +579,14 @@ class RedisStore:
         pipe = self._r.pipeline(transaction=False)
         for fit in fits:
             keys = [self._meta(run, fit.key)] + ([] if self.cluster else [pending])
-            self._save_fit(keys=keys, args=[fit.fit_start, fit.fitted_upto, fit.labels.astype("<i4").tobytes(),
-                                            _member(fit.key)], client=pipe)  # fmt: skip
-        saved = pipe.execute()
-        if self.cluster:
-            done = [_member(f.key) for f, ok in zip(fits, saved, strict=True) if ok]
-            if done:
-                self._r.srem(pending, *done)
-        return int(sum(saved))
+            args = [fit.fit_start, fit.fitted_upto, fit.labels.astype("<i4").tobytes(), _member(fit.key)]
+            self._queue_script(pipe, self._save_fit, keys, args)
+        saved = [int(reply) for reply in pipe.execute()]
+        if self.cluster:  # the pending set is in the run's slot: a key leaves it once its saved fit is current
+            current = [_member(fit.key) for fit, reply in zip(fits, saved, strict=True) if reply == 2]
+            if current:
+                self._r.srem(pending, *current)
+        return sum(1 for reply in saved if reply)
 
     # ---- locks ------------------------------------------------------------------------------------
 
@@ -569,7 +615,7 @@ class RedisStore:
     def _acquire(self, names: list[str], token: str) -> list[str]:
         pipe = self._r.pipeline(transaction=False)
         for name in names:
-            self._lock(keys=[name], args=[token, self.lock_ttl_ms], client=pipe)
+            self._queue_script(pipe, self._lock, [name], [token, self.lock_ttl_ms])
         return [name for name, ok in zip(names, pipe.execute(), strict=True) if ok]
 
     @_translated
@@ -578,7 +624,7 @@ class RedisStore:
             return
         pipe = self._r.pipeline(transaction=False)
         for name in names:
-            self._unlock(keys=[name], args=[token], client=pipe)
+            self._queue_script(pipe, self._unlock, [name], [token])
         pipe.execute()
 
     # ---- refit queue ------------------------------------------------------------------------------

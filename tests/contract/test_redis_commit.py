@@ -1,0 +1,34 @@
+"""How much of a batch a refused commit keeps: nothing on a single Redis (one script per batch), the other
+prompts on a Redis Cluster (one script per prompt), with the run's counters, key set and refit queue
+matching what was stored."""
+
+from __future__ import annotations
+
+import pytest
+
+from meds_service.core.errors import StoreUnavailable
+from meds_service.core.types import Group, MemoryKey, ScoredBatch
+from meds_service.storage.redis import RedisStore
+from tests.contract.test_store_contract import CONFIG, append, vectors
+from tests.support.queue import queue_length
+
+A = MemoryKey("prompt-a", Group.WRONG)
+B = MemoryKey("prompt-b", Group.WRONG)
+
+
+def test_a_refused_prompt_refuses_the_batch_or_only_itself(redis_store: RedisStore) -> None:
+    redis_store.ensure_queue()
+    redis_store.commit("r", CONFIG, ScoredBatch([append(A, 0, vectors(2))], [], [A]))
+    assert queue_length(redis_store) == 1
+    out_of_sequence = ScoredBatch([append(B, 0, vectors(3)), append(A, 7, vectors(1))], [], [A, B])
+    with pytest.raises(StoreUnavailable, match="changed under this batch"):
+        redis_store.commit("r", CONFIG, out_of_sequence)
+    counts = redis_store.counts("r")
+    if redis_store.cluster:  # prompt-b's script ran; prompt-a's was refused whole
+        assert (counts.keys, counts.vectors, counts.rollouts) == (2, 5, 5)
+        assert redis_store.list_keys("r") == [A, B] and redis_store.list_keys("r", pending_only=True) == [A, B]
+        assert queue_length(redis_store) == 2 and redis_store.heads("r", [A, B])[B].n == 3
+    else:
+        assert (counts.keys, counts.vectors, counts.rollouts) == (1, 2, 2)
+        assert redis_store.list_keys("r") == [A] and queue_length(redis_store) == 1
+    assert redis_store.heads("r", [A])[A].n == 2
