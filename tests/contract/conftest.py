@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from meds_service.engine import ErrorMemory
 from meds_service.engine.coordination import Coordination, coordination_for
 from meds_service.engine.ports import MemoryStore, SnapshotStore, VectorIndexes
 from meds_service.storage.index import ShardIndexes, gpu_count
 from meds_service.storage.redis import RedisStore
 from meds_service.storage.snapshot import SnapshotFolder
 from meds_service.storage.sqlite import SQLiteStore
+from meds_service.workers import LocalRefitter
+from tests.unit.test_engine import Recorder
 
 
 @pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
@@ -34,6 +37,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MemoryStor
         redis_store = RedisStore(url, cluster=cluster)
         yield redis_store
         redis_store.close()
+
+
+@pytest.fixture
+def engine(store: MemoryStore) -> Iterator[ErrorMemory]:
+    refitter = LocalRefitter(store.spec(), 2, processes=False)
+    memory = ErrorMemory(store, refitter, observer=Recorder(), indexes=ShardIndexes())
+    memory.load()
+    yield memory
+    refitter.close()
 
 
 @pytest.fixture

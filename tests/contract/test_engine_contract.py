@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from harness.reference import ReferenceMEDS
 from meds_service.engine import ErrorMemory
-from meds_service.engine.ports import MemoryStore
-from meds_service.storage.index import ShardIndexes
-from meds_service.workers import LocalRefitter
-from tests.unit.test_engine import Recorder, grid_trace, replay, to_batch
-
-
-@pytest.fixture
-def engine(store: MemoryStore) -> Iterator[ErrorMemory]:
-    refitter = LocalRefitter(store.spec(), 2, processes=False)
-    memory = ErrorMemory(store, refitter, observer=Recorder(), indexes=ShardIndexes())
-    memory.load()
-    yield memory
-    refitter.close()
+from tests.unit.test_engine import grid_trace, replay, to_batch
 
 
 def test_tie_heavy_trace(engine: ErrorMemory) -> None:

@@ -15,7 +15,6 @@ from meds_service.core.types import NO_STEP, Group, KeyAppend, MemoryKey, Rollou
 from meds_service.engine import ErrorMemory
 from meds_service.storage.redis import RedisStore
 from meds_service.storage.sqlite import DB_FILE, SQLiteStore
-from tests.contract.test_engine_contract import engine  # noqa: F401  (the engine on every store)
 from tests.support.records import result_records
 from tests.unit.test_engine import grid_trace, to_batch
 
@@ -23,7 +22,7 @@ W = MemoryKey("p", Group.WRONG)
 CONFIG = RunConfig(dim=3)
 
 
-def test_a_prompt_shows_its_clusters_over_steps(engine: ErrorMemory) -> None:  # noqa: F811
+def test_a_prompt_shows_its_clusters_over_steps(engine: ErrorMemory) -> None:
     for step, rollouts in enumerate(grid_trace(5, 6, prompts=2, per_prompt=8)):
         engine.score("s", dataclasses.replace(to_batch(rollouts, 3), step=100 + step))
     engine.recluster("s", everything=True)
@@ -36,7 +35,7 @@ def test_a_prompt_shows_its_clusters_over_steps(engine: ErrorMemory) -> None:  #
         assert group["clusters"][label] == cluster["size"]
 
 
-def test_rollouts_sent_without_a_step_have_none(engine: ErrorMemory) -> None:  # noqa: F811
+def test_rollouts_sent_without_a_step_have_none(engine: ErrorMemory) -> None:
     for rollouts in grid_trace(6, 2, prompts=1, per_prompt=4):
         engine.score("n", to_batch(rollouts, 3))
     engine.recluster("n", everything=True)
