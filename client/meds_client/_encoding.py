@@ -234,4 +234,6 @@ def unpack_columns(content: bytes) -> ScoreResults:
         raise ValueError("columns of different lengths or ids that are not strings")
     if ((status < 0) | (status > 2)).any():
         raise ValueError("unknown status codes")
-    return ScoreResults(ids, status, cluster, size, penalty, shaped)
+    return ScoreResults(ids, status, cluster, size, penalty, shaped).add_metrics(
+        wire.get("metrics"), wire.get("metric_counts")
+    )

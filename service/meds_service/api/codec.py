@@ -122,7 +122,7 @@ def _as_float32(values: np.ndarray, what: str) -> np.ndarray:
 #            absent = all of them)}
 # Response: {"rollout_id": [str], "status": int8 bytes (0 scored, 1 skipped, 2 duplicate), "cluster": int32
 #            bytes (-2^31 = none), "cluster_size": int32 bytes, "penalty": float64 bytes, "shaped_reward":
-#            float64 bytes (NaN = none)}
+#            float64 bytes (NaN = none), "metrics": {name: float}, "metric_counts": {name: int}}
 # All arrays little-endian, one entry per rollout in request order. It carries the same information as the
 # JSON form without a Python object per rollout on either side.
 
@@ -171,6 +171,8 @@ def encode_columns(outcome: ScoreOutcome) -> bytes:
                 "cluster_size": records["size"].astype("<i4").tobytes(),
                 "penalty": records["penalty"].astype("<f8").tobytes(),
                 "shaped_reward": records["shaped"].astype("<f8").tobytes(),
+                "metrics": outcome.metrics.metrics(),
+                "metric_counts": outcome.metrics.counts(),
             }
         )
     )
@@ -243,7 +245,10 @@ class JsonCodec:
         return decode_score_request(body, max_batch=max_batch, max_dim=max_dim)
 
     def encode(self, outcome: ScoreOutcome) -> bytes:
-        return orjson.dumps({"results": results_json(outcome)})
+        metrics = outcome.metrics
+        return orjson.dumps(
+            {"results": results_json(outcome), "metrics": metrics.metrics(), "metric_counts": metrics.counts()}
+        )
 
 
 class ColumnsCodec:

@@ -109,7 +109,12 @@ class RunConfig:
         return self.stored_dim - 1 if self.layer_diff else self.stored_dim
 
     def fitted_groups(self) -> frozenset[Group]:
-        """Groups whose cluster sizes are visible in results; other groups need no HDBSCAN refits."""
+        """Groups whose keys are refitted and judged: those with visible sizes, and `wrong` always, since
+        error collapse is measured on every run, observe-only (`penalty_target="none"`) included."""
+        return self.sized_groups() | {Group.WRONG}
+
+    def sized_groups(self) -> frozenset[Group]:
+        """Groups whose cluster sizes are visible in results (others report size 0)."""
         target = self.penalty_target
         groups = set()
         if target in ("wrong", "both"):

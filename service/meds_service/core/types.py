@@ -10,6 +10,8 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from .collapse import CollapseMetrics
+
 
 class Group(enum.IntEnum):
     """Correctness group of a rollout; a memory key is (prompt_id, group) inside a run."""
@@ -86,6 +88,7 @@ class ScoreOutcome:
     rollout_ids: list[str]
     status: NDArray[np.int8]  # index into STATUSES
     records: NDArray[np.void]  # RESULT_DTYPE
+    metrics: CollapseMetrics = field(default_factory=CollapseMetrics)  # the batch's error collapse
 
     def __len__(self) -> int:
         return len(self.rollout_ids)

@@ -44,6 +44,7 @@ from .cache import CachedKey, Groups, KeyView, RunMemory, group_rows
 from .coordination import coordination_for
 from .ports import EngineObserver, MemoryStore, NullObserver, Refitter, SnapshotStore, VectorIndexes
 from .refits import Refits
+from .summary import with_metrics
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class ErrorMemory:
 
     def delete(self, name: str) -> None:
         self.coordination.delete(name)
+        self.observer.run_deleted(name)
 
     def _ensure_alive(self, run: RunMemory) -> None:
         if not self.coordination.alive(run):
@@ -189,7 +191,7 @@ class ErrorMemory:
                     self._remember(run, config, scored, normed)
         outcome = _assemble(batch, known, rows, records)
         self._observe(outcome, records)
-        return outcome
+        return with_metrics(outcome, batch, self.observer, name)
 
     def _config_for(self, run: RunMemory, batch: RolloutBatch) -> RunConfig:
         """The run's config, with `dim` fixed by this batch's fingerprints when it was still open."""

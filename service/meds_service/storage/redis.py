@@ -480,6 +480,15 @@ class RedisStore:
         return out
 
     @_translated
+    def prompt_results(self, run: str, prompt_id: str) -> dict[Group, np.ndarray]:
+        """The stored result of every rollout of one prompt ever scored, per group (RESULT_DTYPE)."""
+        values = self._r.hvals(self._prompt_key(run, prompt_id, "ids"))
+        by_group: dict[Group, list[bytes]] = {}
+        for value in values:
+            by_group.setdefault(Group(value[0]), []).append(value[1:])
+        return {group: np.frombuffer(b"".join(parts), dtype=RESULT_DTYPE) for group, parts in by_group.items()}
+
+    @_translated
     def commit(self, run: str, config: RunConfig, batch: ScoredBatch) -> None:
         """One atomic script per batch (per prompt on Redis Cluster); refused whole if a key moved on."""
         if not batch.appends:

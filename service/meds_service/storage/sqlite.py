@@ -559,6 +559,21 @@ class SQLiteStore:
             out[k.key] = steps
         return out
 
+    def prompt_results(self, run: str, prompt_id: str) -> dict[Group, np.ndarray]:
+        """The stored result of every rollout of one prompt ever scored, per group (RESULT_DTYPE)."""
+        with self._read() as db:
+            entry = self._runs.get(run)
+            held = [] if entry is None else [entry.keys[k] for k in entry.keys if k.prompt_id == prompt_id]
+            sql = "SELECT chunk_id, results FROM chunks WHERE chunk_id IN ({})"
+            blobs = dict(_where_in(db, sql, [c for k in held for c in k.chunk_ids]))
+        return {
+            k.key.group: np.concatenate(
+                [np.frombuffer(blobs[c], dtype=RESULT_DTYPE) for c in k.chunk_ids if c in blobs]
+                or [np.zeros(0, RESULT_DTYPE)]
+            )
+            for k in held
+        }
+
 
 def _blob(array: np.ndarray, dtype: Any) -> memoryview:
     """The bytes of an array for SQLite without a copy when it already has the stored layout."""
