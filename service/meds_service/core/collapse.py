@@ -78,9 +78,9 @@ def cluster_shape(codes: NDArray[np.int64], labels: NDArray[np.int64], n_groups:
     distinct = np.zeros(n_groups, dtype=np.int64)
     clustered = ~is_noise
     if clustered.any():
-        pairs = np.stack([codes[clustered], labels[clustered]], axis=1)
-        uniq, sizes = np.unique(pairs, axis=0, return_counts=True)
-        group = uniq[:, 0]
+        span = int(labels[clustered].max()) + 1  # one int64 per (group, label): a 1-D sort, not a row sort
+        uniq, sizes = np.unique(codes[clustered] * span + labels[clustered], return_counts=True)
+        group = uniq // span
         distinct = np.bincount(group, minlength=n_groups).astype(np.int64)
         share = sizes / rollouts[group]
         np.maximum.at(largest, group, share)

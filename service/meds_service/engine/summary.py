@@ -48,7 +48,7 @@ def with_metrics(outcome: ScoreOutcome, batch: RolloutBatch, observer: EngineObs
     return dataclasses.replace(outcome, metrics=metrics)
 
 
-@dataclass(frozen=True)
+@dataclass
 class CollapseTable:
     """A run's fitted wrong vectors: `prompt[i]` (index into `prompts`), `label[i]`, `step[i]` (NO_STEP
     where none was stored), and per prompt the vectors it holds and how many await a refit."""
@@ -59,6 +59,7 @@ class CollapseTable:
     step: NDArray[np.int64]
     live: NDArray[np.int64]
     pending: NDArray[np.bool_]
+    derived: dict[str, Any] = dataclasses.field(default_factory=dict)  # summary and rows, computed once
 
 
 class CollapseViews:
@@ -91,7 +92,10 @@ class CollapseViews:
         return table
 
     def summary(self, name: str) -> dict[str, Any]:
-        return summary_of(name, self.table(name))
+        table = self.table(name)
+        if "summary" not in table.derived:
+            table.derived["summary"] = summary_of(name, table)
+        return dict(table.derived["summary"])
 
     def ranked(self, name: str, sort: str, offset: int, limit: int) -> dict[str, Any]:
         if sort not in SORTS:
@@ -139,8 +143,8 @@ def summary_of(name: str, table: CollapseTable) -> dict[str, Any]:
     real = label >= 0
     repeats = np.zeros(len(step), dtype=bool)
     if real.any():
-        pairs = np.stack([prompt[real], label[real]], axis=1)
-        _, cluster_code = np.unique(pairs, axis=0, return_inverse=True)
+        span = int(label[real].max()) + 1
+        _, cluster_code = np.unique(prompt[real] * span + label[real], return_inverse=True)
         cluster_code = cluster_code.reshape(-1)
         first = np.full(int(cluster_code.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
         np.minimum.at(first, cluster_code, step[real])
@@ -180,7 +184,14 @@ def summary_of(name: str, table: CollapseTable) -> dict[str, Any]:
 
 
 def prompt_rows(table: CollapseTable) -> dict[str, NDArray[Any]]:
-    """Per prompt, over its last fit: the columns of the ranking."""
+    """Per prompt, over its last fit: the columns of the ranking (computed once per table)."""
+    if "rows" not in table.derived:
+        table.derived["rows"] = _prompt_rows(table)
+    rows: dict[str, NDArray[Any]] = table.derived["rows"]
+    return rows
+
+
+def _prompt_rows(table: CollapseTable) -> dict[str, NDArray[Any]]:
     n = len(table.prompts)
     shape = cluster_shape(table.prompt, table.label, n)
     return {
@@ -206,15 +217,18 @@ def ranked_prompts(name: str, table: CollapseTable, sort: str, offset: int, limi
     prompt's fitted wrong vectors, ties by more vectors); or by cluster count, by vectors, or by id."""
     rows = prompt_rows(table)
     n = len(table.prompts)
-    index = np.arange(n)
-    if sort == "collapse":
-        order = np.lexsort((index, -rows["fitted"], -rows["largest_cluster_share"]))
-    elif sort == "clusters":
-        order = np.lexsort((index, -rows["fitted"], -rows["clusters"]))
-    elif sort == "rollouts":
-        order = np.lexsort((index, -rows["fitted"]))
-    else:
-        order = index
+    order = table.derived.get(f"order:{sort}")
+    if order is None:
+        index = np.arange(n)
+        if sort == "collapse":
+            order = np.lexsort((index, -rows["fitted"], -rows["largest_cluster_share"]))
+        elif sort == "clusters":
+            order = np.lexsort((index, -rows["fitted"], -rows["clusters"]))
+        elif sort == "rollouts":
+            order = np.lexsort((index, -rows["fitted"]))
+        else:
+            order = index
+        table.derived[f"order:{sort}"] = order
     page = order[offset : offset + limit].tolist()
     no_step = np.iinfo(np.int64).max
     items = []
