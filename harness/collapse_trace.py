@@ -41,13 +41,14 @@ def collapse_trace(spec: CollapseTraceSpec) -> Iterator[tuple[int, list[dict[str
                 for r in range(spec.rollouts):
                     correct = bool(rng.random() < spec.p_correct)
                     if correct:
-                        centre = right[p]
+                        centre, why = right[p], "the right derivation"
                     elif p < spec.collapsing and rng.random() < dominant:
-                        centre = modes[p, 0]
+                        centre, why = modes[p, 0], "error mode 0"
                     elif p >= spec.collapsing and rng.random() < spec.p_stray:
-                        centre = rng.standard_normal(spec.dim) * 4.0
+                        centre, why = rng.standard_normal(spec.dim) * 4.0, "a one-off slip"
                     else:
-                        centre = modes[p, rng.integers(spec.modes)]
+                        mode = int(rng.integers(spec.modes))
+                        centre, why = modes[p, mode], f"error mode {mode}"
                     fingerprint = centre + rng.standard_normal(spec.dim) * 0.1
                     rollouts.append(
                         {
@@ -56,6 +57,7 @@ def collapse_trace(spec: CollapseTraceSpec) -> Iterator[tuple[int, list[dict[str
                             "correct": correct,
                             "fingerprint": fingerprint.astype(np.float32).tolist(),
                             "reward": float(correct),
+                            "text": f"epoch {epoch}, prompt {p}: {why} \\boxed{{{p if correct else -p - 1}}}",
                         }
                     )
             yield step, rollouts

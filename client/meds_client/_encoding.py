@@ -122,6 +122,8 @@ def encode_score_columns(rollouts: Sequence[Rollout], step: int | None) -> bytes
                                 "data": np.ascontiguousarray(matrix, dtype="<f4").tobytes()}  # fmt: skip
     if step is not None:
         body["step"] = int(step)
+    if any(r.text is not None for r in rollouts):
+        body["text"] = [r.text for r in rollouts]
     return bytes(msgpack.packb(body))
 
 
@@ -187,12 +189,10 @@ def _rollout_json(rollout: Rollout) -> dict[str, Any]:
     if reward is not None and not math.isfinite(reward):
         raise ValueError(f"reward of rollout {rollout.rollout_id!r} is not finite")
     correct = None if rollout.correct is None else bool(rollout.correct)
-    return {
-        "rollout_id": rollout.rollout_id,
-        "prompt_id": rollout.prompt_id,
-        "correct": correct,
-        "reward": reward,
-    }
+    item = {"rollout_id": rollout.rollout_id, "prompt_id": rollout.prompt_id, "correct": correct, "reward": reward}
+    if rollout.text is not None:
+        item["text"] = rollout.text
+    return item
 
 
 def _positions_by_prompt(rollouts: Sequence[Rollout]) -> list[list[int]]:

@@ -39,6 +39,7 @@ class RunConfig(TypedDict, total=False):
     max_memory_per_key: int | None
     consistency: Literal["exact", "fast"]
     dim: int | None
+    text_max_chars: int
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Rollout:
     `rollout_id` must be unique within the run: the service answers a repeated id with its first
     result (status `duplicate`), which is what makes retries safe. `correct=None` stores the rollout
     in the `unknown` group, which is never penalised. Without a fingerprint the rollout is skipped.
+    `text` (optional) is kept, truncated, only by runs with `text_max_chars > 0`, as cluster examples.
     """
 
     rollout_id: str
@@ -55,6 +57,7 @@ class Rollout:
     correct: bool | None = None
     fingerprint: FingerprintLike | None = None
     reward: float | None = None
+    text: str | None = None
 
 
 @dataclass(frozen=True)

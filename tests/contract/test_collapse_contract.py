@@ -130,3 +130,27 @@ def test_a_prompts_stored_results_are_its_answers(engine: ErrorMemory) -> None: 
     }
     assert all(r.dtype.names == ("cluster", "size", "penalty", "shaped") for r in stored.values())
     assert engine.store.prompt_results("r", "nobody") == {}
+
+
+def test_texts_are_kept_truncated_only_when_asked_and_go_with_the_run(engine: ErrorMemory) -> None:  # noqa: F811
+    engine.put_config("t", {"text_max_chars": 6})
+    for step, rollouts in enumerate(grid_trace(25, 4, prompts=2, per_prompt=6)):
+        batch = to_batch(rollouts, 3)
+        texts: list[str | None] = [f"answer {r.rollout_id} " * 3 if i % 5 else None for i, r in enumerate(rollouts)]
+        engine.score("t", dataclasses.replace(batch, step=step, texts=texts))
+        engine.score("plain", dataclasses.replace(batch, step=step, texts=texts))  # text_max_chars 0: kept nowhere
+    engine.recluster("t", everything=True)
+    engine.recluster("plain", everything=True)
+    view = prompt_collapse(engine, "t", "p0")["groups"]
+    examples = [
+        text for group in view.values() for cluster in group["clusters"].values() for text in cluster["examples"]
+    ]
+    assert examples and all(text == "answer" for text in examples)  # truncated to 6 characters
+    assert all(len(c["examples"]) <= 3 for group in view.values() for c in group["clusters"].values())
+    plain_view = prompt_collapse(engine, "plain", "p0")["groups"]
+    assert all(not c["examples"] for group in plain_view.values() for c in group["clusters"].values())
+
+    key = next(k for k in engine.store.list_keys("t") if k.prompt_id == "p0")
+    assert any(engine.store.load_texts("t", key, list(range(6))))
+    engine.delete("t")
+    assert engine.store.load_texts("t", key, list(range(6))) == [None] * 6

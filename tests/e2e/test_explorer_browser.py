@@ -53,7 +53,7 @@ def service(start_server: Callable[..., str]) -> tuple[str, dict[str, str]]:
     url = start_server(api_keys=[KEY], refit_processes=False)
     headers = {"authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
-        http.put("/v1/runs/grpo-demo", json={}).raise_for_status()
+        http.put("/v1/runs/grpo-demo", json={"text_max_chars": 200}).raise_for_status()
         http.put("/v1/runs/observe-only", json={"penalty_target": "none"}).raise_for_status()
         for step, rollouts in collapse_trace(SPEC):
             for run in ("grpo-demo", "observe-only"):
@@ -142,5 +142,7 @@ def test_run_to_prompt_to_cluster(browser: WebDriver, service: tuple[str, dict[s
     assert f"from step {want['first_step']} to step {want['last_step']}" in detail.text
     per_step = [int(b.get_attribute("data-count")) for b in detail.find_elements(By.CSS_SELECTOR, "rect")]
     assert per_step == want["sizes"]
+    examples = [li.text for li in detail.find_elements(By.CSS_SELECTOR, "#cluster-examples li")]
+    assert examples == want["examples"] and examples  # the run keeps texts: its newest ones, as sent
     shot(browser, "4-cluster")
     api.close()

@@ -123,3 +123,42 @@ def test_api_keys_guard_the_data_but_not_the_page(make_settings: Callable[..., S
         script = c.get("/ui/static/explorer.js")
         assert script.status_code == 200 and "Bearer" in script.text
         assert "http" not in page.text.replace("http://www.w3.org", "")  # offline: nothing fetched elsewhere
+
+
+def test_texts_in_both_wire_forms_never_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    assert client.put("/v1/runs/t", json={"text_max_chars": 12}).status_code == 201
+    secret = "SECRET-ANSWER-TEXT"
+    caplog.set_level("DEBUG")
+    for step in range(3):
+        body = step_body(step)
+        for item in body["rollouts"]:
+            item["text"] = f"{secret} {item['rollout_id']}"
+        if step == 2:  # the columnar form carries a text column
+            rollouts = body["rollouts"]
+            fps = np.array([r["fingerprint"] for r in rollouts], dtype="<f4")
+            columns = {"step": step, "rollout_id": [r["rollout_id"] for r in rollouts],
+                       "prompt_id": [r["prompt_id"] for r in rollouts],
+                       "correct": np.array([int(r["correct"]) for r in rollouts], "<i1").tobytes(),
+                       "fingerprints": {"dtype": "float32", "shape": list(fps.shape), "data": fps.tobytes()},
+                       "text": [r["text"] for r in rollouts]}  # fmt: skip
+            response = client.post("/v1/runs/t/score", content=msgpack.packb(columns),
+                                   headers={"content-type": "application/msgpack"})  # fmt: skip
+        else:
+            response = client.post("/v1/runs/t/score", json=body)
+        assert response.status_code == 200, response.text
+    client.post("/v1/runs/t/recluster", json={"all": True})
+    view = client.get("/v1/runs/t/collapse/q0").json()["groups"]["wrong"]
+    examples = [text for cluster in view["clusters"].values() for text in cluster["examples"]]
+    assert examples and {text[:12] for text in examples} == {secret[:12]} and all(len(t) == 12 for t in examples)
+    assert secret[:12] not in caplog.text and secret[:12] not in client.get("/metrics").text
+    bad = {"rollout_id": ["a"], "prompt_id": ["p"], "text": [1]}
+    response = client.post(
+        "/v1/runs/t/score", content=msgpack.packb(bad), headers={"content-type": "application/msgpack"}
+    )
+    assert response.status_code == 422
+
+
+@pytest.mark.parametrize("value", [-1, 65537, "10", 1.5])
+def test_text_limit_is_checked(client: TestClient, value: Any) -> None:
+    response = client.put("/v1/runs/lim", json={"text_max_chars": value})
+    assert response.status_code in (400, 422), response.text

@@ -77,6 +77,7 @@ class ClusterOverSteps(BaseModel):
     sizes: list[int] = Field(description="Vectors of the cluster per step of `steps`.")
     first_step: int | None
     last_step: int | None
+    examples: list[str] = Field(description="A few of its rollouts' texts, newest first (runs that keep texts).")
 
 
 class GroupCollapse(BaseModel):

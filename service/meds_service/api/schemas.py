@@ -47,6 +47,12 @@ class RolloutIn(TypedDict):
     reward: NotRequired[
         Annotated[float | None, Field(description="Raw reward; when given, the shaped reward is returned.")]
     ]
+    text: NotRequired[
+        Annotated[
+            str | None,
+            Field(description="The response's text: kept, truncated, only when the run's text_max_chars > 0."),
+        ]
+    ]
 
 
 class ScoreRequest(_Strict):
@@ -180,6 +186,7 @@ class ScoreColumnsRequest(BaseModel):
     fingerprint_present: bytes | None = Field(
         None, description="uint8 per rollout: 1 = owns the next fingerprint row (absent = every rollout does)."
     )
+    text: list[str | None] | None = Field(None, description="Text per rollout (kept when text_max_chars > 0).")
 
 
 class ScoreColumnsResponse(BaseModel):

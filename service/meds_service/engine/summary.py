@@ -30,6 +30,7 @@ SKIPPED = STATUSES.index(RolloutStatus.SKIPPED)
 SortKey = Literal["collapse", "clusters", "rollouts", "prompt"]
 SORTS: tuple[str, ...] = ("collapse", "clusters", "rollouts", "prompt")
 PENALTY_BINS = 10
+EXAMPLES_PER_CLUSTER = 3  # the most recent texts of each cluster, when the run keeps texts
 
 
 def with_metrics(outcome: ScoreOutcome, batch: RolloutBatch, observer: EngineObserver, run: str) -> ScoreOutcome:
@@ -279,10 +280,27 @@ def penalty_histogram(penalties: NDArray[np.float64], beta: float) -> dict[str, 
     return {"zero": int((penalties <= 0).sum()), "edges": edges.tolist(), "counts": counts.tolist()}
 
 
+def _examples(
+    engine: ErrorMemory, name: str, key: MemoryKey, labels: list[int], fit_start: int
+) -> dict[int, list[str]]:
+    """Up to EXAMPLES_PER_CLUSTER stored texts per label, the most recent first."""
+    picks: dict[int, list[int]] = {}
+    for offset in range(len(labels) - 1, -1, -1):
+        chosen = picks.setdefault(labels[offset], [])
+        if len(chosen) < EXAMPLES_PER_CLUSTER:
+            chosen.append(fit_start + offset)
+    seqs = [s for chosen in picks.values() for s in chosen]
+    texts = dict(zip(seqs, engine.store.load_texts(name, key, seqs), strict=True))
+    return {label: [t for s in chosen if (t := texts[s]) is not None] for label, chosen in picks.items()}
+
+
 def prompt_collapse(engine: ErrorMemory, name: str, prompt_id: str) -> dict[str, Any]:
     """The explorer's view of one prompt: its memory per group with clusters over steps, the penalties its
     rollouts got, and the share of its fitted wrong vectors that are noise."""
-    memory = engine.prompt(name, prompt_id)
+    run = engine.coordination.run(name)
+    with run.lock:  # the labels and the sequence numbers they start at, from one state of the cache
+        memory = engine.prompt(name, prompt_id)
+        fit_starts = {k.group.wire: c.fit_start for k, c in run.keys.items() if k.prompt_id == prompt_id}
     results = engine.store.prompt_results(name, prompt_id)
     beta = engine.config(name).beta
     groups = {}
@@ -300,6 +318,9 @@ def prompt_collapse(engine: ErrorMemory, name: str, prompt_id: str) -> dict[str,
             "penalties": penalty_histogram(penalties, beta),
             **clusters_over_steps(labels, view["steps"]),
         }
+        examples = _examples(engine, name, MemoryKey(prompt_id, Group[wire.upper()]), labels, fit_starts[wire])
+        for label, cluster in groups[wire]["clusters"].items():
+            cluster["examples"] = examples.get(int(label), [])
     if not groups:
         raise NotFound(f"run {name!r} has no memory of prompt {prompt_id!r}")
     return {"run": name, "prompt_id": prompt_id, "groups": groups}

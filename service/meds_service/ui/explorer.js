@@ -219,6 +219,10 @@ function selectCluster(row, label, cluster, steps) {
     el("p", { id: "cluster-summary" }, `${cluster.size} wrong rollouts, seen from step ${fmt(cluster.first_step)} to step ${fmt(cluster.last_step)}`),
     barPlot("size per step", steps.map(String), cluster.sizes, "cluster-sizes"),
   );
+  const examples = el("ol", { id: "cluster-examples" });
+  for (const text of cluster.examples || []) examples.appendChild(el("li", {}, text));
+  detail.appendChild(cluster.examples && cluster.examples.length
+    ? examples : el("p", { class: "note" }, "No texts kept: set the run's text_max_chars to see examples."));
   detail.hidden = false;
 }
 
