@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU build that lies on this machine's disk; never let a resolver pick another.
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test test-fast lint bench install install-test clean
+.PHONY: serve test test-fast lint bench install install-test browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev,bench]" -e "./client[fingerprint,trl,verl,openrlhf,test]"
+
+## Headless Chromium and its driver for the explorer's browser test (tests/e2e/test_explorer_browser.py);
+## Debian packages, so this needs root. Screenshots land in test-artifacts/explorer/.
+browser:
+	command -v chromedriver >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 ## Start the service on the embedded SQLite store (./meds-data) at http://127.0.0.1:8000
 serve: install
@@ -37,4 +42,4 @@ bench: install-test
 	$(BIN)/python -m bench.bench_score
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* test-artifacts

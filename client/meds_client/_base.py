@@ -386,7 +386,9 @@ def _score_columns_parser(expected_ids: list[str]) -> Callable[[httpx.Response],
 
 def _score_parser(expected_ids: list[str]) -> Callable[[httpx.Response], ScoreResults]:
     def parse(response: httpx.Response) -> ScoreResults:
-        return _expect_ids(ScoreResults.from_json(_json_object(response)["results"]), expected_ids, response)
+        body = _json_object(response)
+        results = ScoreResults.from_json(body["results"]).add_metrics(body.get("metrics"), body.get("metric_counts"))
+        return _expect_ids(results, expected_ids, response)
 
     return parse
 

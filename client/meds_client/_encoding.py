@@ -150,6 +150,8 @@ def encode_score_columns(rollouts: Sequence[Rollout], step: int | None) -> bytes
                                 "data": np.ascontiguousarray(matrix, dtype="<f4").tobytes()}  # fmt: skip
     if step is not None:
         body["step"] = int(step)
+    if any(r.text is not None for r in rollouts):
+        body["text"] = [r.text for r in rollouts]
     return bytes(msgpack.packb(body))
 
 
@@ -215,12 +217,10 @@ def _rollout_json(rollout: Rollout) -> dict[str, Any]:
     if reward is not None and not math.isfinite(reward):
         raise ValueError(f"reward of rollout {rollout.rollout_id!r} is not finite")
     correct = None if rollout.correct is None else bool(rollout.correct)
-    return {
-        "rollout_id": rollout.rollout_id,
-        "prompt_id": rollout.prompt_id,
-        "correct": correct,
-        "reward": reward,
-    }
+    item = {"rollout_id": rollout.rollout_id, "prompt_id": rollout.prompt_id, "correct": correct, "reward": reward}
+    if rollout.text is not None:
+        item["text"] = rollout.text
+    return item
 
 
 def _positions_by_prompt(rollouts: Sequence[Rollout]) -> list[list[int]]:
@@ -262,4 +262,6 @@ def unpack_columns(content: bytes) -> ScoreResults:
         raise ValueError("columns of different lengths or ids that are not strings")
     if ((status < 0) | (status > 2)).any():
         raise ValueError("unknown status codes")
-    return ScoreResults(ids, status, cluster, size, penalty, shaped)
+    return ScoreResults(ids, status, cluster, size, penalty, shaped).add_metrics(
+        wire.get("metrics"), wire.get("metric_counts")
+    )

@@ -39,6 +39,7 @@ class RunConfig(TypedDict, total=False):
     max_memory_per_key: int | None
     consistency: Literal["exact", "fast"]
     dim: int | None
+    text_max_chars: int
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Rollout:
     `rollout_id` must be unique within the run: the service answers a repeated id with its first
     result (status `duplicate`), which is what makes retries safe. `correct=None` stores the rollout
     in the `unknown` group, which is never penalised. Without a fingerprint the rollout is skipped.
+    `text` (optional) is kept, truncated, only by runs with `text_max_chars > 0`, as cluster examples.
     """
 
     rollout_id: str
@@ -55,6 +57,7 @@ class Rollout:
     correct: bool | None = None
     fingerprint: FingerprintLike | None = None
     reward: float | None = None
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,39 @@ STATUSES: tuple[ScoreStatus, ...] = ("scored", "skipped", "duplicate", "error")
 NO_CLUSTER = np.iinfo(np.int32).min
 
 
+COLLAPSE_METRICS = (
+    "repeat_rate",
+    "distinct_error_clusters",
+    "largest_cluster_share",
+    "cluster_entropy",
+    "penalised_fraction",
+    "mean_penalty",
+)
+"""The keys of `ScoreResults.metrics`: the service's error-collapse metrics of the batch."""
+
+# Each metric's denominator in the answer's `metric_counts`: answers of a split batch combine by them.
+_METRIC_WEIGHTS = {
+    "repeat_rate": "wrong_rollouts",
+    "distinct_error_clusters": "judged_prompts",
+    "largest_cluster_share": "judged_prompts",
+    "cluster_entropy": "judged_prompts",
+    "penalised_fraction": "remembered_rollouts",
+    "mean_penalty": "remembered_rollouts",
+}
+
+
+def _metrics_part(metrics: Any, counts: Any) -> tuple[dict[str, float], dict[str, int]] | None:
+    """One answer's metrics and their denominators; None when the service sent none (an older service)."""
+    if not isinstance(metrics, Mapping) or not isinstance(counts, Mapping):
+        return None
+    try:
+        values = {name: float(metrics[name]) for name in COLLAPSE_METRICS}
+        weights = {name: int(counts[name]) for name in set(_METRIC_WEIGHTS.values())}
+    except (KeyError, TypeError, ValueError):
+        return None
+    return values, weights
+
+
 class ScoreResults(Sequence[ScoreResult]):
     """The results of one `score` call, in request order.
 
@@ -109,7 +145,7 @@ class ScoreResults(Sequence[ScoreResult]):
     `statuses`, `shaped_rewards`) as numpy arrays instead.
     """
 
-    __slots__ = ("_cluster", "_ids", "_penalty", "_shaped", "_size", "_status")
+    __slots__ = ("_cluster", "_ids", "_metric_parts", "_penalty", "_shaped", "_size", "_status")
 
     def __init__(
         self,
@@ -123,6 +159,7 @@ class ScoreResults(Sequence[ScoreResult]):
         self._ids = list(rollout_ids)
         self._status, self._cluster, self._size = status, cluster, cluster_size
         self._penalty, self._shaped = penalty, shaped_reward
+        self._metric_parts: list[tuple[dict[str, float], dict[str, int]]] = []
 
     @classmethod
     def empty(cls, size: int) -> ScoreResults:
@@ -154,6 +191,27 @@ class ScoreResults(Sequence[ScoreResult]):
         index = np.asarray(positions, dtype=np.intp)
         self._status[index], self._cluster[index], self._size[index] = part._status, part._cluster, part._size
         self._penalty[index], self._shaped[index] = part._penalty, part._shaped
+        self._metric_parts += part._metric_parts
+
+    def add_metrics(self, metrics: Any, counts: Any) -> ScoreResults:
+        """Attach one answer's `metrics` and `metric_counts` (ignored when absent or malformed)."""
+        part = _metrics_part(metrics, counts)
+        if part is not None:
+            self._metric_parts.append(part)
+        return self
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The batch's error-collapse metrics (keys `COLLAPSE_METRICS`, always all of them; 0.0 where no
+        answer carried any). A batch sent in several requests is combined by each metric's denominator:
+        exact unless one prompt's rollouts were split across requests."""
+        out = {}
+        for name in COLLAPSE_METRICS:
+            weight = _METRIC_WEIGHTS[name]
+            total = sum(counts[weight] for _, counts in self._metric_parts)
+            weighted = sum(values[name] * counts[weight] for values, counts in self._metric_parts)
+            out[name] = weighted / total if total else 0.0
+        return out
 
     @property
     def rollout_ids(self) -> list[str]:

@@ -19,11 +19,13 @@ from starlette.responses import Response
 
 from . import __version__
 from .api import errors
+from .api.explorer import explorer, page, ui_assets
 from .api.middleware import RequestContext
 from .api.routes import health, v1
 from .api.schemas import ReclusterRequest, ScoreColumnsRequest, ScoreColumnsResponse, ScoreRequest
 from .engine import ErrorMemory, RefitScheduler
 from .engine.ports import RefitQueue
+from .engine.summary import CollapseViews
 from .metrics import Metrics
 from .settings import Settings
 from .storage import open_store
@@ -114,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checkpoints = _periodic(1.0, store.checkpoint, "meds-checkpoints")
         metrics.watch_memory(engine.totals)
         app.state.engine = engine
+        app.state.views = CollapseViews(engine)
         try:
             await run_in_threadpool(refitter.warm_up)
             await run_in_threadpool(engine.load)
@@ -149,6 +152,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.include_router(health)
     app.include_router(v1)
+    app.include_router(explorer)
+    app.include_router(page)
+    app.mount("/ui/static", ui_assets(), name="ui")
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

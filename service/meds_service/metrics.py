@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .core.collapse import CollapseMetrics
 from .engine.views import MemoryTotals
 
 # Penalties take few values: 0 and min(0.1 * ln(size + 1), 0.2) for sizes 1..7 with the default alpha/beta.
@@ -71,6 +73,40 @@ class _MemoryGauges(Collector):
             yield GaugeMetricFamily(f"meds_{name}", doc, value=value)
 
 
+class _CollapseGauges(Collector):
+    """Per run (the only label: never per prompt), the error-collapse metrics of its last scored batch."""
+
+    DOCS: ClassVar[dict[str, str]] = {
+        "repeat_rate": "Share of the last batch's wrong rollouts that fell into an existing error cluster.",
+        "distinct_error_clusters": "Distinct error clusters per prompt in the last batch, averaged over prompts.",
+        "largest_cluster_share": "Share of a prompt's judged wrong rollouts in its largest cluster, averaged.",
+        "cluster_entropy": "Entropy (nats) of a prompt's judged wrong rollouts over clusters, averaged.",
+        "penalised_fraction": "Share of the last batch's remembered rollouts with a penalty above 0.",
+        "mean_penalty": "Mean penalty of the last batch's remembered rollouts.",
+    }
+
+    def __init__(self) -> None:
+        self.last: dict[str, CollapseMetrics] = {}
+        self._lock = threading.Lock()
+
+    def set(self, run: str, metrics: CollapseMetrics) -> None:
+        with self._lock:
+            self.last[run] = metrics
+
+    def forget(self, run: str) -> None:
+        with self._lock:
+            self.last.pop(run, None)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            last = dict(self.last)
+        for name, doc in self.DOCS.items():
+            family = GaugeMetricFamily(f"meds_collapse_{name}", doc, labels=["run"])
+            for run, metrics in sorted(last.items()):
+                family.add_metric([run], getattr(metrics, name))
+            yield family
+
+
 class Metrics:
     """The service's collectors; also the engine's observer."""
 
@@ -106,6 +142,8 @@ class Metrics:
         self.refit_keys = Counter("meds_refit_keys", "Keys refitted with HDBSCAN.", registry=self.registry)
         self.refit_vectors = Counter("meds_refit_vectors", "Vectors clustered by refits.", registry=self.registry)
         self.refit_failures = Counter("meds_refit_failures", "Refit jobs that failed.", registry=self.registry)
+        self.collapse_gauges = _CollapseGauges()
+        self.registry.register(self.collapse_gauges)
         self.knn_fallbacks = Counter(
             "meds_knn_fallbacks",
             "Queries whose float32 neighbours were not provably exact, by the tier that decided them.",
@@ -134,3 +172,9 @@ class Metrics:
 
     def knn_fallback(self, tier: str) -> None:
         self.knn_fallbacks.labels(tier).inc()
+
+    def collapse(self, run: str, metrics: CollapseMetrics) -> None:
+        self.collapse_gauges.set(run, metrics)
+
+    def run_deleted(self, run: str) -> None:
+        self.collapse_gauges.forget(run)

@@ -71,5 +71,8 @@ def test_stored_columns_keep_exactly_what_features_need() -> None:
 def test_fitted_groups_follow_the_target() -> None:
     assert RunConfig().fitted_groups() == {Group.WRONG, Group.UNKNOWN}
     assert RunConfig(penalty_target="both").fitted_groups() == set(Group)
-    assert RunConfig(penalty_target="correct").fitted_groups() == {Group.CORRECT, Group.UNKNOWN}
-    assert RunConfig(penalty_target="none").fitted_groups() == set()
+    # wrong keys are always judged: error collapse is measured under every target, observe-only included
+    assert RunConfig(penalty_target="correct").fitted_groups() == set(Group)
+    assert RunConfig(penalty_target="none").fitted_groups() == {Group.WRONG}
+    assert RunConfig(penalty_target="correct").sized_groups() == {Group.CORRECT, Group.UNKNOWN}
+    assert RunConfig(penalty_target="none").sized_groups() == set()

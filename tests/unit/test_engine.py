@@ -41,6 +41,12 @@ class Recorder:
     def knn_fallback(self, tier: str) -> None:
         self.fallbacks[tier] = self.fallbacks.get(tier, 0) + 1
 
+    def collapse(self, run: str, metrics: Any) -> None:
+        pass
+
+    def run_deleted(self, run: str) -> None:
+        pass
+
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[ErrorMemory]:

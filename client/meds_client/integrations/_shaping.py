@@ -9,8 +9,8 @@ status `error`) keep `r` too, and are counted.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from .._client import MedsClient
 from .._prompt_id import prompt_id
-from .._types import FingerprintLike, Rollout, ScoreResult, ScoreResults
+from .._types import COLLAPSE_METRICS, FingerprintLike, Rollout, ScoreResult, ScoreResults
 
 METRIC_PREFIX = "meds/"
 DEFAULT_CORRECTNESS_THRESHOLD = 0.5
@@ -35,11 +35,12 @@ class Shaping:
     cluster_sizes: npt.NDArray[np.int64]
     statuses: list[str]
     correct: list[bool | None]
+    collapse: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(COLLAPSE_METRICS, 0.0))
 
     @classmethod
     def from_results(cls, results: Sequence[ScoreResult], correct: Sequence[bool | None]) -> Shaping:
         if isinstance(results, ScoreResults):  # columns already: no object per rollout
-            return cls(results.penalties, results.cluster_sizes, list(results.statuses), list(correct))
+            return cls(results.penalties, results.cluster_sizes, list(results.statuses), list(correct), results.metrics)
         return cls(
             penalties=np.array([r.penalty for r in results], dtype=np.float64),
             cluster_sizes=np.array([r.cluster_size for r in results], dtype=np.int64),
@@ -64,6 +65,8 @@ class Shaping:
             f"{METRIC_PREFIX}scored_frac": float(np.isin(statuses, ["scored", "duplicate"]).sum() / n),
             f"{METRIC_PREFIX}skipped_frac": float((statuses == "skipped").sum() / n),
             f"{METRIC_PREFIX}error_frac": float((statuses == "error").sum() / n),
+            # the service's error-collapse metrics of the batch (docs/architecture.md, "Error collapse")
+            **{f"{METRIC_PREFIX}{name}": float(self.collapse[name]) for name in COLLAPSE_METRICS},
         }
 
 

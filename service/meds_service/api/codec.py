@@ -34,7 +34,9 @@ def decode_score_request(body: bytes, *, max_batch: int, max_dim: int) -> Rollou
     rewards = np.array([_or_nan(r.get("reward")) for r in rollouts], dtype=np.float64)
     groups = np.array([Group.of(r.get("correct")) for r in rollouts], dtype=np.int64)
     prompts = [r["prompt_id"] for r in rollouts]
-    return RolloutBatch(ids, prompts, groups, rewards, fingerprints, present, request.step)
+    texts = [r.get("text") for r in rollouts]
+    has_text = any(t is not None for t in texts)
+    return RolloutBatch(ids, prompts, groups, rewards, fingerprints, present, request.step, texts if has_text else None)
 
 
 def _check_ids(ids: list[str], max_batch: int) -> None:
@@ -119,15 +121,15 @@ def _as_float32(values: np.ndarray, what: str) -> np.ndarray:
 # Request:  {"step"?: int, "rollout_id": [str], "prompt_id": [str], "correct"?: int8 bytes (1, 0, -1 = unknown),
 #            "reward"?: float64 bytes (NaN = none), "fingerprints"?: {"dtype": "float32", "shape": [m, d],
 #            "data": bytes}, "fingerprint_present"?: uint8 bytes (which rollouts own the m rows, in order;
-#            absent = all of them)}
+#            absent = all of them), "text"?: [str | None]}
 # Response: {"rollout_id": [str], "status": int8 bytes (0 scored, 1 skipped, 2 duplicate), "cluster": int32
 #            bytes (-2^31 = none), "cluster_size": int32 bytes, "penalty": float64 bytes, "shaped_reward":
-#            float64 bytes (NaN = none)}
+#            float64 bytes (NaN = none), "metrics": {name: float}, "metric_counts": {name: int}}
 # All arrays little-endian, one entry per rollout in request order. It carries the same information as the
 # JSON form without a Python object per rollout on either side.
 
 MSGPACK = "application/msgpack"
-_COLUMNS = {"step", "rollout_id", "prompt_id", "correct", "reward", "fingerprints", "fingerprint_present"}
+_COLUMNS = {"step", "rollout_id", "prompt_id", "correct", "reward", "fingerprints", "fingerprint_present", "text"}
 
 
 def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch:
@@ -157,7 +159,17 @@ def decode_columns(body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch
     step = request.get("step")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP):
         raise SchemaError(f"step must be an integer from 0 to {MAX_STEP}")
-    return RolloutBatch(ids, prompts, groups.astype(np.int64), rewards, fingerprints, present, step)
+    texts = _texts(request, n)
+    return RolloutBatch(ids, prompts, groups.astype(np.int64), rewards, fingerprints, present, step, texts)
+
+
+def _texts(request: dict[str, Any], n: int) -> list[str | None] | None:
+    texts = request.get("text")
+    if texts is None:
+        return None
+    if not isinstance(texts, list) or len(texts) != n or not all(t is None or isinstance(t, str) for t in texts):
+        raise SchemaError(f"text must be a list of {n} strings or nulls")
+    return texts
 
 
 def encode_columns(outcome: ScoreOutcome) -> bytes:
@@ -171,6 +183,8 @@ def encode_columns(outcome: ScoreOutcome) -> bytes:
                 "cluster_size": records["size"].astype("<i4").tobytes(),
                 "penalty": records["penalty"].astype("<f8").tobytes(),
                 "shaped_reward": records["shaped"].astype("<f8").tobytes(),
+                "metrics": outcome.metrics.metrics(),
+                "metric_counts": outcome.metrics.counts(),
             }
         )
     )
@@ -243,7 +257,10 @@ class JsonCodec:
         return decode_score_request(body, max_batch=max_batch, max_dim=max_dim)
 
     def encode(self, outcome: ScoreOutcome) -> bytes:
-        return orjson.dumps({"results": results_json(outcome)})
+        metrics = outcome.metrics
+        return orjson.dumps(
+            {"results": results_json(outcome), "metrics": metrics.metrics(), "metric_counts": metrics.counts()}
+        )
 
 
 class ColumnsCodec:

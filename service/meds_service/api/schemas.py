@@ -49,6 +49,12 @@ class RolloutIn(TypedDict):
     reward: NotRequired[
         Annotated[float | None, Field(description="Raw reward; when given, the shaped reward is returned.")]
     ]
+    text: NotRequired[
+        Annotated[
+            str | None,
+            Field(description="The response's text: kept, truncated, only when the run's text_max_chars > 0."),
+        ]
+    ]
 
 
 class ScoreRequest(_Strict):
@@ -66,8 +72,31 @@ class RolloutOut(BaseModel):
     shaped_reward: float | None = Field(description="reward - penalty (wrong), reward / (1 + penalty) (correct).")
 
 
+class BatchMetrics(BaseModel):
+    """A batch's error collapse (docs/architecture.md, "Error collapse"): the same keys in every answer.
+    A wrong rollout is judged when its prompt had a fit; the per-prompt values average over prompts with a
+    judged wrong rollout, and every noise rollout counts as a cluster of its own."""
+
+    repeat_rate: float = Field(description="Share of wrong rollouts that fell into an existing cluster.")
+    distinct_error_clusters: float = Field(description="Clusters among a prompt's judged wrong rollouts.")
+    largest_cluster_share: float = Field(description="The largest cluster's share of them.")
+    cluster_entropy: float = Field(description="Entropy (nats) of their spread over clusters.")
+    penalised_fraction: float = Field(description="Share of remembered rollouts with a penalty above 0.")
+    mean_penalty: float = Field(description="Mean penalty of remembered rollouts (scored or duplicate).")
+
+
+class MetricCounts(BaseModel):
+    """The metrics' denominators, to combine the answers of a batch sent in several requests."""
+
+    wrong_rollouts: int = Field(description="Remembered wrong rollouts (denominator of repeat_rate).")
+    judged_prompts: int = Field(description="Prompts with a judged wrong rollout (the per-prompt averages).")
+    remembered_rollouts: int = Field(description="Scored or duplicate rollouts (the penalty metrics).")
+
+
 class ScoreResponse(BaseModel):
     results: list[RolloutOut]
+    metrics: BatchMetrics
+    metric_counts: MetricCounts
 
 
 class RunStats(BaseModel):
@@ -159,6 +188,7 @@ class ScoreColumnsRequest(BaseModel):
     fingerprint_present: bytes | None = Field(
         None, description="uint8 per rollout: 1 = owns the next fingerprint row (absent = every rollout does)."
     )
+    text: list[str | None] | None = Field(None, description="Text per rollout (kept when text_max_chars > 0).")
 
 
 class ScoreColumnsResponse(BaseModel):
@@ -170,3 +200,5 @@ class ScoreColumnsResponse(BaseModel):
     cluster_size: bytes = Field(description="int32 per rollout.")
     penalty: bytes = Field(description="float64 per rollout.")
     shaped_reward: bytes = Field(description="float64 per rollout; NaN = none.")
+    metrics: BatchMetrics
+    metric_counts: MetricCounts

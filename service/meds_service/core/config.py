@@ -17,6 +17,7 @@ NoisePolicy = Literal["cluster", "ignore"]
 Consistency = Literal["exact", "fast"]
 
 MAX_KNN_K = 64
+MAX_TEXT_CHARS = 65536  # the most characters of a rollout's text a run may keep
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,11 @@ class RunConfig:
     max_memory_per_key: int | None = None
     consistency: Consistency = "exact"
     dim: int | None = None
+    text_max_chars: int = 0  # keep each rollout's text, truncated to this many characters; 0 = keep none
 
-    # Fields that may change on a run that already has memory: they alter no stored state or label.
-    MUTABLE_WITH_MEMORY: ClassVar[frozenset[str]] = frozenset({"alpha", "beta", "penalty_target"})
+    # Fields that may change on a run that already has memory: they alter no stored state or label
+    # (text_max_chars only decides what later rollouts keep).
+    MUTABLE_WITH_MEMORY: ClassVar[frozenset[str]] = frozenset({"alpha", "beta", "penalty_target", "text_max_chars"})
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "cluster_selection_epsilon"):
@@ -62,6 +65,7 @@ class RunConfig:
         _check_optional_int("last_n_layers", self.last_n_layers, 1)
         _check_optional_int("max_memory_per_key", self.max_memory_per_key, 2)
         _check_optional_int("dim", self.dim, 1)
+        _check_int("text_max_chars", self.text_max_chars, 0, MAX_TEXT_CHARS)
         if self.layer_diff and self.dim is not None and self.dim < 2:
             raise InvalidInput("layer_diff needs fingerprints of at least 2 values (dim >= 2)")
         for name, choices in CHOICES.items():
@@ -109,7 +113,12 @@ class RunConfig:
         return self.stored_dim - 1 if self.layer_diff else self.stored_dim
 
     def fitted_groups(self) -> frozenset[Group]:
-        """Groups whose cluster sizes are visible in results; other groups need no HDBSCAN refits."""
+        """Groups whose keys are refitted and judged: those with visible sizes, and `wrong` always, since
+        error collapse is measured on every run, observe-only (`penalty_target="none"`) included."""
+        return self.sized_groups() | {Group.WRONG}
+
+    def sized_groups(self) -> frozenset[Group]:
+        """Groups whose cluster sizes are visible in results (others report size 0)."""
         target = self.penalty_target
         groups = set()
         if target in ("wrong", "both"):

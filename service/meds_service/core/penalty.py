@@ -36,7 +36,7 @@ def shape(
     penalised; `noise_policy="ignore"` turns noise predictions into size 0. `rewards` holds NaN where a rollout
     carries no reward (the shaped reward is then NaN too and reported as null).
     """
-    visible = np.isin(groups, [int(g) for g in config.fitted_groups()])
+    visible = np.isin(groups, [int(g) for g in config.sized_groups()])
     has_cluster = predicted != NO_CLUSTER
     shown = visible & has_cluster
     if config.noise_policy == "ignore":

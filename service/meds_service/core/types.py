@@ -10,6 +10,8 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from .collapse import CollapseMetrics
+
 
 class Group(enum.IntEnum):
     """Correctness group of a rollout; a memory key is (prompt_id, group) inside a run."""
@@ -86,6 +88,7 @@ class ScoreOutcome:
     rollout_ids: list[str]
     status: NDArray[np.int8]  # index into STATUSES
     records: NDArray[np.void]  # RESULT_DTYPE
+    metrics: CollapseMetrics = field(default_factory=CollapseMetrics)  # the batch's error collapse
 
     def __len__(self) -> int:
         return len(self.rollout_ids)
@@ -142,6 +145,7 @@ class KeyAppend:
     rollout_ids: list[str]
     results: NDArray[np.void]  # RESULT_DTYPE, one per rollout id
     step: int | None = None  # the training step the client sent with the batch
+    texts: list[str | None] | None = None  # the rollouts' texts, truncated; None when the run keeps none
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +168,7 @@ class RolloutBatch:
     fingerprints: NDArray[np.float32]  # [n, dim]; rows where has_fingerprint is False are ignored
     has_fingerprint: NDArray[np.bool_]
     step: int | None = None  # the trainer's step, stored with every remembered rollout
+    texts: list[str | None] | None = None  # optional text per rollout (never logged); None when none was sent
 
     def __len__(self) -> int:
         return len(self.rollout_ids)

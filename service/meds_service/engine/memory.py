@@ -22,6 +22,7 @@ from ..core.config import RunConfig
 from ..core.errors import InvalidInput, NotFound
 from ..core.penalty import NO_CLUSTER, shape
 from ..core.preprocess import features, stored_vectors, unit_rows
+from ..core.texts import kept_texts
 from ..core.types import (
     NO_CLUSTER32,
     RESULT_DTYPE,
@@ -43,6 +44,7 @@ from .cache import CachedKey, Groups, KeyView, RunMemory, group_rows
 from .coordination import coordination_for
 from .ports import EngineObserver, MemoryStore, NullObserver, Refitter, SnapshotStore, VectorIndexes
 from .refits import Refits
+from .summary import with_metrics
 from .views import MemoryTotals, PromptView, ReclusterReport, RunStats, group_view
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,7 @@ class ErrorMemory:
 
     def delete(self, name: str) -> None:
         self.coordination.delete(name)
+        self.observer.run_deleted(name)
 
     def _ensure_alive(self, run: RunMemory) -> None:
         if not self.coordination.alive(run):
@@ -189,7 +192,7 @@ class ErrorMemory:
                     self._remember(run, config, scored, normed)
         outcome = _assemble(batch, known, rows, records)
         self._observe(outcome, records)
-        return outcome
+        return with_metrics(outcome, batch, self.observer, name)
 
     def _config_for(self, run: RunMemory, batch: RolloutBatch) -> RunConfig:
         """The run's config, with `dim` fixed by this batch's fingerprints when it was still open."""
@@ -240,7 +243,8 @@ class ErrorMemory:
         sorted_records["shaped"] = shaped
         records[groups.order] = sorted_records
         ids = [batch.rollout_ids[r] for r in by_key.tolist()]
-        appends, fits = _appends(run, config, groups, stored, ids, sorted_records, batch.step)
+        texts = kept_texts(batch.texts, by_key, config.text_max_chars)
+        appends, fits = _appends(run, config, groups, stored, ids, sorted_records, batch.step, texts)
         fitted = config.fitted_groups()
         refits = [a.key for a in appends if a.key.group in fitted and len(a.vectors) + a.first_seq - a.new_start >= 2]
         return ScoredBatch(appends, fits, refits), [normed[lo:hi] for _, lo, hi in groups.spans()]
@@ -342,6 +346,7 @@ def _appends(
     rollout_ids: list[str],
     records: NDArray[np.void],
     step: int | None,
+    texts: list[str | None] | None,
 ) -> tuple[list[KeyAppend], list[Fit]]:
     """One append per key: slices (not copies) of the key-sorted vectors, ids and results."""
     appends, fits = [], []
@@ -350,7 +355,10 @@ def _appends(
         cached = run.keys.get(key) or CachedKey()
         n_new = cached.n + hi - lo
         new_start = max(cached.start, n_new - cap) if cap else cached.start
-        appends.append(KeyAppend(key, cached.n, stored[lo:hi], new_start, rollout_ids[lo:hi], records[lo:hi], step))
+        kept = None if texts is None else texts[lo:hi]
+        appends.append(
+            KeyAppend(key, cached.n, stored[lo:hi], new_start, rollout_ids[lo:hi], records[lo:hi], step, kept)
+        )
         if n_new - new_start < 2:  # HDBSCAN needs two points: such a key's labels are all noise
             fits.append(Fit(key, np.full(n_new - new_start, -1, np.int64), new_start, n_new))
     return appends, fits

@@ -25,10 +25,12 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
+from ..core.collapse import CollapseMetrics
 from ..core.config import RunConfig
 from ..core.records import KeyHead, RunCounts, RunRecord, StoreSpec
 from ..core.types import (
     Fit,
+    Group,
     KeyDelta,
     KeyState,
     MemoryKey,
@@ -61,6 +63,8 @@ class MemoryStore(Protocol):
     def load_changes(self, run: str, since: Mapping[MemoryKey, KeyHead], dim: int) -> dict[MemoryKey, KeyDelta]: ...
     def load_keys(self, run: str, keys: Sequence[MemoryKey] | None, dim: int) -> dict[MemoryKey, KeyState]: ...
     def load_steps(self, run: str, keys: Sequence[MemoryKey]) -> dict[MemoryKey, NDArray[np.int64]]: ...
+    def prompt_results(self, run: str, prompt_id: str) -> dict[Group, NDArray[np.void]]: ...
+    def load_texts(self, run: str, key: MemoryKey, seqs: Sequence[int]) -> list[str | None]: ...
     def find_results(
         self, run: str, prompt_ids: Sequence[str], rollout_ids: Sequence[str]
     ) -> dict[str, RolloutResult]: ...
@@ -137,6 +141,8 @@ class EngineObserver(Protocol):
     def refit_done(self, keys: int, vectors: int, seconds: float) -> None: ...
     def refit_failed(self) -> None: ...
     def knn_fallback(self, tier: str) -> None: ...
+    def collapse(self, run: str, metrics: CollapseMetrics) -> None: ...
+    def run_deleted(self, run: str) -> None: ...
 
 
 class NullObserver:
@@ -155,6 +161,12 @@ class NullObserver:
         pass
 
     def knn_fallback(self, tier: str) -> None:
+        pass
+
+    def collapse(self, run: str, metrics: CollapseMetrics) -> None:
+        pass
+
+    def run_deleted(self, run: str) -> None:
         pass
 
 

@@ -306,6 +306,9 @@ class RedisStore:
     def _steps(self, run: str, key: MemoryKey) -> str:
         return self._prompt_key(run, key.prompt_id, f"s{int(key.group)}")
 
+    def _texts(self, run: str, key: MemoryKey) -> str:
+        return self._prompt_key(run, key.prompt_id, f"t{int(key.group)}")
+
     # ---- housekeeping -----------------------------------------------------------------------------
 
     def spec(self) -> StoreSpec:
@@ -361,7 +364,7 @@ class RedisStore:
         names: list[str] = []
         for key in members:
             names += [self._meta(run, key), self._vec(run, key), self._steps(run, key),
-                      self._prompt_key(run, key.prompt_id, "ids")]  # fmt: skip
+                      self._prompt_key(run, key.prompt_id, "ids"), self._texts(run, key)]  # fmt: skip
         for lo in range(0, len(names), 512):
             pipe = self._r.pipeline(transaction=False)
             for name in names[lo : lo + 512]:
@@ -495,6 +498,15 @@ class RedisStore:
         return out
 
     @_translated
+    def prompt_results(self, run: str, prompt_id: str) -> dict[Group, np.ndarray]:
+        """The stored result of every rollout of one prompt ever scored, per group (RESULT_DTYPE)."""
+        values = self._r.hvals(self._prompt_key(run, prompt_id, "ids"))
+        by_group: dict[Group, list[bytes]] = {}
+        for value in values:
+            by_group.setdefault(Group(value[0]), []).append(value[1:])
+        return {group: np.frombuffer(b"".join(parts), dtype=RESULT_DTYPE) for group, parts in by_group.items()}
+
+    @_translated
     def commit(self, run: str, config: RunConfig, batch: ScoredBatch) -> None:
         """One atomic script per batch (per prompt on Redis Cluster); refused whole if a key moved on."""
         if not batch.appends:
@@ -515,8 +527,28 @@ class RedisStore:
             keys, args = script(batch.appends)
             run_keys = [self._run_key(run, w) for w in ("run", "keys", "pending")] + [STREAM.decode(), "meds:runs"]
             self._commit(keys=run_keys + keys, args=args)
+            self._save_texts(run, batch)
             return
         self._cluster_commit(run, config, batch, [(prompt, *script(appends)) for prompt, appends in parts.items()])
+        self._save_texts(run, batch)
+
+    def _save_texts(self, run: str, batch: ScoredBatch) -> None:
+        """Kept texts, per key a hash of sequence number -> text, written after the batch (they illustrate
+        clusters and never decide a result, so they need not be part of the atomic commit)."""
+        pipe = self._r.pipeline(transaction=False)
+        for a in batch.appends:
+            fields = {a.first_seq + i: t for i, t in enumerate(a.texts or ()) if t is not None}
+            if fields:
+                pipe.hset(self._texts(run, a.key), mapping=fields)
+        pipe.execute()
+
+    @_translated
+    def load_texts(self, run: str, key: MemoryKey, seqs: Sequence[int]) -> list[str | None]:
+        """The stored text of the key's vectors with these sequence numbers (None where none was kept)."""
+        if not seqs:
+            return []
+        values = self._r.hmget(self._texts(run, key), list(seqs))
+        return [None if v is None else v.decode() for v in values]
 
     def _append_keys(self, run: str, key: MemoryKey) -> list[str]:
         """The KEYS of one append in _COMMIT."""

@@ -145,6 +145,7 @@ class SQLiteStore:
                 self._db.execute("PRAGMA wal_autocheckpoint=100000")
                 self._db.executescript(_SCHEMA)
                 _add_step_column(self._db)
+                _add_texts_column(self._db)
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB
             with self._lock:
@@ -459,8 +460,8 @@ class SQLiteStore:
             hashes = [all_hashes[lo:hi] for lo, hi in itertools.pairwise(bounds)]
             results = [_blob(a.results, RESULT_DTYPE) for a in batch.appends]
             db.executemany(
-                "INSERT INTO chunks(key_id, first_seq, start, count, vectors, hashes, ids, results, step) "
-                "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO chunks(key_id, first_seq, start, count, vectors, hashes, ids, results, step, texts) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         k.key_id,
@@ -472,6 +473,7 @@ class SQLiteStore:
                         orjson.dumps(a.rollout_ids),
                         result,
                         a.step,
+                        None if a.texts is None else orjson.dumps(a.texts),
                     )
                     for a, k, h, result in zip(batch.appends, keys, hashes, results, strict=True)
                 ],
@@ -562,6 +564,45 @@ class SQLiteStore:
             out[k.key] = steps
         return out
 
+    def prompt_results(self, run: str, prompt_id: str) -> dict[Group, np.ndarray]:
+        """The stored result of every rollout of one prompt ever scored, per group (RESULT_DTYPE)."""
+        with self._read() as db:
+            entry = self._runs.get(run)
+            held = [] if entry is None else [entry.keys[k] for k in entry.keys if k.prompt_id == prompt_id]
+            sql = "SELECT chunk_id, results FROM chunks WHERE chunk_id IN ({})"
+            blobs = dict(_where_in(db, sql, [c for k in held for c in k.chunk_ids]))
+        return {
+            k.key.group: np.concatenate(
+                [np.frombuffer(blobs[c], dtype=RESULT_DTYPE) for c in k.chunk_ids if c in blobs]
+                or [np.zeros(0, RESULT_DTYPE)]
+            )
+            for k in held
+        }
+
+    def load_texts(self, run: str, key: MemoryKey, seqs: Sequence[int]) -> list[str | None]:
+        """The stored text of the key's vectors with these sequence numbers (None where none was kept)."""
+        with self._read() as db:
+            entry = self._runs.get(run)
+            k = None if entry is None else entry.keys.get(key)
+            if k is None:
+                return [None] * len(seqs)
+            chunks = [
+                (c, first, count) for c, first, count in k.chunks() if any(first <= s < first + count for s in seqs)
+            ]
+            if "texts" not in {row[1] for row in db.execute("PRAGMA table_info(chunks)")}:
+                return [None] * len(seqs)  # a read-only view of a store written before texts were kept
+            stored = dict(
+                _where_in(db, "SELECT chunk_id, texts FROM chunks WHERE chunk_id IN ({})", [c for c, _, _ in chunks])
+            )
+        out: list[str | None] = []
+        for s in seqs:
+            text = None
+            for c, first, count in chunks:
+                if first <= s < first + count and stored.get(c) is not None:
+                    text = orjson.loads(stored[c])[s - first]
+            out.append(text)
+        return out
+
 
 def _blob(array: np.ndarray, dtype: Any) -> memoryview:
     """The bytes of an array for SQLite without a copy when it already has the stored layout."""
@@ -589,6 +630,13 @@ def _add_step_column(db: sqlite3.Connection) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
     if "step" not in columns:
         db.execute("ALTER TABLE chunks ADD COLUMN step INTEGER")
+
+
+def _add_texts_column(db: sqlite3.Connection) -> None:
+    """Rollout texts (optional, per run) live beside the vectors of their chunk; older stores gain the column."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
+    if "texts" not in columns:
+        db.execute("ALTER TABLE chunks ADD COLUMN texts BLOB")
 
 
 def _where_in(db: sqlite3.Connection, sql: str, ids: list[int]) -> list[tuple[Any, ...]]:
