@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .run import Experiment, TaskData, _quiet, run_experiment
 from .task import Problem
@@ -54,8 +54,9 @@ def load_task(model: str, experiment: Experiment) -> TaskData:
         policy: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
         return policy.to("cuda") if torch.cuda.is_available() else policy
 
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
+    with torch.device("meta"):  # count parameters without loading weights
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    parameters = sum(p.numel() for p in skeleton.parameters())
     return TaskData(tokenizer, train, held_out, new_policy, parameters, format_prompt=format_prompt)
 
 
