@@ -41,6 +41,6 @@ clean:
 
 .PHONY: experiment
 ## GRPO with and without MEDS on a tiny model with planted errors, through TRL and a live service
-## (about 35 minutes on 2 cores); CSV and plots in experiments/results/
+## (20-25 minutes of CPU, one process); CSV and plots in experiments/results/
 experiment: install-test
 	$(BIN)/python -m experiments.run

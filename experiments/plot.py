@@ -28,7 +28,7 @@ def _main(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_all(frame: pd.DataFrame, out: Path, steps_per_epoch: int) -> None:
-    """Write comparison.png, summary.csv, grid.csv (and grid.png when there is a grid)."""
+    """Write comparison.png, summary.csv and grid.csv."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,13 +86,13 @@ def summary_table(frame: pd.DataFrame, steps_per_epoch: int) -> pd.DataFrame:
 
 def grid_table(frame: pd.DataFrame, steps_per_epoch: int) -> pd.DataFrame:
     """pass@1 / pass@k of every (alpha, beta) cell of the MEDS arm at each epoch, against the observe-only
-    baseline at the same epoch (the baseline does not depend on alpha and beta): mean and std over seeds."""
+    baseline at the same epoch and seeds (it does not depend on alpha and beta): mean and std over seeds."""
     ends = _at_epoch_end(frame[frame["epoch"].notna()], steps_per_epoch)
     meds = ends[ends["arm"] == "meds"]
     base = ends[(ends["arm"] == "grpo") & (ends["group"] == "main")]
     rows = []
     for (alpha, beta, epochs), cell in meds.groupby(["alpha", "beta", "epochs"]):
-        ref = base[base["epochs"] == epochs]
+        ref = base[(base["epochs"] == epochs) & base["seed"].isin(cell["seed"])]
         if epochs == 0:
             continue
         rows.append({
