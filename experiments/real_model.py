@@ -51,11 +51,12 @@ def load_task(model: str, experiment: Experiment) -> TaskData:
         return text + "\n"
 
     def new_policy() -> PreTrainedModel:
-        policy: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        return policy.to("cuda") if torch.cuda.is_available() else policy
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        policy: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device_map=device)
+        return policy
 
     with torch.device("meta"):  # count parameters without loading weights
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))  # type: ignore[no-untyped-call]
     parameters = sum(p.numel() for p in skeleton.parameters())
     return TaskData(tokenizer, train, held_out, new_policy, parameters, format_prompt=format_prompt)
 

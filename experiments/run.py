@@ -39,7 +39,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.grpo_config import GRPOConfig
+from trl.trainer.grpo_trainer import GRPOTrainer
 
 from meds_client import MedsClient, NotFoundError, prompt_id
 from meds_client.integrations.trl import FINGERPRINT_COLUMN, MedsGRPOTrainer, MedsPenaltyReward
@@ -179,7 +180,7 @@ def planted_text(problem: Problem) -> str:
     return "" if problem.error_mode == "none" else str(problem.planted_answer)
 
 
-def accuracy(completions: Sequence[str], answer: Sequence[str], **_: Any) -> list[float]:
+def accuracy(completions: Sequence[str], answer: Sequence[str], **_: Any) -> list[float | None]:
     """1.0 when the last `\\boxed{}` holds the right answer."""
     return [float(boxed_answer(c) == a) for c, a in zip(completions, answer, strict=True)]
 
@@ -197,7 +198,7 @@ class BatchObserver:
 
     def __call__(
         self, completions: Sequence[str], answer: Sequence[str], planted: Sequence[str], **kw: Any
-    ) -> list[float]:
+    ) -> list[float | None]:
         self.answers = [boxed_answer(c) for c in completions]
         self.expected, self.planted = list(answer), list(planted)
         fingerprints = kw.get(FINGERPRINT_COLUMN, [None] * len(completions))

@@ -127,7 +127,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # type: ignore[assignment]
     backend.decoder = decoders.Fuse()  # type: ignore[assignment]
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK, padding_side="left"
     )
 
@@ -156,7 +156,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize = ModelSize(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
 
 
 def warm_up_examples(problems: list[Problem], error_rate: float, rng: random.Random) -> Iterator[tuple[str, str]]:
@@ -209,5 +209,5 @@ def warm_up(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     return losses
