@@ -89,6 +89,8 @@ class Experiment:
     last_n_layers: int | None = None
     """Fingerprint only the deepest layers (the paper uses 14 on 28-layer models)."""
     eval_batch_size: int = 4096
+    scale_rewards: str = "group"
+    """GRPO's reward scaling (TRL): "group" divides by each group's standard deviation, "none" does not."""
     """Sequences generated at once during evaluation."""
 
     @property
@@ -348,6 +350,7 @@ def train_arm(
         temperature=1.0,
         top_k=0,
         learning_rate=e.learning_rate,
+        scale_rewards=e.scale_rewards,
         lr_scheduler_type="constant",
         warmup_steps=0,
         beta=0.0,
@@ -452,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-grid", action="store_true", help="skip the alpha/beta grid")
     parser.add_argument("--grid-seeds", type=int, help="seeds per grid cell (default 3)")
     parser.add_argument("--learning-rate", type=float, help="GRPO learning rate (default 1e-4)")
+    parser.add_argument("--scale-rewards", choices=["group", "batch", "none"], help="GRPO reward scaling")
     parser.add_argument("--no-plain", action="store_true", help="skip the timing run without MEDS")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--warm-up-cache", type=Path, help="keep the warmed-up starting policy in this folder")
@@ -469,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment = replace(experiment, grid_seeds=tuple(range(args.grid_seeds)))
     if args.learning_rate is not None:
         experiment = replace(experiment, learning_rate=args.learning_rate)
+    if args.scale_rewards is not None:
+        experiment = replace(experiment, scale_rewards=args.scale_rewards)
     if args.no_plain:
         experiment = replace(experiment, plain_seed=None)
     if args.max_steps is not None:
