@@ -34,12 +34,18 @@ test: install-test
 	$(BIN)/pytest tests --ignore=tests/unit --ignore=tests/contract -q
 
 lint: install-test
-	$(BIN)/ruff check service client tests bench harness
+	$(BIN)/ruff check service client tests bench harness experiments
 	$(BIN)/ruff format --check service client
-	$(BIN)/mypy service/meds_service client/meds_client
+	$(BIN)/mypy service/meds_service client/meds_client experiments
 
 bench: install-test
 	$(BIN)/python -m bench.bench_score
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* test-artifacts
+
+.PHONY: experiment
+## GRPO with and without MEDS on a tiny model with planted errors, through TRL and a live service
+## (20-25 minutes of CPU, one process); CSV and plots in experiments/results/
+experiment: install-test
+	$(BIN)/python -m experiments.run
