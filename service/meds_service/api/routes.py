@@ -166,6 +166,7 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
     columnar = request.headers.get("content-type", "").split(";")[0].strip().lower() == MSGPACK
     decode = decode_columns if columnar else decode_score_request
     batch, _step = decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
+    request.state.rollouts = len(batch)  # for the access log
     decoded = time.perf_counter()
     results = await run_in_threadpool(engine.score, run, batch)
     scored = time.perf_counter()
