@@ -117,7 +117,11 @@ class ProcessServer:
 
 
 class ProcessWorker(ProcessServer):
-    """`meds worker` in a subprocess (no HTTP: started when its process runs)."""
+    """`meds worker` in a subprocess (no HTTP: started when its process runs). Its metrics port is off unless
+    the test sets one: tests run in parallel (pytest-xdist), and a fixed port would collide."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(data_dir, {"MEDS_WORKER_METRICS_PORT": "0", **(env or {})})
 
     def args(self) -> list[str]:
         return [sys.executable, "-m", "meds_service.cli", "worker"]
