@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # constraints): see .ci/uv_pip.py. `make PIP_INSTALL="$(BIN)/pip install" ...` installs with pip instead.
 PIP_INSTALL ?= $(BIN)/python .ci/uv_pip.py $(BIN)/python
 # Parallel test processes (pytest-xdist); each test file runs whole on one process.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: serve test lint bench install install-test clean

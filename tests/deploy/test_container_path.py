@@ -132,7 +132,7 @@ def test_the_images_install_and_start_commands_serve_in_a_clean_venv(tmp_path: P
     process = subprocess.Popen([executable, *entrypoint[1:], *cmd], cwd=data, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        wait_ready(f"http://127.0.0.1:{port}", timeout=120, proc=process)  # type: ignore[arg-type]
+        wait_ready(f"http://127.0.0.1:{port}", proc=process)  # type: ignore[arg-type]
         check = _exec_form(healthcheck.split(" CMD ", 1)[1])
         health = subprocess.run([shutil.which(check[0], path=env["PATH"]) or check[0], *check[1:]], env=env,
                                 capture_output=True, text=True, timeout=30)  # fmt: skip
@@ -240,7 +240,7 @@ def test_the_compose_stack_runs_as_its_file_says(tmp_path: Path) -> None:
             env["MEDS_PORT"] = str(port)  # compose maps the container's 8000; here each replica takes a port
             process = stack.enter_context(_process(_meds(command), env, tmp_path / f"api-{replica}.log"))
             bases.append(f"http://127.0.0.1:{port}")
-            wait_ready(bases[-1], timeout=120, proc=process)  # type: ignore[arg-type]
+            wait_ready(bases[-1], proc=process)  # type: ignore[arg-type]
         command, env = environment("worker")
         metrics_port = free_port()
         env["MEDS_WORKER_METRICS_PORT"] = str(metrics_port)

@@ -36,9 +36,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 120.0) -> None:
     raise TimeoutError("condition not reached")
 
 
+# How long a server may take to become ready: it imports the scientific stack and warms up its refit
+# processes, which takes 10 s on an idle 2-core machine and several times that with test files in parallel.
+READY_TIMEOUT_S = 180.0
+
+
 def wait_ready(
     base_url: str,
-    timeout: float = 60.0,
+    timeout: float = READY_TIMEOUT_S,
     proc: subprocess.Popen[bytes] | None = None,
     thread: threading.Thread | None = None,
 ) -> None:
@@ -87,7 +92,7 @@ class ProcessServer:
     def args(self) -> list[str]:
         return [sys.executable, "-m", "meds_service.cli", "serve", "--port", str(self.port)]
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = READY_TIMEOUT_S) -> None:
         self.proc = subprocess.Popen(
             self.args(),
             env=self.env,
@@ -126,7 +131,7 @@ class ProcessWorker(ProcessServer):
     def args(self) -> list[str]:
         return [sys.executable, "-m", "meds_service.cli", "worker"]
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = READY_TIMEOUT_S) -> None:
         self.proc = subprocess.Popen(
             self.args(), env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
