@@ -131,3 +131,11 @@ def test_configure_routes_uvicorn_and_quiets_library_loaders(capsys: pytest.Capt
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_docs_assets_are_logged_by_their_mount(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    assert client.get("/static/redoc/LICENSE").status_code == 200
+    assert client.get("/no-such-route").status_code == 404
+    routes = [r.fields["route"] for r in _records(caplog, "meds.access")]  # type: ignore[attr-defined]
+    assert routes == ["/static/{path}", "unmatched"]

@@ -85,7 +85,9 @@ class RequestContext:
             await response(scope, receive, send_wrapped)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            # A mount (the docs assets under /static) sets its prefix as root_path and no route.
+            mounted = scope.get("root_path")
+            path = getattr(route, "path", None) or (f"{mounted}/{{path}}" if mounted else "unmatched")
             status = str(status_holder["status"])
             method = scope.get("method", "")
             seconds = time.perf_counter() - started
