@@ -6,7 +6,7 @@ uv resolves and installs several times faster than pip, but it reads neither pip
 variables. This passes on what pip would have used (from `pip config list`: files and environment):
 index-url, extra-index-url, find-links, constraint, no-index, timeout and cert. Like pip, it takes the
 best version across all indexes (uv's default prefers the first index that has a package). uv is
-installed into the virtualenv with pip the first time.
+installed into the virtualenv with pip the first time (where that fails, pip installs everything).
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ VALUE_OPTIONS = {"index-url": "--index-url"}
 
 def pip_settings(python: str) -> dict[str, str]:
     """pip's effective settings, one value per key (a stronger section hides a weaker one)."""
-    listing = subprocess.run(
-        [python, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
-    ).stdout
+    listing = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True).stdout
     found: dict[str, dict[str, str]] = {}
     for line in listing.splitlines():
         key, sep, raw = line.partition("=")
@@ -55,8 +53,9 @@ def uv_arguments(settings: dict[str, str]) -> tuple[list[str], dict[str, str]]:
 def main(argv: list[str]) -> int:
     python, install = argv[0], argv[1:]
     uv = Path(python).with_name("uv")
-    if not uv.exists():
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "uv>=0.5"], check=True)
+    if not uv.exists() and subprocess.run([python, "-m", "pip", "install", "--quiet", "uv>=0.5"]).returncode != 0:
+        print("uv could not be installed: installing with pip", file=sys.stderr)
+        return subprocess.run([python, "-m", "pip", "install", *install], check=False).returncode
     args, env = uv_arguments(pip_settings(python))
     command = [str(uv), "pip", "install", "--python", python, *args, *install]
     return subprocess.run(command, env={**os.environ, **env}, check=False).returncode
