@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 PIP_INSTALL ?= $(BIN)/python .ci/uv_pip.py $(BIN)/python
 # Parallel test processes (pytest-xdist); each test file runs whole on one process.
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+XDIST := -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 .PHONY: serve test lint bench install install-test clean
 
