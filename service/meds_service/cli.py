@@ -90,8 +90,9 @@ def serve(settings: Settings) -> None:
         except MedsError as exc:
             raise _store_failure(exc, settings) from None
 
-    with _stop_on_signals(server):
-        asyncio.run(run())
+    # The event loop uvicorn itself would pick (uvloop when installed).
+    with _stop_on_signals(server), asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(run())
 
 
 @contextmanager
