@@ -36,9 +36,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 120.0) -> None:
     raise TimeoutError("condition not reached")
 
 
+# How long a server may take to become ready: it imports the scientific stack and warms up its refit
+# processes, which takes 10 s on an idle 2-core machine and several times that with test files in parallel.
+READY_TIMEOUT_S = 180.0
+
+
 def wait_ready(
     base_url: str,
-    timeout: float = 60.0,
+    timeout: float = READY_TIMEOUT_S,
     proc: subprocess.Popen[bytes] | None = None,
     thread: threading.Thread | None = None,
 ) -> None:
@@ -87,7 +92,7 @@ class ProcessServer:
     def args(self) -> list[str]:
         return [sys.executable, "-m", "meds_service.cli", "serve", "--port", str(self.port)]
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = READY_TIMEOUT_S) -> None:
         self.proc = subprocess.Popen(
             self.args(),
             env=self.env,
@@ -117,12 +122,16 @@ class ProcessServer:
 
 
 class ProcessWorker(ProcessServer):
-    """`meds worker` in a subprocess (no HTTP: started when its process runs)."""
+    """`meds worker` in a subprocess (no HTTP: started when its process runs). Its metrics port is off unless
+    the test sets one: tests run in parallel (pytest-xdist), and a fixed port would collide."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(data_dir, {"MEDS_WORKER_METRICS_PORT": "0", **(env or {})})
 
     def args(self) -> list[str]:
         return [sys.executable, "-m", "meds_service.cli", "worker"]
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = READY_TIMEOUT_S) -> None:
         self.proc = subprocess.Popen(
             self.args(), env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )

@@ -269,11 +269,11 @@ class Run:
     run: str
     config: dict[str, Any]
     stats: dict[str, Any]
-    created: bool = False
-    """True only on the `put_run` call that created the run (HTTP 201)."""
+    created: bool | None = None
+    """`put_run` only: True when it created the run (HTTP 201), False when it updated one. None on reads."""
 
     @classmethod
-    def from_json(cls, body: Mapping[str, Any], *, created: bool = False) -> Run:
+    def from_json(cls, body: Mapping[str, Any], *, created: bool | None = None) -> Run:
         return cls(
             run=str(body["run"]),
             config=dict(body["config"]),

@@ -9,13 +9,17 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import Response
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
 
 from . import __version__
 from .api import errors
@@ -34,6 +38,9 @@ from .storage.snapshot import SnapshotFolder
 from .workers import LocalRefitter, QueueWorker
 
 log = logging.getLogger(__name__)
+# Swagger UI and ReDoc, vendored in the package (see static/README.md): /docs and /redoc work offline.
+STATIC_DIR = Path(__file__).with_name("static")
+STATIC_URL = "/static"
 
 
 class _Background:
@@ -145,6 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="MEDS reward shaping: penalise a wrong rollout by the size of the error cluster it repeats.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the package's own assets, never from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -173,4 +182,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    _offline_docs(app)
     return app
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """`/docs` (Swagger UI) and `/redoc` whose every asset comes from this service (`/static/...`)."""
+    app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="static")
+    oauth2_redirect = "/docs/oauth2-redirect"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=f"{root}{oauth2_redirect}",
+            swagger_js_url=f"{root}{STATIC_URL}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{STATIC_URL}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{root}{STATIC_URL}/swagger-ui/favicon-32x32.png",
+        )
+
+    @app.get(oauth2_redirect, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{STATIC_URL}/redoc/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{STATIC_URL}/swagger-ui/favicon-32x32.png",
+            with_google_fonts=False,
+        )

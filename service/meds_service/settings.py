@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"  # one JSON object per line, or human-readable lines
 
     # Storage: the embedded SQLite file in data_dir, unless redis_url is given.
     data_dir: Path = Path("./meds-data")

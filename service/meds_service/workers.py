@@ -188,7 +188,7 @@ def run_worker(settings: Settings) -> int:
             consumer=consumer,
             batch=settings.refit_queue_batch,
             claim_idle_s=settings.refit_claim_idle_s,
-            observer=metrics,
+            observer=metrics,  # the refit metrics this worker serves
         ).run(stop)
     finally:
         refitter.close()

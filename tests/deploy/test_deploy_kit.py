@@ -524,6 +524,33 @@ def test_kubernetes_manifests_match_the_kubernetes_schemas(version: str) -> None
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("version", _kubernetes_versions())
+def test_kustomize_renders_manifests_that_match_the_schemas(version: str) -> None:
+    """What `kubectl apply -k deploy/kubernetes` would send: rendered by kubectl's own kustomize, then checked
+    strictly against the schemas. Every manifest file's objects come out, and nothing else."""
+    rendered = _run(_kubectl(), "kustomize", str(KUBERNETES), timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    documents = [document for document in yaml.safe_load_all(rendered.stdout) if document]
+    names = sorted((d["kind"], d["metadata"]["name"]) for d in documents)
+    assert names == sorted((d["kind"], d["metadata"]["name"]) for _, d in _k8s_documents())
+    problems = []
+    for document in documents:
+        try:
+            problems += [f"{document['kind']}/{document['metadata']['name']}: {error}"
+                         for error in _schema_errors(document, version)]  # fmt: skip
+        except kubernetes_validate.SchemaNotFoundError:
+            problems.append(f"{document['kind']}: no schema in Kubernetes {version}")
+    assert not problems, "\n".join(problems)
+
+
+def _kubectl() -> str:
+    """kubectl is not a PyPI package: it comes with the machine (as redis-server does); fail without it."""
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.fail("kubectl is required for the kustomize render check")
+    return found
+
+
 def test_the_schema_checks_reject_broken_manifests() -> None:
     """The checks above can fail: a typo in a Deployment and in the ServiceMonitor are both caught."""
     version = _kubernetes_versions()[-1]

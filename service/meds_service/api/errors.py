@@ -112,7 +112,7 @@ def install(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, StoreUnavailable):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-            log.warning("store unavailable: %s", exc.message)
+            log.warning("store unavailable: %s", exc.message, exc_info=exc)
         if isinstance(exc, Unauthorized):
             headers = {"WWW-Authenticate": "Bearer"}
         return error_response(status, exc.type, exc.message, request_id_of(request), headers)

@@ -1,18 +1,36 @@
-"""Pure-ASGI middleware: request ids, body-size limit, and request metrics (outermost first)."""
+"""Pure-ASGI middleware: request ids, body-size limit, request metrics and the access log (outermost first)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
 from typing import Any
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..logs import RateLimited
 from ..metrics import Metrics
 from .errors import error_response
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Probes and scrapes arrive every few seconds; their successes are logged at DEBUG only.
+_QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+_ERROR_BODY_LIMIT = 8192  # error bodies are small; never hold more of a response than this
+
+access_log = logging.getLogger("meds.access")
+reject_log = logging.getLogger("meds.rejected")
+
+
+def _error_of(body: bytes) -> tuple[str, str]:
+    """(type, message) of an error body `{"error": {...}}`; what can be read of anything else."""
+    try:
+        error = orjson.loads(body)["error"]
+        return str(error["type"]), str(error["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "http_error", body[:200].decode("utf-8", "replace")
 
 
 class _TooLarge(Exception):
@@ -20,12 +38,16 @@ class _TooLarge(Exception):
 
 
 class RequestContext:
-    """Gives each request an id (the client's X-Request-ID when sane), limits the body, counts metrics."""
+    """Gives each request an id (the client's X-Request-ID when sane), limits the body, counts metrics and
+    writes one access line per request: method, route template, status, duration, rollouts, request id
+    (never fingerprints or texts). A 4xx also gets a `meds.rejected` warning that says why, at most once
+    per second per route, status and error type."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.rejections = RateLimited(1.0)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -37,6 +59,7 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status_holder: dict[str, Any] = {"status": 500, "started": False}
+        error_body = bytearray()
 
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -44,6 +67,8 @@ class RequestContext:
                 status_holder["started"] = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            elif 400 <= status_holder["status"] < 500 and len(error_body) < _ERROR_BODY_LIMIT:
+                error_body.extend(message.get("body", b"")[: _ERROR_BODY_LIMIT - len(error_body)])
             await send(message)
 
         length = headers.get("content-length")
@@ -60,11 +85,38 @@ class RequestContext:
             await response(scope, receive, send_wrapped)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            # A mount (the docs assets under /static) sets its prefix as root_path and no route.
+            mounted = scope.get("root_path")
+            path = getattr(route, "path", None) or (f"{mounted}/{{path}}" if mounted else "unmatched")
             status = str(status_holder["status"])
             method = scope.get("method", "")
+            seconds = time.perf_counter() - started
             self.metrics.requests.labels(path, method, status).inc()
-            self.metrics.latency.labels(path, method, status).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(path, method, status).observe(seconds)
+            self._log(scope, method, path, status_holder["status"], seconds, request_id, bytes(error_body))
+
+    def _log(
+        self, scope: Scope, method: str, route: str, status: int, seconds: float, request_id: str, error_body: bytes
+    ) -> None:
+        fields: dict[str, Any] = {"method": method, "route": route, "status": status,
+                                  "duration_ms": round(seconds * 1e3, 2)}  # fmt: skip
+        rollouts = scope["state"].get("rollouts")
+        if rollouts is not None:
+            fields["rollouts"] = rollouts
+        fields["request_id"] = request_id
+        if 400 <= status < 500:
+            type_, message = _error_of(error_body)
+            fields["error"] = type_
+            held = self.rejections.allow((route, status, type_))
+            if held is not None:
+                more = f" ({held} more like it held back)" if held else ""
+                reject_log.warning(
+                    "%s %s %d %s: %s%s", method, route, status, type_, message, more,
+                    extra={"fields": {"route": route, "status": status, "error": type_, "request_id": request_id}},
+                )  # fmt: skip
+        quiet = route in _QUIET_ROUTES and status < 400
+        access_log.log(logging.DEBUG if quiet else logging.INFO, "%s %s %d", method, route, status,
+                       extra={"fields": fields})  # fmt: skip
 
     def _limited(self, receive: Receive) -> Receive:
         seen = 0

@@ -137,6 +137,7 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
     received = time.perf_counter()
     decoder = request_codec(request.headers.get("content-type", ""))
     batch = decoder.decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
+    request.state.rollouts = len(batch)  # for the access log
     decoded = time.perf_counter()
     results = await run_in_threadpool(engine.score, run, batch)
     scored = time.perf_counter()

@@ -99,6 +99,19 @@ class RunConfig:
     def with_dim(self, dim: int) -> RunConfig:
         return dataclasses.replace(self, dim=dim)
 
+    def check_fingerprint_length(self, dim: int, run: str) -> None:
+        """Refuse a first fingerprint too short for this config: `layer_diff` needs 2 values, and `last_n_layers`
+        keeps the last n features, so it needs n values (n + 1 with `layer_diff`). Longer ones are cut."""
+        if self.layer_diff and dim < 2:
+            raise InvalidInput("layer_diff needs fingerprints of at least 2 values")
+        if self.last_n_layers is not None:
+            needed = self.last_n_layers + 1 if self.layer_diff else self.last_n_layers
+            if dim < needed:
+                raise InvalidInput(
+                    f"fingerprints have {dim} values but run {run!r} keeps the last {self.last_n_layers} "
+                    f"(last_n_layers{', after layer_diff' if self.layer_diff else ''}), so it needs at least {needed}"
+                )
+
     # ---- derived shapes -------------------------------------------------------------------------
 
     @property

@@ -202,8 +202,7 @@ class ErrorMemory:
         dim = batch.fingerprints.shape[1]
         if config.dim is None:
             self._check_dim(dim)
-            if config.layer_diff and dim < 2:
-                raise InvalidInput("layer_diff needs fingerprints of at least 2 values")
+            config.check_fingerprint_length(dim, run.name)
             return config.with_dim(dim)
         if dim != config.dim:
             raise InvalidInput(f"fingerprints have {dim} values but run {run.name!r} expects {config.dim}")
