@@ -158,7 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body = await run_in_threadpool(generate_latest, metrics.registry)  # the gauges read the store
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         """The generated schema plus the bodies that routes decode themselves (ScoreRequest for speed)."""

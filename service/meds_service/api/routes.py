@@ -65,6 +65,7 @@ def json_response(payload: Any, status_code: int = 200) -> Response:
 
 
 def run_json(engine: ErrorMemory, name: str) -> dict[str, Any]:
+    """A run as the API shows it. It reads the store (on Redis, over the network): call it off the event loop."""
     return {
         "run": name,
         "config": engine.config(name).as_dict(),
@@ -91,18 +92,26 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
 )
 async def put_run(run: RunName, request: Request, engine: EngineDep) -> Response:
     patch = json_object(await request.body())
-    _, created = await run_in_threadpool(engine.put_config, run, patch)
-    return json_response(run_json(engine, run), 201 if created else 200)
+
+    def put() -> tuple[dict[str, Any], bool]:
+        _, created = engine.put_config(run, patch)
+        return run_json(engine, run), created
+
+    body, created = await run_in_threadpool(put)
+    return json_response(body, 201 if created else 200)
 
 
 @v1.get("/runs", response_model=RunListResponse, summary="List runs")
 async def list_runs(engine: EngineDep) -> Response:
-    return json_response({"runs": [run_json(engine, name) for name in engine.run_names()]})
+    def runs() -> list[dict[str, Any]]:
+        return [run_json(engine, name) for name in engine.run_names()]
+
+    return json_response({"runs": await run_in_threadpool(runs)})
 
 
 @v1.get("/runs/{run}", response_model=RunResponse, summary="A run's config and memory stats")
 async def get_run(run: RunName, engine: EngineDep) -> Response:
-    return json_response(run_json(engine, run))
+    return json_response(await run_in_threadpool(run_json, engine, run))
 
 
 @v1.delete("/runs/{run}", status_code=204, summary="Forget a run and all its memory")
@@ -188,5 +197,9 @@ async def healthz() -> Response:
 async def readyz(engine: EngineDep) -> Response:
     if not engine.loaded:
         raise StoreUnavailable("memory is still loading", retry_after=2)
-    await run_in_threadpool(engine.store.ping)
-    return json_response({"status": "ready", "detail": {"store": engine.store.info(), "runs": len(engine.run_names())}})
+
+    def detail() -> dict[str, Any]:
+        engine.store.ping()
+        return {"store": engine.store.info(), "runs": len(engine.run_names())}
+
+    return json_response({"status": "ready", "detail": await run_in_threadpool(detail)})
