@@ -228,7 +228,10 @@ def _column_fingerprints(request: dict[str, Any], n: int, max_dim: int) -> tuple
     if dim == 0 and rows:
         raise InvalidInput("a fingerprint has no values")
     matrix = _float32_rows(spec["data"], rows, dim, "fingerprints")
-    present = _column(request, "fingerprint_present", "<u1", n, default=1).astype(bool)
+    flags = _column(request, "fingerprint_present", "<u1", n, default=1)
+    if (flags > 1).any():
+        raise SchemaError("fingerprint_present holds values other than 0 and 1")
+    present = flags.astype(bool)
     if int(present.sum()) != rows:
         raise InvalidInput(f"fingerprint_present marks {int(present.sum())} rollouts for {rows} fingerprint rows")
     out = np.zeros((n, dim), dtype=np.float32)

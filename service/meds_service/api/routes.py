@@ -9,12 +9,13 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from ..core.errors import StoreUnavailable, Unauthorized
 from ..engine import ErrorMemory
 from ..settings import Settings
-from .codec import MSGPACK, request_codec, response_codec
+from .codec import CODECS, MSGPACK, request_codec, response_codec
 from .errors import json_object, validated
 from .schemas import (
     RUN_PATTERN,
@@ -32,7 +33,7 @@ RunName = Annotated[str, Path(pattern=RUN_PATTERN, description="Run id: [A-Za-z0
 PromptId = Annotated[str, Path(min_length=1, max_length=512)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 409, 413, 415, 422, 503)
 }
 
 
@@ -58,6 +59,22 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     if not any(hmac.compare_digest(token.encode(), key.get_secret_value().encode()) for key in settings.api_keys):
         raise Unauthorized("API key not accepted")
+
+
+JSON_ONLY = ("application/json",)
+
+
+async def body_of(request: Request, media_types: tuple[str, ...] = JSON_ONLY) -> bytes:
+    """The request body; 415 unless its Content-Type is one of `media_types` (an empty body needs none)."""
+    body = await request.body()
+    content_type = request.headers.get("content-type")
+    if content_type is None and not body:
+        return body
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type not in media_types:
+        shown = repr(content_type) if content_type is not None else "none"
+        raise HTTPException(415, f"Content-Type {shown} is not accepted here: send {' or '.join(media_types)}")
+    return body
 
 
 def json_response(payload: Any, status_code: int = 200) -> Response:
@@ -91,7 +108,7 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
     },
 )
 async def put_run(run: RunName, request: Request, engine: EngineDep) -> Response:
-    patch = json_object(await request.body())
+    patch = json_object(await body_of(request))
 
     def put() -> tuple[dict[str, Any], bool]:
         _, created = engine.put_config(run, patch)
@@ -142,15 +159,15 @@ async def delete_run(run: RunName, engine: EngineDep) -> Response:
 )
 async def score(run: RunName, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
     started = time.perf_counter()
-    body = await request.body()
+    body = await body_of(request, tuple(CODECS))
     received = time.perf_counter()
     decoder = request_codec(request.headers.get("content-type", ""))
-    batch = decoder.decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
+    batch = await run_in_threadpool(decoder.decode, body, max_batch=settings.max_batch, max_dim=settings.max_dim)
     decoded = time.perf_counter()
     results = await run_in_threadpool(engine.score, run, batch)
     scored = time.perf_counter()
     encoder = response_codec(request.headers.get("accept", ""))
-    response = Response(encoder.encode(results), media_type=encoder.media_type)
+    response = Response(await run_in_threadpool(encoder.encode, results), media_type=encoder.media_type)
     timings = {"receive": received - started, "decode": decoded - received, "score": scored - decoded,
                "encode": time.perf_counter() - scored}  # fmt: skip
     response.headers["server-timing"] = ", ".join(f"{k};dur={1e3 * v:.1f}" for k, v in timings.items())
@@ -169,7 +186,7 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
     },
 )
 async def recluster(run: RunName, request: Request, engine: EngineDep) -> Response:
-    body = await request.body()
+    body = await body_of(request)
     options = validated(ReclusterRequest, body) if body.strip() else ReclusterRequest()
     report = await run_in_threadpool(engine.recluster, run, options.all)
     return json_response(report)
