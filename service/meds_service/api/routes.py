@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Request
@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from ..core.config import RunConfig
 from ..core.errors import StoreUnavailable, Unauthorized
 from ..engine import ErrorMemory
 from ..settings import Settings
@@ -77,6 +78,19 @@ async def body_of(request: Request, media_types: tuple[str, ...] = JSON_ONLY) ->
     return body
 
 
+INTEGER_FIELDS = frozenset(
+    name for name, hint in get_type_hints(RunConfig).items() if hint in (int, int | None) and name.islower()
+)
+
+
+def whole_numbers(patch: dict[str, Any]) -> dict[str, Any]:
+    """A config patch with 3.0 read as 3 for the integer fields, as JSON Schema counts it an integer."""
+    return {
+        name: int(value) if name in INTEGER_FIELDS and isinstance(value, float) and value.is_integer() else value
+        for name, value in patch.items()
+    }
+
+
 def json_response(payload: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status_code, media_type="application/json")
 
@@ -108,7 +122,7 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
     },
 )
 async def put_run(run: RunName, request: Request, engine: EngineDep) -> Response:
-    patch = json_object(await body_of(request))
+    patch = whole_numbers(json_object(await body_of(request)))
 
     def put() -> tuple[dict[str, Any], bool]:
         _, created = engine.put_config(run, patch)
