@@ -26,7 +26,7 @@ from .api import errors
 from .api.explorer import explorer, page, ui_assets
 from .api.middleware import RequestContext
 from .api.routes import health, v1
-from .api.schemas import ReclusterRequest, ScoreColumnsRequest, ScoreColumnsResponse, ScoreRequest
+from .api.schemas import ReclusterRequest, ScoreColumnsRequest, ScoreColumnsResponse, ScoreRequest, publish_limits
 from .engine import ErrorMemory, RefitScheduler
 from .engine.ports import RefitQueue
 from .engine.summary import CollapseViews
@@ -167,7 +167,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body = await run_in_threadpool(generate_latest, metrics.registry)  # the gauges read the store
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         """The generated schema plus the bodies that routes decode themselves (ScoreRequest for speed)."""
@@ -178,7 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(extra.pop("$defs", {}))
                 components[model.__name__] = extra
-            app.openapi_schema = schema
+            app.openapi_schema = publish_limits(schema, max_batch=settings.max_batch, max_dim=settings.max_dim)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

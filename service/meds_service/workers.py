@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import threading
@@ -43,12 +44,51 @@ def refit_job(spec: StoreSpec, run: str, config: RunConfig, keys: Sequence[Memor
     return [Fit(key, fit_labels(state.vectors, config), state.start, state.n) for key, state in states.items()]
 
 
-def _init_worker() -> None:
+def _init_worker(owner: int) -> None:
+    """Set up a worker process: its libraries, and a thread that ends it when `owner` (the process that
+    made the pool) dies, however it dies: a SIGKILLed service must leave no worker running. (The
+    forkserver and the resource tracker then exit by themselves: they live while a worker holds their
+    pipes.)"""
+    _warm()
+    global _watching
+    if not _watching:
+        _watching = True
+        threading.Thread(target=_exit_with, args=(owner,), name="meds-owner-watch", daemon=True).start()
+
+
+_watching = False
+
+
+def _warm() -> None:
     # Results do not depend on these; they only skip checks and thread oversubscription in small fits.
     import sklearn
 
     sklearn.set_config(assume_finite=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _exit_with(owner: int) -> None:
+    """Block until process `owner` ends, then end this process at once (no cleanup: the owner is gone)."""
+    try:
+        fd = os.pidfd_open(owner)
+    except ProcessLookupError:
+        os._exit(1)
+    except OSError:  # no pidfd (an old kernel): poll instead
+        while _exists(owner):
+            time.sleep(1.0)
+        os._exit(1)
+    select.select([fd], [], [])
+    os._exit(1)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class LocalRefitter:
@@ -65,11 +105,11 @@ class LocalRefitter:
         if not self.processes:
             return ThreadPoolExecutor(self.workers, thread_name_prefix="meds-refit")
         context = multiprocessing.get_context("forkserver")
-        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker)
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
 
     def warm_up(self) -> None:
         """Start the workers and import their libraries now rather than on the first refit."""
-        futures = [self._pool.submit(_init_worker) for _ in range(self.workers)]
+        futures = [self._pool.submit(_warm) for _ in range(self.workers)]
         for future in futures:
             future.result()
 

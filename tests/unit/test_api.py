@@ -84,7 +84,7 @@ BAD_BODIES: list[tuple[str, Any, int]] = [
     ("1e400", '{"rollouts": [{"rollout_id": "a", "prompt_id": "p", "fingerprint": [1e400, 1.0]}]}', 422),
     ("1e39", {"rollouts": [rollout(0, fp=[1e39, 1.0, 2.0])]}, 400),
     ("-1e39", {"rollouts": [rollout(0, fp=[-1e39, 1.0, 2.0])]}, 400),
-    ("empty batch", {"rollouts": []}, 400),
+    ("empty batch", {"rollouts": []}, 422),  # the schema states minItems 1
     ("duplicate ids", {"rollouts": [rollout(0), rollout(0)]}, 400),
     ("missing prompt_id", {"rollouts": [{"rollout_id": "a", "fingerprint": [1.0]}]}, 422),
     ("missing rollouts", {"step": 1}, 422),
@@ -271,7 +271,7 @@ def test_health_ready_docs_and_request_ids(client: TestClient) -> None:
 def test_metrics_are_exported(client: TestClient) -> None:
     client.post("/v1/runs/m/score", json={"rollouts": [rollout(0), rollout(1, fp=None)]})
     client.post("/v1/runs/m/score", json={"rollouts": [rollout(0)]})
-    client.post("/v1/runs/m/score", json={"rollouts": []})
+    client.post("/v1/runs/m/score", json={"rollouts": [rollout(2), rollout(2)]})  # repeated ids: 400
     client.post("/v1/runs/m/recluster")
     text = client.get("/metrics").text
     for needle in (
@@ -346,7 +346,7 @@ BAD_COLUMNS: list[tuple[str, bytes, int]] = [
     ("not a map", msgpack.packb([1, 2]), 422),
     ("unknown field", columns([rollout(0)], colour=1), 422),
     ("ids not a list", msgpack.packb({"rollout_id": "a", "prompt_id": ["p"]}), 422),
-    ("empty", msgpack.packb({"rollout_id": [], "prompt_id": []}), 400),
+    ("empty", msgpack.packb({"rollout_id": [], "prompt_id": []}), 422),
     ("lengths differ", msgpack.packb({"rollout_id": ["a", "b"], "prompt_id": ["p"]}), 422),
     ("duplicate ids", msgpack.packb({"rollout_id": ["a", "a"], "prompt_id": ["p", "p"]}), 400),
     ("short correct", msgpack.packb({"rollout_id": ["a"], "prompt_id": ["p"], "correct": b""}), 422),

@@ -67,15 +67,16 @@ def test_each_4xx_says_why_at_most_once_per_second_per_cause(
 ) -> None:
     caplog.set_level(logging.INFO)
     for _ in range(5):
-        assert client.post("/v1/runs/demo/score", json={"rollouts": []}).status_code == 400
+        assert client.post("/v1/runs/demo/score", json={"rollouts": []}).status_code == 422
     assert client.get("/v1/runs/missing").status_code == 404
     reasons = _records(caplog, "meds.rejected")
     assert [r.getMessage() for r in reasons] == [
-        "POST /v1/runs/{run}/score 400 invalid_input: rollouts is empty",
+        "POST /v1/runs/{run}/score 422 invalid_input: rollouts: List should have at least 1 item after validation, "
+        "not 0",
         "GET /v1/runs/{run} 404 not_found: run 'missing' does not exist",
     ]
     assert all(r.levelno == logging.WARNING for r in reasons)
-    assert len([r for r in _records(caplog, "meds.access") if r.fields["status"] == 400]) == 5  # type: ignore[attr-defined]
+    assert len([r for r in _records(caplog, "meds.access") if r.fields["status"] == 422]) == 5  # type: ignore[attr-defined]
 
 
 def test_rate_limit_reports_what_it_held_back() -> None:

@@ -19,9 +19,7 @@ import orjson
 from ..core.errors import InvalidInput, SchemaError
 from ..core.types import NO_CLUSTER32, STATUSES, Group, RolloutBatch, ScoreOutcome
 from .errors import validated
-from .schemas import MAX_STEP, FingerprintMatrix, ScoreRequest
-
-F32_MAX = float(np.finfo(np.float32).max)
+from .schemas import F32_MAX, MAX_STEP, FingerprintMatrix, ScoreRequest
 
 
 def decode_score_request(body: bytes, *, max_batch: int, max_dim: int) -> RolloutBatch:
@@ -41,7 +39,7 @@ def decode_score_request(body: bytes, *, max_batch: int, max_dim: int) -> Rollou
 
 def _check_ids(ids: list[str], max_batch: int) -> None:
     if not ids:
-        raise InvalidInput("rollouts is empty")
+        raise SchemaError("rollouts is empty")  # the schema states minItems 1: 422, as for other misfits
     if len(ids) > max_batch:
         raise InvalidInput(f"{len(ids)} rollouts in one request is over the limit of {max_batch}")
     if len(set(ids)) != len(ids):
@@ -228,7 +226,10 @@ def _column_fingerprints(request: dict[str, Any], n: int, max_dim: int) -> tuple
     if dim == 0 and rows:
         raise InvalidInput("a fingerprint has no values")
     matrix = _float32_rows(spec["data"], rows, dim, "fingerprints")
-    present = _column(request, "fingerprint_present", "<u1", n, default=1).astype(bool)
+    flags = _column(request, "fingerprint_present", "<u1", n, default=1)
+    if (flags > 1).any():
+        raise SchemaError("fingerprint_present holds values other than 0 and 1")
+    present = flags.astype(bool)
     if int(present.sum()) != rows:
         raise InvalidInput(f"fingerprint_present marks {int(present.sum())} rollouts for {rows} fingerprint rows")
     out = np.zeros((n, dim), dtype=np.float32)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -13,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from ..core.errors import (
     Conflict,
@@ -27,6 +30,7 @@ from ..core.errors import (
 )
 
 log = logging.getLogger(__name__)
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 STATUS: dict[type[MedsError], int] = {
     SchemaError: 422,
@@ -78,13 +82,63 @@ def describe(errors: Iterable[Mapping[str, Any]], count: int, limit: int = 5) ->
 
 
 def validated(model: type[Model], body: bytes) -> Model:
-    """A JSON body validated against a wire model: 400 when it is not JSON, 422 when it does not fit."""
-    return _parsed(model.model_validate_json, body)
+    """A JSON body validated against a wire model: 400 when it is not JSON or repeats a key, 422 when it
+    does not fit."""
+    value = _parsed(model.model_validate_json, body)
+    _check_unique_keys(body, _keys_in(value))
+    return value
 
 
 def json_object(body: bytes) -> dict[str, Any]:
     """A body that must be a JSON object (or empty: {})."""
-    return _parsed(_OBJECT.validate_json, body) if body.strip() else {}
+    if not body.strip():
+        return {}
+    value = _parsed(_OBJECT.validate_json, body)
+    _check_unique_keys(body, _keys_in(value))
+    return value
+
+
+# A JSON string, and whether it is an object's key (a colon follows). Matched from the left over valid JSON,
+# whose every '"' opens or closes a string, it finds exactly the strings of the document.
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"(\s*:)?')
+
+
+def _keys_in(value: Any) -> int:
+    """How many object members a parsed body holds (lists are looked into only when they hold containers:
+    a fingerprint's thousands of floats are skipped at the first)."""
+    if isinstance(value, BaseModel):
+        fields = value.model_fields_set
+        return len(fields) + sum(_keys_in(getattr(value, name)) for name in fields)
+    if isinstance(value, dict):
+        return len(value) + sum(_keys_in(v) for v in value.values())
+    if isinstance(value, list) and value and isinstance(value[0], dict | list | BaseModel):
+        return sum(_keys_in(v) for v in value)
+    return 0
+
+
+def _check_unique_keys(body: bytes, parsed_keys: int) -> None:
+    """400 when an object of the body repeats a key (JSON parsers keep the last value silently): the body
+    names more keys than its parsed objects hold. Exact, and one regex pass over the body's strings."""
+    named = sum(1 for match in _STRING.finditer(body) if match.group(1))
+    if named != parsed_keys:
+        raise InvalidInput(f"body repeats a key in an object{_first_repeat(body)}")
+
+
+def _first_repeat(body: bytes) -> str:
+    """The first repeated key, for the message (the body is known to have one; it is parsed again only now)."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        if not found and len(set(keys)) != len(keys):
+            found.append(next(k for i, k in enumerate(keys) if k in keys[:i]))
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except ValueError:
+        return ""
+    return f": {found[0]!r}" if found else ""
 
 
 def _parsed(parse: Callable[[bytes], T], body: bytes) -> T:
@@ -96,6 +150,18 @@ def _parsed(parse: Callable[[bytes], T], body: bytes) -> T:
         if any(e["type"] == "json_invalid" for e in errors):
             raise InvalidInput("body is not valid JSON") from None
         raise SchemaError(describe(errors, exc.error_count())) from None
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at the request's path (the router names only the first route's), and
+    OPTIONS, which each path answers."""
+    routes = request.app.router.routes
+    methods = {"OPTIONS"}
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in routes):
+            methods.add(method)
+    return ", ".join(sorted(methods))
 
 
 def status_of(exc: MedsError) -> int:
@@ -124,8 +190,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = exc.headers
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": allowed})
+            headers = {**(headers or {}), "Allow": allowed}
         type_ = _HTTP_TYPES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, type_, str(exc.detail), request_id_of(request), exc.headers)
+        return error_response(exc.status_code, type_, str(exc.detail), request_id_of(request), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

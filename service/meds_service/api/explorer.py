@@ -117,7 +117,9 @@ async def run_summary(run: RunName, views: ViewsDep) -> Response:
 async def ranked_prompts(
     run: RunName,
     views: ViewsDep,
-    sort: Annotated[str, Query(description=f"One of {', '.join(SORTS)}.")] = "collapse",
+    sort: Annotated[str, Query(description=f"One of {', '.join(SORTS)}.", json_schema_extra={"enum": list(SORTS)})] = (
+        "collapse"
+    ),
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> Response:

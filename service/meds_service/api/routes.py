@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from ..core.config import RunConfig
 from ..core.errors import StoreUnavailable, Unauthorized
 from ..engine import ErrorMemory
 from ..settings import Settings
-from .codec import MSGPACK, request_codec, response_codec
+from .codec import CODECS, MSGPACK, request_codec, response_codec
 from .errors import json_object, validated
 from .schemas import (
     RUN_PATTERN,
@@ -32,7 +34,7 @@ RunName = Annotated[str, Path(pattern=RUN_PATTERN, description="Run id: [A-Za-z0
 PromptId = Annotated[str, Path(min_length=1, max_length=512)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 409, 413, 415, 422, 503)
 }
 
 
@@ -60,11 +62,41 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
         raise Unauthorized("API key not accepted")
 
 
+JSON_ONLY = ("application/json",)
+
+
+async def body_of(request: Request, media_types: tuple[str, ...] = JSON_ONLY) -> bytes:
+    """The request body; 415 unless its Content-Type is one of `media_types` (an empty body needs none)."""
+    body = await request.body()
+    content_type = request.headers.get("content-type")
+    if content_type is None and not body:
+        return body
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type not in media_types:
+        shown = repr(content_type) if content_type is not None else "none"
+        raise HTTPException(415, f"Content-Type {shown} is not accepted here: send {' or '.join(media_types)}")
+    return body
+
+
+INTEGER_FIELDS = frozenset(
+    name for name, hint in get_type_hints(RunConfig).items() if hint in (int, int | None) and name.islower()
+)
+
+
+def whole_numbers(patch: dict[str, Any]) -> dict[str, Any]:
+    """A config patch with 3.0 read as 3 for the integer fields, as JSON Schema counts it an integer."""
+    return {
+        name: int(value) if name in INTEGER_FIELDS and isinstance(value, float) and value.is_integer() else value
+        for name, value in patch.items()
+    }
+
+
 def json_response(payload: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status_code, media_type="application/json")
 
 
 def run_json(engine: ErrorMemory, name: str) -> dict[str, Any]:
+    """A run as the API shows it. It reads the store (on Redis, over the network): call it off the event loop."""
     return {
         "run": name,
         "config": engine.config(name).as_dict(),
@@ -90,19 +122,27 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
     },
 )
 async def put_run(run: RunName, request: Request, engine: EngineDep) -> Response:
-    patch = json_object(await request.body())
-    _, created = await run_in_threadpool(engine.put_config, run, patch)
-    return json_response(run_json(engine, run), 201 if created else 200)
+    patch = whole_numbers(json_object(await body_of(request)))
+
+    def put() -> tuple[dict[str, Any], bool]:
+        _, created = engine.put_config(run, patch)
+        return run_json(engine, run), created
+
+    body, created = await run_in_threadpool(put)
+    return json_response(body, 201 if created else 200)
 
 
 @v1.get("/runs", response_model=RunListResponse, summary="List runs")
 async def list_runs(engine: EngineDep) -> Response:
-    return json_response({"runs": [run_json(engine, name) for name in engine.run_names()]})
+    def runs() -> list[dict[str, Any]]:
+        return [run_json(engine, name) for name in engine.run_names()]
+
+    return json_response({"runs": await run_in_threadpool(runs)})
 
 
 @v1.get("/runs/{run}", response_model=RunResponse, summary="A run's config and memory stats")
 async def get_run(run: RunName, engine: EngineDep) -> Response:
-    return json_response(run_json(engine, run))
+    return json_response(await run_in_threadpool(run_json, engine, run))
 
 
 @v1.delete("/runs/{run}", status_code=204, summary="Forget a run and all its memory")
@@ -133,16 +173,16 @@ async def delete_run(run: RunName, engine: EngineDep) -> Response:
 )
 async def score(run: RunName, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
     started = time.perf_counter()
-    body = await request.body()
+    body = await body_of(request, tuple(CODECS))
     received = time.perf_counter()
     decoder = request_codec(request.headers.get("content-type", ""))
-    batch = decoder.decode(body, max_batch=settings.max_batch, max_dim=settings.max_dim)
+    batch = await run_in_threadpool(decoder.decode, body, max_batch=settings.max_batch, max_dim=settings.max_dim)
     request.state.rollouts = len(batch)  # for the access log
     decoded = time.perf_counter()
     results = await run_in_threadpool(engine.score, run, batch)
     scored = time.perf_counter()
     encoder = response_codec(request.headers.get("accept", ""))
-    response = Response(encoder.encode(results), media_type=encoder.media_type)
+    response = Response(await run_in_threadpool(encoder.encode, results), media_type=encoder.media_type)
     timings = {"receive": received - started, "decode": decoded - received, "score": scored - decoded,
                "encode": time.perf_counter() - scored}  # fmt: skip
     response.headers["server-timing"] = ", ".join(f"{k};dur={1e3 * v:.1f}" for k, v in timings.items())
@@ -161,7 +201,7 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
     },
 )
 async def recluster(run: RunName, request: Request, engine: EngineDep) -> Response:
-    body = await request.body()
+    body = await body_of(request)
     options = validated(ReclusterRequest, body) if body.strip() else ReclusterRequest()
     report = await run_in_threadpool(engine.recluster, run, options.all)
     return json_response(report)
@@ -189,5 +229,9 @@ async def healthz() -> Response:
 async def readyz(engine: EngineDep) -> Response:
     if not engine.loaded:
         raise StoreUnavailable("memory is still loading", retry_after=2)
-    await run_in_threadpool(engine.store.ping)
-    return json_response({"status": "ready", "detail": {"store": engine.store.info(), "runs": len(engine.run_names())}})
+
+    def detail() -> dict[str, Any]:
+        engine.store.ping()
+        return {"store": engine.store.info(), "runs": len(engine.run_names())}
+
+    return json_response({"status": "ready", "detail": await run_in_threadpool(detail)})

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, with_config
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, with_config
 from typing_extensions import TypedDict
 
-from ..core.config import RunConfig
+from ..core.config import MAX_INT, MAX_KNN_K, MAX_TEXT_CHARS, RunConfig
 
 RUN_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 Id = Annotated[str, Field(min_length=1, max_length=512)]
 MAX_STEP = 2**63 - 1
-Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
+F32_MAX = 3.4028234663852886e38  # the largest float32
+
+
+def _whole(value: Any) -> Any:
+    """85.0 read as 85, as JSON Schema counts it an integer; every other value is left to the strict check
+    (which refuses strings, booleans and 85.5)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Step = Annotated[int, Field(ge=0, le=MAX_STEP), BeforeValidator(_whole)]
+Count = Annotated[int, Field(ge=0), BeforeValidator(_whole)]
 
 
 class _Strict(BaseModel):
@@ -23,7 +33,7 @@ class FingerprintMatrix(_Strict):
     """Compact fingerprints: a base64 little-endian row-major float32 matrix, rows picked by `fingerprint_row`."""
 
     dtype: Literal["float32"] = "float32"
-    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+    shape: Annotated[list[Count], Field(min_length=2, max_length=2)]
     data: str
 
 
@@ -31,7 +41,13 @@ class FingerprintMatrix(_Strict):
 class RolloutIn(TypedDict):
     """One rollout. A TypedDict, not a model: validating 10^4 of them into dicts is twice as fast."""
 
-    rollout_id: Annotated[Id, Field(description="Unique within the run; a retry with the same id is idempotent.")]
+    rollout_id: Annotated[
+        Id,
+        Field(
+            description="Distinct within a request. (prompt_id, rollout_id) identifies the rollout in its run: "
+            "a retry of the same pair is answered `duplicate`."
+        ),
+    ]
     prompt_id: Annotated[Id, Field(description="Stable id of the prompt (the client derives it from its text).")]
     correct: NotRequired[Annotated[bool | None, Field(description="Correctness; null = unknown (never penalised).")]]
     fingerprint: NotRequired[
@@ -42,7 +58,7 @@ class RolloutIn(TypedDict):
     ]
     fingerprint_row: NotRequired[
         Annotated[
-            Annotated[int, Field(ge=0)] | None,
+            Count | None,
             Field(description="Row of `fingerprint_matrix` holding this rollout's fingerprint (instead of a list)."),
         ]
     ]
@@ -59,7 +75,7 @@ class RolloutIn(TypedDict):
 
 class ScoreRequest(_Strict):
     step: Step | None = Field(None, description="Training step, stored with every remembered rollout.")
-    rollouts: list[RolloutIn]
+    rollouts: Annotated[list[RolloutIn], Field(min_length=1)]
     fingerprint_matrix: FingerprintMatrix | None = None
 
 
@@ -180,8 +196,8 @@ class ScoreColumnsRequest(BaseModel):
     of `application/msgpack` bodies; binary columns are msgpack bin values)."""
 
     step: Step | None = None
-    rollout_id: list[Id]
-    prompt_id: list[Id]
+    rollout_id: Annotated[list[Id], Field(min_length=1)]
+    prompt_id: Annotated[list[Id], Field(min_length=1)]
     correct: bytes | None = Field(None, description="int8 per rollout: 1 correct, 0 wrong, -1 unknown.")
     reward: bytes | None = Field(None, description="float64 per rollout; NaN = none.")
     fingerprints: FingerprintBytes | None = Field(None, description="Rows of the rollouts that have one, in order.")
@@ -202,3 +218,53 @@ class ScoreColumnsResponse(BaseModel):
     shaped_reward: bytes = Field(description="float64 per rollout; NaN = none.")
     metrics: BatchMetrics
     metric_counts: MetricCounts
+
+
+# ---- limits the schema states but the models cannot (set per deployment, or checked in core) ------------
+
+RUN_CONFIG_LIMITS: dict[str, dict[str, Any]] = {
+    "alpha": {"minimum": 0},
+    "beta": {"minimum": 0},
+    "cluster_selection_epsilon": {"minimum": 0},
+    "knn_k": {"minimum": 1, "maximum": MAX_KNN_K},
+    "min_cluster_size": {"minimum": 2, "maximum": MAX_INT},
+    "min_samples": {"minimum": 1, "maximum": MAX_INT},
+    "last_n_layers": {"minimum": 1, "maximum": MAX_INT},
+    "max_memory_per_key": {"minimum": 2, "maximum": MAX_INT},
+    "dim": {"minimum": 1},
+    "text_max_chars": {"minimum": 0, "maximum": MAX_TEXT_CHARS},
+}
+"""What RunConfig checks (core/config.py) on each field, as JSON Schema keywords."""
+
+
+def publish_limits(schema: dict[str, Any], *, max_batch: int, max_dim: int) -> dict[str, Any]:
+    """Add to a generated OpenAPI schema the limits the server enforces beyond its models: the batch and
+    fingerprint sizes of this deployment, float32's range, and the run config's ranges."""
+    components = schema["components"]["schemas"]
+    limits = {**RUN_CONFIG_LIMITS, "dim": {"minimum": 1, "maximum": max_dim}}
+    for name, keywords in limits.items():
+        _number_branch(components["RunConfig"]["properties"][name]).update(keywords)
+    components["ScoreRequest"]["properties"]["rollouts"]["maxItems"] = max_batch
+    for column in ("rollout_id", "prompt_id"):
+        components["ScoreColumnsRequest"]["properties"][column]["maxItems"] = max_batch
+    fingerprint = _array_branch(components["RolloutIn"]["properties"]["fingerprint"])
+    fingerprint.update({"minItems": 1, "maxItems": max_dim})
+    fingerprint["items"].update({"minimum": -F32_MAX, "maximum": F32_MAX})
+    shape = components["FingerprintMatrix"]["properties"]["shape"]
+    shape["prefixItems"] = [{"type": "integer", "minimum": 0}, {"type": "integer", "minimum": 0, "maximum": max_dim}]
+    return schema
+
+
+def _number_branch(prop: dict[str, Any]) -> dict[str, Any]:
+    """The integer or number schema of a property (of `anyOf` when it is nullable)."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") in ("integer", "number"):
+            return branch  # type: ignore[no-any-return]
+    raise KeyError(f"no number in {prop}")
+
+
+def _array_branch(prop: dict[str, Any]) -> dict[str, Any]:
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "array":
+            return branch  # type: ignore[no-any-return]
+    raise KeyError(f"no array in {prop}")

@@ -17,6 +17,7 @@ NoisePolicy = Literal["cluster", "ignore"]
 Consistency = Literal["exact", "fast"]
 
 MAX_KNN_K = 64
+MAX_INT = 2**63 - 1  # the largest integer a config field may hold
 MAX_TEXT_CHARS = 65536  # the most characters of a rollout's text a run may keep
 
 
@@ -158,10 +159,11 @@ def stored_columns(dim: int, layer_diff: bool, last_n_layers: int | None) -> int
 
 
 def _check_int(name: str, value: object, low: int, high: int | None) -> None:
+    """An integer from `low` to `high` (at most MAX_INT: what the stores and the JSON encoder hold)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(f"{name} must be an integer")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+    if value < low or value > (MAX_INT if high is None else high):
+        bound = f"between {low} and {high}" if high is not None else f"from {low} to {MAX_INT}"
         raise InvalidInput(f"{name} must be {bound}")
 
 

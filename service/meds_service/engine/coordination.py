@@ -121,13 +121,17 @@ class LocalCoordination(_Registry):
             return run
 
     def delete(self, name: str) -> None:
+        """Under the run's lock (no batch of it in flight), but not the registry's while waiting for it:
+        other runs are looked up meanwhile."""
         with self._lock:
             run = self._runs.get(name)
-            if run is None:
+        if run is None:
+            raise self._missing(name)
+        with run.lock, self._lock:
+            if self._runs.get(name) is not run:
                 raise self._missing(name)
-            with run.lock:
-                self.store.delete_run(name)
-                del self._runs[name]
+            self.store.delete_run(name)
+            del self._runs[name]
 
     def locked(self, run: str, prompt_ids: Sequence[str]) -> AbstractContextManager[None]:
         return nullcontext()  # the run's lock is enough: no other process writes
@@ -139,8 +143,9 @@ class LocalCoordination(_Registry):
         return bool(run.keys)
 
     def counts(self, run: RunMemory) -> MemoryCounts:
-        vectors = sum(c.live for c in list(run.keys.values()))
-        return MemoryCounts(len(run.keys), vectors, run.rollouts, len(run.pending))
+        """Safe without the run's lock: `list` copies the keys' counters in one step (under the GIL)."""
+        cached = list(run.keys.values())
+        return MemoryCounts(len(cached), sum(c.live for c in cached), run.rollouts, len(run.pending))
 
     def totals(self) -> MemoryCounts:
         return MemoryCounts.total([self.counts(run) for run in self.cached()])

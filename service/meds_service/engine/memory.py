@@ -294,18 +294,21 @@ class ErrorMemory:
     # ---- views --------------------------------------------------------------------------------------
 
     def stats(self, name: str) -> RunStats:
+        """A run's counts, without its lock: a score holds that lock for a whole batch (refit waits
+        included), and stats must answer meanwhile. The counts are read from copies, so they are those of
+        a moment, possibly one inside a batch being remembered."""
         run = self.coordination.run(name)
-        with run.lock:
-            counts = self.coordination.counts(run)
-            return {
-                "keys": counts.keys,
-                "vectors": counts.vectors,
-                "pending_refits": counts.pending,
-                "refits_in_flight": len(run.jobs()),
-                "rollouts": counts.rollouts,
-                "dim": run.config.dim,
-                "index_device": run.index.device if run.index else self.indexes.device,
-            }
+        counts = self.coordination.counts(run)
+        index = run.index
+        return {
+            "keys": counts.keys,
+            "vectors": counts.vectors,
+            "pending_refits": counts.pending,
+            "refits_in_flight": len(run.jobs()),
+            "rollouts": counts.rollouts,
+            "dim": run.config.dim,
+            "index_device": index.device if index else self.indexes.device,
+        }
 
     def prompt(self, name: str, prompt_id: str) -> PromptView:
         """A prompt's memory per group: its last fit's clusters, with the training steps they were seen at."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -47,6 +48,7 @@ from ..core.types import (
 )
 from .idindex import IdIndex, rollout_hashes
 
+log = logging.getLogger(__name__)
 DB_FILE = "meds.sqlite3"
 LOCK_FILE = "meds.lock"
 _SQL_VARS = 900  # stay far below SQLite's bound-parameter limit
@@ -208,7 +210,7 @@ class SQLiteStore:
                     self._follow_log(with_ids=False)
                 yield self._db
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"SQLite read failed: {exc}") from exc
+                raise _unavailable("SQLite read failed", exc) from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -217,15 +219,25 @@ class SQLiteStore:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"SQLite store busy or unwritable: {exc}") from exc
+                raise _unavailable("SQLite store busy or unwritable", exc) from exc
             try:
                 yield self._db
                 self._db.execute("COMMIT")
             except BaseException as exc:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 if isinstance(exc, sqlite3.Error):
-                    raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
+                    raise _unavailable("SQLite write failed", exc) from exc
                 raise
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if any: a failed COMMIT (disk full, I/O error) has often ended it
+        already, and a ROLLBACK then raises 'no transaction is active', which must not hide the fault."""
+        if not self._db.in_transaction:
+            return
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # the connection stays usable: the next BEGIN reports what is wrong
+            log.warning("SQLite rollback failed: %s", exc)
 
     def _follow_log(self, *, with_ids: bool) -> None:
         """Bring the catalog up to date with rows added since the last look (all of them at start)."""
@@ -656,3 +668,20 @@ def _join_chunks(entry: _Key, blobs: list[tuple[int, bytes]], first: int, dim: i
         return np.zeros((0, dim), dtype=np.float32)
     rows = np.concatenate([np.frombuffer(blob, dtype="<f4").reshape(-1, dim) for _, blob in parts])
     return np.ascontiguousarray(rows[first - parts[0][0] :], dtype=np.float32)
+
+
+# Faults that pass (a disk freed, a lock released, a filesystem remounted): how long to wait before a retry.
+_RETRY_AFTER_S = {
+    sqlite3.SQLITE_FULL: 5.0,
+    sqlite3.SQLITE_IOERR: 5.0,
+    sqlite3.SQLITE_READONLY: 5.0,
+    sqlite3.SQLITE_BUSY: 1.0,
+    sqlite3.SQLITE_LOCKED: 1.0,
+}
+
+
+def _unavailable(what: str, exc: sqlite3.Error) -> StoreUnavailable:
+    """503 + Retry-After for every SQLite fault: disk full, read-only, I/O error, locked."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    retry_after = _RETRY_AFTER_S.get(code & 0xFF, 1.0) if isinstance(code, int) else 1.0
+    return StoreUnavailable(f"{what}: {exc}", retry_after=retry_after)
