@@ -78,7 +78,7 @@ def test_every_block_is_covered() -> None:
 
 def test_install_lines_name_existing_extras() -> None:
     extras = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    named = re.findall(r'"meds-client\[(\w+)\]"', blocks("bash")[0] + README.read_text())
+    named = re.findall(r'"(?:meds-client|\./client)\[(\w+)\]"', blocks("bash")[0] + README.read_text())
     assert named and set(named) <= set(extras)
 
 
