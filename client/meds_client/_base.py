@@ -35,13 +35,13 @@ from ._config import (
     timeout_within,
 )
 from ._encoding import (
-    COLUMNS_AVAILABLE,
-    MSGPACK,
     ScoreChunk,
+    WireCodec,
     coerce_rollouts,
     plan_chunks,
-    unpack_columns,
+    read_json_object,
     unsendable_rows,
+    wire_codec,
 )
 from ._exceptions import (
     APIConnectionError,
@@ -97,10 +97,9 @@ class Call(Generic[T]):
     retry: bool = True
     accept: frozenset[int] = frozenset()
     """Non-2xx statuses that are an answer, not an error (e.g. 503 from /readyz)."""
-    checked_body: bool = False
-    """The body holds only values the encoder already checked (finite numbers): the fast encoder may run."""
     content: bytes | None = None
-    """A body already encoded in the compact msgpack form (sent as such; the answer asked in msgpack too)."""
+    """A body already encoded by `codec`, sent as such with its content type and Accept header."""
+    codec: WireCodec | None = None
 
 
 class ScorePlan:
@@ -116,10 +115,9 @@ class ScorePlan:
         self._results = ScoreResults.empty(size)
 
     def call(self, chunk: ScoreChunk) -> Call[ScoreResults]:
-        path = f"/v1/runs/{self.run}/score"
-        if chunk.columns is not None:
-            return Call("POST", path, _score_columns_parser(chunk.rollout_ids), content=chunk.columns)
-        return Call("POST", path, _score_parser(chunk.rollout_ids), body=chunk.body, checked_body=True)
+        assert chunk.codec is not None and chunk.content is not None, "a chunk that is not sent has no call"
+        parse = _score_parser(chunk.codec, chunk.rollout_ids)
+        return Call("POST", f"/v1/runs/{self.run}/score", parse, content=chunk.content, codec=chunk.codec)
 
     def fill(self, chunk: ScoreChunk, results: ScoreResults) -> None:
         self._results.put(chunk.positions, results)
@@ -149,11 +147,7 @@ class BaseMedsClient(Generic[HttpClientT]):
     ) -> None:
         if on_error not in ("raise", "zero"):
             raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
-        if wire not in ("auto", "json", "msgpack"):
-            raise ValueError(f"wire must be 'auto', 'json' or 'msgpack', got {wire!r}")
-        if wire == "msgpack" and not COLUMNS_AVAILABLE:
-            raise ValueError("wire='msgpack' needs msgpack: pip install 'meds-client[fast]'")
-        self.columnar = wire == "msgpack" or (wire == "auto" and COLUMNS_AVAILABLE)
+        self.wire = wire_codec(wire)
         if max_batch_rollouts < 1 or max_batch_bytes < 1:
             raise ValueError("max_batch_rollouts and max_batch_bytes must be positive")
         self.base_url = resolve_base_url(base_url)
@@ -179,26 +173,26 @@ class BaseMedsClient(Generic[HttpClientT]):
 
     def _put_run_call(self, run: str, config: RunConfig | Mapping[str, Any] | None) -> Call[Run]:
         def parse(response: httpx.Response) -> Run:
-            return Run.from_json(_json_object(response), created=response.status_code == 201)
+            return Run.from_json(read_json_object(response), created=response.status_code == 201)
 
         return Call("PUT", f"/v1/runs/{_run_path(run)}", parse, body=dict(config or {}))
 
     def _get_run_call(self, run: str) -> Call[Run]:
-        return Call("GET", f"/v1/runs/{_run_path(run)}", lambda r: Run.from_json(_json_object(r)))
+        return Call("GET", f"/v1/runs/{_run_path(run)}", lambda r: Run.from_json(read_json_object(r)))
 
     def _list_runs_call(self) -> Call[list[Run]]:
-        return Call("GET", "/v1/runs", lambda r: [Run.from_json(item) for item in _json_object(r)["runs"]])
+        return Call("GET", "/v1/runs", lambda r: [Run.from_json(item) for item in read_json_object(r)["runs"]])
 
     def _delete_run_call(self, run: str) -> Call[None]:
         return Call("DELETE", f"/v1/runs/{_run_path(run)}", lambda r: None)
 
     def _recluster_call(self, run: str, all_keys: bool) -> Call[ReclusterResult]:
         path = f"/v1/runs/{_run_path(run)}/recluster"
-        return Call("POST", path, lambda r: ReclusterResult.from_json(_json_object(r)), body={"all": all_keys})
+        return Call("POST", path, lambda r: ReclusterResult.from_json(read_json_object(r)), body={"all": all_keys})
 
     def _get_prompt_call(self, run: str, prompt_id: str) -> Call[PromptMemory]:
         path = f"/v1/runs/{_run_path(run)}/prompts/{quote(prompt_id, safe='')}"
-        return Call("GET", path, lambda r: PromptMemory.from_json(_json_object(r)))
+        return Call("GET", path, lambda r: PromptMemory.from_json(read_json_object(r)))
 
     def _health_call(self) -> Call[dict[str, Any]]:
         return Call("GET", "/healthz", _json_or_status)
@@ -235,7 +229,7 @@ class BaseMedsClient(Generic[HttpClientT]):
             max_rollouts=self.max_batch_rollouts,
             max_bytes=self.max_batch_bytes,
             step=step,
-            columnar=self.columnar,
+            codec=self.wire,
         )
 
     # -- sending policy ------------------------------------------------------------------------
@@ -246,11 +240,11 @@ class BaseMedsClient(Generic[HttpClientT]):
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         content = call.content
-        if content is not None:
-            headers["Content-Type"] = headers["Accept"] = MSGPACK
+        if call.codec is not None:
+            headers["Content-Type"], headers["Accept"] = call.codec.content_type, call.codec.accept
         elif call.body is not None:
             headers["Content-Type"] = "application/json"
-            content = _json.dumps(call.body, checked=call.checked_body)
+            content = _json.dumps(call.body)
         timeout = self.timeout
         if deadline_at is not None:
             timeout = timeout_within(timeout, max(deadline_at - time.monotonic(), 0.0))
@@ -351,16 +345,6 @@ def _run_path(run: str) -> str:
     return run
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = _json.loads(response.content)
-    except ValueError as exc:
-        raise APIResponseValidationError(f"response is not JSON: {exc}", response=response) from exc
-    if not isinstance(body, dict):
-        raise APIResponseValidationError("response is not a JSON object", response=response)
-    return body
-
-
 def _json_or_status(response: httpx.Response) -> dict[str, Any]:
     try:
         body = response.json()
@@ -369,26 +353,11 @@ def _json_or_status(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {"status": body}
 
 
-def _score_columns_parser(expected_ids: list[str]) -> Callable[[httpx.Response], ScoreResults]:
-    """Read the columnar msgpack answer (falls back to JSON when the service answered JSON)."""
+def _score_parser(codec: WireCodec, expected_ids: list[str]) -> Callable[[httpx.Response], ScoreResults]:
+    """Read a score answer with the codec its request was sent with."""
 
     def parse(response: httpx.Response) -> ScoreResults:
-        if not response.headers.get("content-type", "").startswith(MSGPACK):
-            return _score_parser(expected_ids)(response)
-        try:
-            wire = unpack_columns(response.content)
-        except ValueError as exc:
-            raise APIResponseValidationError(f"unreadable msgpack answer: {exc}", response=response) from exc
-        return _expect_ids(wire, expected_ids, response)
-
-    return parse
-
-
-def _score_parser(expected_ids: list[str]) -> Callable[[httpx.Response], ScoreResults]:
-    def parse(response: httpx.Response) -> ScoreResults:
-        body = _json_object(response)
-        results = ScoreResults.from_json(body["results"]).add_metrics(body.get("metrics"), body.get("metric_counts"))
-        return _expect_ids(results, expected_ids, response)
+        return _expect_ids(codec.read(response), expected_ids, response)
 
     return parse
 

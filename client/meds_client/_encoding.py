@@ -1,4 +1,5 @@
-"""Turning rollouts into score requests: validation, compact fingerprints, and chunking by prompt."""
+"""Turning rollouts into score requests: validation, compact fingerprints, chunking by prompt, and the
+wire codecs (`WIRE_CODECS`) that encode a chunk and read the answer in one wire format each."""
 
 from __future__ import annotations
 
@@ -7,19 +8,20 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 
+from . import _json
+from ._exceptions import APIResponseValidationError
 from ._types import Rollout, ScoreResults
 
 try:  # optional: the compact columnar wire form (`meds-client[fast]`)
     import msgpack
 except ImportError:  # pragma: no cover - exercised where msgpack is absent
     msgpack = None
-
-COLUMNS_AVAILABLE = msgpack is not None
 
 logger = logging.getLogger("meds_client")
 
@@ -32,15 +34,109 @@ _BINARY_BYTES_PER_FLOAT = 6
 """4 bytes of float32, as base64 (4/3), rounded up."""
 
 
+JSON = "application/json"
+
+
+class WireCodec(Protocol):
+    """One wire format of score requests and answers, as the client speaks it (the service's side is
+    `WireCodec` in meds_service/api/codec.py)."""
+
+    name: str
+    """The `wire=` option that picks it."""
+    content_type: str
+    """The Content-Type of the requests it encodes."""
+    accept: str
+    """The Accept header of its requests: the answer form it asks for."""
+    available: bool
+    """Whether its libraries are installed (`missing` says how to install them)."""
+    missing: str
+
+    def encode(self, rollouts: Sequence[Rollout], step: int | None) -> bytes:
+        """The body of one score request; ValueError when a rollout cannot be sent."""
+        ...
+
+    def read(self, response: httpx.Response) -> ScoreResults:
+        """The results of a score answer; APIResponseValidationError when it is unreadable."""
+        ...
+
+
+class JsonWire:
+    """`application/json` both ways: readable everywhere, needs nothing beyond the client."""
+
+    name = "json"
+    content_type = JSON
+    accept = JSON
+    available = True
+    missing = ""
+
+    def encode(self, rollouts: Sequence[Rollout], step: int | None) -> bytes:
+        return _json.dumps(encode_score_body(rollouts, step), checked=True)
+
+    def read(self, response: httpx.Response) -> ScoreResults:
+        body = read_json_object(response)
+        return ScoreResults.from_json(body["results"]).add_metrics(body.get("metrics"), body.get("metric_counts"))
+
+
+class ColumnsWire:
+    """`application/msgpack` both ways: the compact columnar form (`meds-client[fast]`). An answer in
+    JSON (a service that does not speak msgpack) is read as JSON."""
+
+    name = "msgpack"
+    content_type = MSGPACK
+    accept = MSGPACK
+    available = msgpack is not None
+    missing = "msgpack: pip install 'meds-client[fast]'"
+
+    def encode(self, rollouts: Sequence[Rollout], step: int | None) -> bytes:
+        return encode_score_columns(rollouts, step)
+
+    def read(self, response: httpx.Response) -> ScoreResults:
+        if not response.headers.get("content-type", "").startswith(MSGPACK):
+            return JSON_WIRE.read(response)
+        try:
+            return unpack_columns(response.content)
+        except ValueError as exc:
+            raise APIResponseValidationError(f"unreadable msgpack answer: {exc}", response=response) from exc
+
+
+JSON_WIRE = JsonWire()
+WIRE_CODECS: dict[str, WireCodec] = {codec.name: codec for codec in (ColumnsWire(), JSON_WIRE)}
+"""Every wire format by its `wire=` name, in the order `wire="auto"` prefers them when installed."""
+
+
+def wire_codec(wire: str) -> WireCodec:
+    """The codec the `wire=` option picks: the named one, or (`auto`) the first installed one."""
+    if wire == "auto":
+        return next(codec for codec in WIRE_CODECS.values() if codec.available)
+    codec = WIRE_CODECS.get(wire)
+    if codec is None:
+        names = ["auto", *sorted(WIRE_CODECS)]
+        raise ValueError(f"wire must be {', '.join(map(repr, names[:-1]))} or {names[-1]!r}, got {wire!r}")
+    if not codec.available:
+        raise ValueError(f"wire={wire!r} needs {codec.missing}")
+    return codec
+
+
+def read_json_object(response: httpx.Response) -> dict[str, Any]:
+    """The JSON object of an answer; APIResponseValidationError when it is not one."""
+    try:
+        body = _json.loads(response.content)
+    except ValueError as exc:
+        raise APIResponseValidationError(f"response is not JSON: {exc}", response=response) from exc
+    if not isinstance(body, dict):
+        raise APIResponseValidationError("response is not a JSON object", response=response)
+    return body
+
+
 @dataclass(frozen=True)
 class ScoreChunk:
-    """One score request: the rollouts it carries, where they sit in the caller's list, and its body: a
-    JSON object, or (`columns`) the compact msgpack columnar form when msgpack is installed."""
+    """One score request: the rollouts it carries, where they sit in the caller's list, and its body in
+    the wire format of `codec` (both None for rollouts that are not sent)."""
 
     positions: list[int]
     rollout_ids: list[str]
-    body: dict[str, Any] | None = None
-    columns: bytes | None = None
+    content: bytes | None = None
+    codec: WireCodec | None = None
 
 
 def coerce_rollouts(rollouts: Iterable[Rollout | Mapping[str, Any]]) -> list[Rollout]:
@@ -61,7 +157,7 @@ def coerce_rollouts(rollouts: Iterable[Rollout | Mapping[str, Any]]) -> list[Rol
 
 
 def plan_chunks(
-    rollouts: Sequence[Rollout], *, max_rollouts: int, max_bytes: int, step: int | None, columnar: bool = False
+    rollouts: Sequence[Rollout], *, max_rollouts: int, max_bytes: int, step: int | None, codec: WireCodec = JSON_WIRE
 ) -> list[ScoreChunk]:
     """Split a batch into requests without splitting a prompt's rollouts when it can be avoided.
 
@@ -89,7 +185,15 @@ def plan_chunks(
             current.extend(piece)
     if current:
         chunks.append(current)
-    return [_chunk(positions, [rollouts[i] for i in positions], step, columnar) for positions in chunks]
+    return [
+        ScoreChunk(
+            positions,
+            [rollouts[i].rollout_id for i in positions],
+            codec.encode([rollouts[i] for i in positions], step),
+            codec,
+        )
+        for positions in chunks
+    ]
 
 
 def unsendable_rows(rollouts: Sequence[Rollout]) -> tuple[list[int], str]:
@@ -118,13 +222,6 @@ def unsendable_rows(rollouts: Sequence[Rollout]) -> tuple[list[int], str]:
 
 def _sendable_floats(vector: npt.NDArray[np.float64]) -> bool:
     return bool(np.isfinite(vector).all() and (np.abs(vector) <= np.finfo(np.float32).max).all())
-
-
-def _chunk(positions: list[int], rollouts: Sequence[Rollout], step: int | None, columnar: bool) -> ScoreChunk:
-    ids = [r.rollout_id for r in rollouts]
-    if columnar:
-        return ScoreChunk(positions, ids, columns=encode_score_columns(rollouts, step))
-    return ScoreChunk(positions, ids, body=encode_score_body(rollouts, step))
 
 
 def encode_score_columns(rollouts: Sequence[Rollout], step: int | None) -> bytes:

@@ -5,7 +5,9 @@ Every test runs on both clients through the `make_client` fixture.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from typing import Any
 
 import httpx
@@ -29,8 +31,11 @@ from meds_client import (
     Rollout,
     ServiceUnavailableError,
     UnprocessableEntityError,
+    _json,
 )
-from tests.client._fakes import FakeService, decode_matrix, error_response
+from meds_client._encoding import WIRE_CODECS, encode_score_body, encode_score_columns, wire_codec
+from meds_client._types import ScoreResults
+from tests.client._fakes import FakeService, decode_matrix, error_response, score_result
 
 
 def rollouts(n: int, *, prompts: int = 1, dim: int = 4, numpy: bool = True) -> list[Rollout]:
@@ -418,3 +423,55 @@ def test_a_columnar_answer_is_read(service: FakeService, make_client: Any) -> No
 def test_unknown_wire_is_refused(make_client: Any) -> None:
     with pytest.raises(ValueError, match="wire"):
         make_client(wire="xml")
+
+
+def test_wire_picks_a_codec_from_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert wire_codec("auto") is WIRE_CODECS["msgpack"]  # msgpack is installed here
+    assert wire_codec("json") is WIRE_CODECS["json"] and wire_codec("msgpack") is WIRE_CODECS["msgpack"]
+    with pytest.raises(ValueError, match=r"^wire must be 'auto', 'json' or 'msgpack', got 'xml'$"):
+        wire_codec("xml")
+    monkeypatch.setattr(WIRE_CODECS["msgpack"], "available", False)  # as where msgpack is not installed
+    assert wire_codec("auto") is WIRE_CODECS["json"]
+    with pytest.raises(ValueError, match=re.escape("wire='msgpack' needs msgpack: pip install 'meds-client[fast]'")):
+        wire_codec("msgpack")
+
+
+@pytest.mark.parametrize("wire", ["json", "msgpack"])
+def test_each_codec_sends_its_encoding_with_its_headers(wire: str, service: FakeService, make_client: Any) -> None:
+    batch = rollouts(3, prompts=2)
+    batch.append(Rollout("no-fp", "p0", correct=None, reward=0.5, text="t"))
+    make_client(wire=wire).score("run-1", batch, step=4)
+    (request,) = service.requests
+    codec = WIRE_CODECS[wire]
+    assert (request.headers["content-type"], request.headers["accept"]) == (codec.content_type, codec.accept)
+    ordered = sorted(batch, key=lambda r: r.prompt_id != batch[0].prompt_id)  # chunks keep a prompt together
+    expected = (
+        _json.dumps(encode_score_body(ordered, 4), checked=True) if wire == "json" else encode_score_columns(ordered, 4)
+    )
+    assert request.content == expected
+
+
+def test_a_new_wire_format_is_one_entry_in_the_table(
+    monkeypatch: pytest.MonkeyPatch, service: FakeService, make_client: Any
+) -> None:
+    class TaggedJson:
+        """JSON under another media type: what a new format needs to provide, and nothing more."""
+
+        name, content_type, accept, available, missing = "tagged", "application/x-tagged", "application/json", True, ""
+
+        def encode(self, batch: Any, step: int | None) -> bytes:
+            return b"tagged:" + WIRE_CODECS["json"].encode(batch, step)
+
+        def read(self, response: httpx.Response) -> ScoreResults:
+            return WIRE_CODECS["json"].read(response)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent = json.loads(request.content.removeprefix(b"tagged:"))["rollouts"]
+        return httpx.Response(200, json={"results": [score_result(r) for r in sent]})
+
+    monkeypatch.setitem(WIRE_CODECS, "tagged", TaggedJson())
+    service.script.append(answer)
+    results = make_client(wire="tagged").score("run-1", rollouts(2))
+    (request,) = service.requests
+    assert request.headers["content-type"] == "application/x-tagged" and request.content.startswith(b"tagged:{")
+    assert [r.rollout_id for r in results] == ["r0", "r1"]

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trl
 from datasets import Dataset
 from trl import GRPOTrainer
 from trl.trainer.grpo_config import GRPOConfig
@@ -23,6 +24,7 @@ from meds_client.integrations.trl import (
     MedsGRPOTrainer,
     MedsPenaltyReward,
     RememberedAccuracy,
+    _GenerateResult,
 )
 from meds_client.testing import tiny_model, tiny_tokenizer
 from tests.client._fakes import FAST_RETRIES, FakeService
@@ -113,3 +115,18 @@ def test_remembered_accuracy_recomputes_for_a_new_batch() -> None:
     assert remembered(prompts=prompts, completions=completions) == [1.0, 0.0]
     assert remembered(prompts=prompts, completions=list(completions)) == [1.0, 0.0]  # an equal but new batch
     assert accuracy.calls == 2
+
+
+def test_the_private_generate_result_is_read_by_name_and_checked() -> None:
+    extra: dict[str, Any] = {}
+    result = _GenerateResult.of(([[1, 2]], [[3]], None, ["c"], None, extra, None, None))
+    assert (result.prompt_ids, result.completion_ids, result.completions) == ([[1, 2]], [[3]], ["c"])
+    assert result.extra_fields is extra and isinstance(result, tuple) and len(result) == 8
+    for shape in [
+        ([[1, 2]], [[3]], None, ["c"], None, extra, None),  # a field fewer
+        ([[1, 2]], [[3]], None, ["c"], None, None, extra, None),  # the extra fields moved
+        ([[1, 2]], [[3], [4]], None, ["c"], None, extra, None, None),  # ids that do not pair up
+        {"prompt_ids": [[1, 2]]},
+    ]:
+        with pytest.raises(TypeError, match=rf"TRL {re.escape(trl.__version__)} returned .*prompt_ids, completion_ids"):
+            _GenerateResult.of(shape)

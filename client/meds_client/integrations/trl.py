@@ -33,7 +33,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -69,6 +69,40 @@ __all__ = [
 ]
 
 
+class _GenerateResult(NamedTuple):
+    """What TRL's private `GRPOTrainer._generate` returns, field by field, as of TRL 1.16.
+
+    `MedsGRPOTrainer` reads the prompt and completion token ids and adds its column to
+    `extra_fields` (TRL hands those to reward functions as keyword columns); it passes the rest on
+    untouched. Being a tuple, an instance is returned to TRL in place of the tuple it came from.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    tool_mask: Any
+    completions: Any
+    logprobs: Any
+    extra_fields: dict[str, Any]
+    images: Any
+    tool_images: Any
+
+    @classmethod
+    def of(cls, generated: object) -> _GenerateResult:
+        """Name the fields of `generated`, or fail naming the TRL version if its shape differs."""
+        if isinstance(generated, tuple) and len(generated) == len(cls._fields):
+            result = cls(*generated)
+            prompts, completions = result.prompt_ids, result.completion_ids
+            lists = isinstance(prompts, list) and isinstance(completions, list)
+            if lists and len(prompts) == len(completions) and isinstance(result.extra_fields, dict):
+                return result
+        shape = f"a tuple of {len(generated)}" if isinstance(generated, tuple) else type(generated).__name__
+        raise TypeError(
+            f"GRPOTrainer._generate in TRL {trl.__version__} returned {shape} that MEDS cannot read; MEDS expects "
+            f"the {len(cls._fields)} fields of TRL 1.16 ({', '.join(cls._fields)}), with lists of token ids of "
+            "equal length and a dict of extra fields"
+        )
+
+
 class MedsGRPOTrainer(GRPOTrainer):
     """`GRPOTrainer` that adds the policy's layer-logit fingerprint of every completion to the inputs
     of reward functions (column `meds_fingerprint`: a float32 array, or None without `\\boxed{`).
@@ -99,12 +133,10 @@ class MedsGRPOTrainer(GRPOTrainer):
                     funcs[i] = penalty.accuracy
 
     def _generate(self, prompts: list[Any]) -> Any:
-        generated = super()._generate(prompts)
-        prompt_ids, completion_ids, extra_fields = generated[0], generated[1], generated[5]
-        if not isinstance(extra_fields, dict):
-            raise TypeError(f"unexpected GRPOTrainer._generate result in TRL {trl.__version__}; MEDS supports TRL 1.x")
+        generated = _GenerateResult.of(super()._generate(prompts))
         started = time.perf_counter()
-        extra_fields[FINGERPRINT_COLUMN] = self._fingerprint_completions(prompt_ids, completion_ids)
+        fingerprints = self._fingerprint_completions(generated.prompt_ids, generated.completion_ids)
+        generated.extra_fields[FINGERPRINT_COLUMN] = fingerprints
         mode = "train" if getattr(self.model, "training", True) else "eval"
         self._metrics[mode][FINGERPRINT_SECONDS_METRIC].append(time.perf_counter() - started)
         return generated
