@@ -74,7 +74,7 @@ def test_a_worker_killed_mid_refit_loses_no_refit(tmp_path: Path, redis_server: 
         assert httpx.get(f"{server.base_url}/v1/runs/big").json()["stats"]["pending_refits"] > 0
         queue = redis.Redis.from_url(redis_server.url)
         first.start()
-        wait_for(lambda: claimed(queue) > 0, 60)  # jobs claimed, not yet acknowledged
+        wait_for(lambda: claimed(queue) > 0, 180)  # jobs claimed, not yet acknowledged (slow to start under load)
         first.kill()  # SIGKILL while it holds them
         assert claimed(queue) > 0
         second = ProcessWorker(tmp_path / "w2", env=env)
