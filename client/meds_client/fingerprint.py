@@ -7,6 +7,9 @@ token actually sampled at p+1 when applied to that layer's hidden state at p,
 (the last entry is the model's real logit), as in the reference implementation. Needs the
 `fingerprint` extra (torch, transformers).
 
+One module over the usual ~400 lines: the anchor search and the hook-based forward pass are the two
+halves of one computation, kept together so that the anchor rules and the rows they select stay in step.
+
 Anchor rules. The reference encodes `\\boxed{` and looks for that token sequence, with a fallback on
 token texts; both depend on how a tokenizer splits the string (byte-level BPE glues a leading space to
 the backslash, so a second box is missed). Here the anchor is found in the decoded *text* and mapped

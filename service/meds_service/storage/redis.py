@@ -21,6 +21,9 @@ Redis Cluster; on a single Redis a whole batch is one script (atomic as a whole)
 run-level keys live in other slots and are updated after the prompts' scripts, for the prompts stored
 (the functions under "Redis Cluster" below). Run every shipped config with `appendonly yes` and
 `appendfsync always`: then an acknowledged batch is on disk.
+
+One module for the whole adapter, over the usual ~400 lines: the Lua scripts and the Python that builds
+their KEYS and ARGV must change together, and reading them side by side is how they stay in step.
 """
 
 from __future__ import annotations

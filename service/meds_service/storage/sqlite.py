@@ -9,6 +9,9 @@ catalog in memory, rebuilt by scanning the log at start and kept current increme
 Every score request is one transaction, committed (fsync with `synchronous=FULL`) before the HTTP answer.
 The API process is the only writer (a lock file guards the folder); refit workers open read-only views
 that follow the log.
+
+One module for the whole adapter, over the usual ~400 lines: the in-memory catalog and the SQL that it
+mirrors must change together, and reading them side by side is how they stay in step.
 """
 
 from __future__ import annotations
