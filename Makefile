@@ -65,6 +65,6 @@ clean:
 
 .PHONY: experiment
 ## GRPO with and without MEDS on a tiny model with planted errors, through TRL and a live service
-## (20-25 minutes of CPU, one process); CSV and plots in experiments/results/
+## (about 19 minutes on 2 idle cores, one process); CSV and plots in experiments/results/
 experiment: install-test
 	$(BIN)/python -m experiments.run
