@@ -58,7 +58,9 @@ class Deployment:
         return views[0]
 
     def settled(self) -> bool:
-        stats = [self.get(f"/v1/runs/{run}")["stats"] for run in RUNS]
+        """Every replica sees no refit pending or in flight. Read without `get`'s agreement check: while a
+        worker is still saving fits, two reads a moment apart may rightly differ."""
+        stats = [replica.get(f"/v1/runs/{run}").json()["stats"] for replica in self.replicas for run in RUNS]
         return all(s["pending_refits"] == 0 and s["refits_in_flight"] == 0 for s in stats)
 
 
