@@ -32,11 +32,20 @@ from meds_service.core.types import Group
         {"layer_diff": "yes"},
         {"layer_diff": True, "dim": 1},
         {"cluster_selection_epsilon": -0.5},
+        {"last_n_layers": 14, "dim": 3},
+        {"last_n_layers": 14, "layer_diff": True, "dim": 14},
     ],
 )
 def test_invalid_values_are_refused(values: dict[str, object]) -> None:
     with pytest.raises(InvalidInput):
         RunConfig.from_mapping(values)
+
+
+def test_an_explicit_dim_must_cover_last_n_layers() -> None:
+    with pytest.raises(InvalidInput, match="dim 3 is too small for last_n_layers 14: it needs at least 14"):
+        RunConfig(last_n_layers=14, dim=3)
+    assert RunConfig(last_n_layers=14, dim=14).stored_dim == 14
+    assert RunConfig(last_n_layers=14, layer_diff=True, dim=15).stored_dim == 15
 
 
 def test_unknown_fields_are_refused() -> None:

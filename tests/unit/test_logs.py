@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -140,3 +141,24 @@ def test_docs_assets_are_logged_by_their_mount(client: TestClient, caplog: pytes
     assert client.get("/no-such-route").status_code == 404
     routes = [r.fields["route"] for r in _records(caplog, "meds.access")]  # type: ignore[attr-defined]
     assert routes == ["/static/{path}", "unmatched"]
+
+
+def test_a_5xx_traceback_is_logged_once_by_a_real_server(
+    start_server: Callable[..., str], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through uvicorn, not the test client: the server must not log the same error a second time."""
+    from meds_service.engine import ErrorMemory
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+    base = start_server(refit_processes=False)
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(ErrorMemory, "run_names", broken)
+    with httpx.Client(base_url=base) as http:
+        response = http.get("/v1/runs")
+        assert response.status_code == 500
+        assert response.json()["error"]["type"] == "internal"
+        assert http.get("/healthz").status_code == 200  # the same keep-alive connection still answers
+    tracebacks = [r for r in caplog.records if r.exc_info and "disk on fire" in str(r.exc_info[1])]
+    assert len(tracebacks) == 1, [f"{r.name}: {r.getMessage()}" for r in tracebacks]

@@ -199,10 +199,5 @@ def install(app: FastAPI) -> None:
         type_ = _HTTP_TYPES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, type_, str(exc.detail), request_id_of(request), headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "internal error (see the service log)", request_id_of(request))
-
 
 __all__ = ["describe", "error_response", "install", "json_object", "validated"]

@@ -20,6 +20,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 _ERROR_BODY_LIMIT = 8192  # error bodies are small; never hold more of a response than this
 
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("meds.access")
 reject_log = logging.getLogger("meds.rejected")
 
@@ -82,6 +83,14 @@ class RequestContext:
             response = error_response(
                 413, "payload_too_large", f"body is over the limit of {self.max_body_bytes} bytes", request_id
             )
+            await response(scope, receive, send_wrapped)
+        except Exception:
+            # Answered here, once, rather than by Starlette's outermost handler, which re-raises after its
+            # response so that the server logs the same traceback a second time.
+            if status_holder["started"]:
+                raise  # too late for an answer: the server logs it and drops the connection
+            log.exception("unhandled error on %s %s", scope.get("method", ""), scope.get("path", ""))
+            response = error_response(500, "internal", "internal error (see the service log)", request_id)
             await response(scope, receive, send_wrapped)
         finally:
             route = scope.get("route")

@@ -69,6 +69,11 @@ class RunConfig:
         _check_int("text_max_chars", self.text_max_chars, 0, MAX_TEXT_CHARS)
         if self.layer_diff and self.dim is not None and self.dim < 2:
             raise InvalidInput("layer_diff needs fingerprints of at least 2 values (dim >= 2)")
+        if self.dim is not None and self.last_n_layers is not None and self.dim < self.needed_dim():
+            raise InvalidInput(
+                f"dim {self.dim} is too small for last_n_layers {self.last_n_layers}"
+                f"{' with layer_diff' if self.layer_diff else ''}: it needs at least {self.needed_dim()} values"
+            )
         for name, choices in CHOICES.items():
             _check_choice(name, getattr(self, name), choices)
         if not isinstance(self.layer_diff, bool):
@@ -106,12 +111,18 @@ class RunConfig:
         if self.layer_diff and dim < 2:
             raise InvalidInput("layer_diff needs fingerprints of at least 2 values")
         if self.last_n_layers is not None:
-            needed = self.last_n_layers + 1 if self.layer_diff else self.last_n_layers
+            needed = self.needed_dim()
             if dim < needed:
                 raise InvalidInput(
                     f"fingerprints have {dim} values but run {run!r} keeps the last {self.last_n_layers} "
                     f"(last_n_layers{', after layer_diff' if self.layer_diff else ''}), so it needs at least {needed}"
                 )
+
+    def needed_dim(self) -> int:
+        """The fewest fingerprint values this config can use: `last_n_layers` (one more with `layer_diff`)."""
+        if self.last_n_layers is None:
+            return 2 if self.layer_diff else 1
+        return self.last_n_layers + 1 if self.layer_diff else self.last_n_layers
 
     # ---- derived shapes -------------------------------------------------------------------------
 
