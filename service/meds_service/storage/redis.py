@@ -13,7 +13,8 @@ Layout (every key prefixed `meds:`; `{...}` is a Redis Cluster hash tag):
                                `sbase` (int64, -1 = none); kept whole, like the ids, when vectors are
                                forgotten. Keys stored before steps were kept start at their n then.
     {p:RUN:H}:ids              hash: rollout_id -> group byte + result record (idempotent retries)
-    {p:RUN:H}:lock             per-prompt lock held while a replica scores that prompt
+    {p:RUN:H}:lock             per-prompt lock held while a replica scores that prompt: a token fresh to each
+                               acquisition, on a short lease renewed while held; the commit checks it
     refits                     stream of refit jobs, consumer group `workers`
 
 All of one prompt's data shares a hash slot, so each prompt's update is one atomic Lua script even on
