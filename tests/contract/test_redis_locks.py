@@ -8,9 +8,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from pydantic import ValidationError
 
 from meds_service.core.errors import StoreUnavailable
 from meds_service.core.types import Group, MemoryKey, ScoredBatch
+from meds_service.settings import Settings
+from meds_service.storage import open_store
 from meds_service.storage.redis import RedisStore
 from tests.contract.test_store_contract import CONFIG, append, vectors
 
@@ -141,3 +144,15 @@ def test_a_commit_outside_locked_is_not_fenced(stores: tuple[RedisStore, RedisSt
         worker.join(30)
     first.commit("r", CONFIG, ScoredBatch([append(A, 1, vectors(1))]))
     assert first.counts("r").rollouts == 2
+
+
+def test_the_lease_and_wait_settings_reach_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDS_LOCK_LEASE_S", "1.5")
+    monkeypatch.setenv("MEDS_LOCK_WAIT_S", "4")
+    settings = Settings(redis_url="redis://127.0.0.1:1/0")
+    store = open_store(settings.store_spec(), settings.store_options())  # never connected: options only
+    assert isinstance(store, RedisStore) and (store.lock_lease_ms, store.lock_wait_s) == (1500, 4.0)
+    assert Settings().lock_lease_s == 1.5
+    monkeypatch.setenv("MEDS_LOCK_LEASE_S", "0")
+    with pytest.raises(ValidationError, match="lock_lease_s"):
+        Settings()
