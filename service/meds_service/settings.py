@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     redis_cluster: bool = False  # MEDS_REDIS_URL names a node of a Redis Cluster
     redis_timeout_s: float = Field(5.0, gt=0)
     lock_wait_s: float = Field(20.0, gt=0)  # how long a replica waits for another's prompt locks (then 503)
+    lock_lease_s: float = Field(3.0, ge=0.05)  # a prompt lock's lease, renewed every third of it while held
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
     # Auth: comma-separated API keys; empty = no auth (refused in production).
@@ -87,7 +88,9 @@ class Settings(BaseSettings):
 
     def store_options(self) -> dict[str, float]:
         """Keyword options of the store the spec names (Redis timeouts and lock waits)."""
-        return {"timeout_s": self.redis_timeout_s, "lock_wait_s": self.lock_wait_s} if self.redis_url else {}
+        if not self.redis_url:
+            return {}
+        return {"timeout_s": self.redis_timeout_s, "lock_wait_s": self.lock_wait_s, "lock_lease_s": self.lock_lease_s}
 
     def store_spec(self) -> StoreSpec:
         if self.redis_url:

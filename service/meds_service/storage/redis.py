@@ -13,7 +13,8 @@ Layout (every key prefixed `meds:`; `{...}` is a Redis Cluster hash tag):
                                `sbase` (int64, -1 = none); kept whole, like the ids, when vectors are
                                forgotten. Keys stored before steps were kept start at their n then.
     {p:RUN:H}:ids              hash: rollout_id -> group byte + result record (idempotent retries)
-    {p:RUN:H}:lock             per-prompt lock held while a replica scores that prompt
+    {p:RUN:H}:lock             per-prompt lock held while a replica scores that prompt: a token fresh to each
+                               acquisition, on a short lease renewed while held; the commit checks it
     refits                     stream of refit jobs, consumer group `workers`
 
 All of one prompt's data shares a hash slot, so each prompt's update is one atomic Lua script even on
@@ -30,7 +31,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -65,6 +68,8 @@ from ..core.types import (
     ScoredBatch,
 )
 
+log = logging.getLogger(__name__)
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -74,16 +79,18 @@ _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError
 # What redis-py raises when no node of a Redis Cluster answers, or none serves a slot (after its own retries).
 _CLUSTER_ERRORS = (redis.exceptions.RedisClusterException, redis.exceptions.ClusterError)
 
-# Commit of one batch. KEYS: run-level keys (5, or 0 on Redis Cluster) then meta, vec, ids, steps per append.
-# ARGV: _CommitHead (rowbytes, appends, run, config json, created_at), then per append the 11 values of
-# _AppendArgs and its (id, record) pairs.
+# Commit of one batch. KEYS: run-level keys (5, or 0 on Redis Cluster) then meta, vec, ids, steps, lock per
+# append. ARGV: _CommitHead (rowbytes, appends, run, config json, created_at, lock token), then per append the
+# 11 values of _AppendArgs and its (id, record) pairs. Fencing: with a token, every append's prompt lock must
+# still hold it (the lease did not expire), else nothing is applied; an empty token commits unfenced.
 _COMMIT = """
-local rowbytes, napp, run = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local runlevel = (#KEYS - 4 * napp) == 5
+local rowbytes, napp, run, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[6]
+local runlevel = (#KEYS - 5 * napp) == 5
 local k0 = runlevel and 5 or 0
-local p = 6
+local p = 7
 for i = 1, napp do
-  local meta = KEYS[k0 + 4 * i - 3]
+  local meta, lock = KEYS[k0 + 5 * i - 4], KEYS[k0 + 5 * i]
+  if token ~= '' and redis.call('GET', lock) ~= token then return redis.error_reply('MEDSFENCED ' .. lock) end
   local n = tonumber(redis.call('HGET', meta, 'n') or '0')
   if n ~= tonumber(ARGV[p]) then return redis.error_reply('MEDSCONFLICT ' .. meta) end
   local expected = ARGV[p + 4]
@@ -92,9 +99,9 @@ for i = 1, napp do
   p = p + 11 + 2 * tonumber(ARGV[p + 10])
 end
 local new_keys, new_vectors, new_rollouts = 0, 0, 0
-p = 6
+p = 7
 for i = 1, napp do
-  local meta, vec, ids, steps = KEYS[k0 + 4 * i - 3], KEYS[k0 + 4 * i - 2], KEYS[k0 + 4 * i - 1], KEYS[k0 + 4 * i]
+  local meta, vec, ids, steps = KEYS[k0 + 5 * i - 4], KEYS[k0 + 5 * i - 3], KEYS[k0 + 5 * i - 2], KEYS[k0 + 5 * i - 1]
   local first, newstart, vectors = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), ARGV[p + 2]
   local member, prompt, refit = ARGV[p + 3], ARGV[p + 4], ARGV[p + 5]
   local fs, fu, labels = ARGV[p + 6], ARGV[p + 7], ARGV[p + 8]
@@ -156,10 +163,17 @@ if KEYS[2] then redis.call('SREM', KEYS[2], ARGV[4]) end
 return 2
 """
 
-# Take a lock, or keep one this process already holds (a release that an outage prevented). ARGV: token, ttl.
+# Take a lock for one lease, or keep it when it already holds this token (a reply lost to a retried
+# connection: tokens are fresh per acquisition, so no one else has it). ARGV: token, lease in ms.
 _LOCK = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+
+# Extend a lease, only while the lock still holds this token. ARGV: token, lease in ms. Returns 1 or 0 (lost).
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -183,6 +197,9 @@ def _translated(method: Callable[P, T]) -> Callable[P, T]:
         except redis.exceptions.ResponseError as exc:
             if "MEDSCONFLICT" in str(exc):
                 raise StoreUnavailable("a key changed under this batch; retry", retry_after=1) from exc
+            if "MEDSFENCED" in str(exc):
+                raise StoreUnavailable("a prompt lock's lease expired before this batch was stored; retry",
+                                       retry_after=1) from exc  # fmt: skip
             if "MEDSHASH" in str(exc):
                 raise IdCollision("two prompt ids of this run share a hash; rename one") from exc
             raise StoreUnavailable(f"Redis refused a command: {exc}", retry_after=1) from exc
@@ -208,16 +225,17 @@ def _key_of(member: bytes | str) -> MemoryKey:
 
 @dataclass(frozen=True)
 class _CommitHead:
-    """The first five ARGV of _COMMIT."""
+    """The first six ARGV of _COMMIT."""
 
     rowbytes: int
     appends: int
     run: str
     config: str  # JSON
     created_at: float
+    token: str  # the prompt locks' token the commit is fenced by ("" = unfenced)
 
     def argv(self) -> list[str | int | bytes]:
-        return [self.rowbytes, self.appends, self.run, self.config, repr(self.created_at)]
+        return [self.rowbytes, self.appends, self.run, self.config, repr(self.created_at), self.token]
 
 
 @dataclass(frozen=True)
@@ -257,6 +275,52 @@ class _AppendArgs:
         ]  # fmt: skip
 
 
+class _Lease:
+    """One acquisition's prompt locks: renewed every third of the lease by a thread of its own until
+    released. A renewal only extends locks still under the token; a lost one stays lost."""
+
+    def __init__(self, store: RedisStore, run: str, names: list[str], token: str) -> None:
+        self.run = run
+        self.token = token
+        self._store = store
+        self._names = names
+        self._released = threading.Event()
+        self._thread = threading.Thread(target=self._renew_until_released, name="meds-lock-lease", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing. Waits at most one lease for a renewal in flight (it cannot outlive the release:
+        it extends only locks under this token)."""
+        self._released.set()
+        self._thread.join(self._store.lock_lease_ms / 1000)
+
+    def _renew_until_released(self) -> None:
+        interval_s = self._store.lock_lease_ms / 3000
+        lost = False
+        while not self._released.wait(interval_s):
+            try:
+                held = self._store._renew_locks(self._names, self.token)
+            except StoreUnavailable as exc:
+                log.warning("prompt locks of run %r not renewed: %s", self.run, exc)
+                continue
+            if held < len(self._names) and not lost:
+                lost = True
+                log.warning("%d prompt lock(s) of run %r expired while held; the batch's commit will be refused",
+                            len(self._names) - held, self.run)  # fmt: skip
+
+
+class _HeldLeases(threading.local):
+    """The leases this thread holds. A commit fenced by one is made in the thread that took it: the engine
+    scores and commits a batch inside `locked`, in one thread."""
+
+    def __init__(self) -> None:
+        self.leases: list[_Lease] = []
+
+    def token(self, run: str) -> str:
+        """The token of this thread's lease on the run's prompts ("" when it holds none: an unfenced commit)."""
+        return next((lease.token for lease in reversed(self.leases) if lease.run == run), "")
+
+
 class RedisStore:
     """`SharedStore` on Redis, plus the `RefitQueue` (a Redis Stream) that `meds worker`s consume."""
 
@@ -266,12 +330,12 @@ class RedisStore:
         *,
         cluster: bool = False,
         timeout_s: float = 5.0,
-        lock_ttl_s: float = 30.0,
+        lock_lease_s: float = 3.0,
         lock_wait_s: float = 20.0,
     ) -> None:
         self.url = url
         self.cluster = cluster
-        self.lock_ttl_ms = int(lock_ttl_s * 1000)
+        self.lock_lease_ms = max(1, int(lock_lease_s * 1000))
         self.lock_wait_s = lock_wait_s
         options: dict[str, Any] = {
             "socket_timeout": timeout_s,
@@ -286,9 +350,8 @@ class RedisStore:
         self._save_fit = self._r.register_script(_SAVE_FIT)
         self._lock = self._r.register_script(_LOCK)
         self._unlock = self._r.register_script(_UNLOCK)
-        # One token per process: the engine already serialises a run's batches inside a process, so a lock
-        # under this token is either held by this very request or left over by a failed release.
-        self._token = uuid.uuid4().hex
+        self._renew = self._r.register_script(_RENEW)
+        self._held = _HeldLeases()
 
     # ---- names ------------------------------------------------------------------------------------
 
@@ -511,7 +574,8 @@ class RedisStore:
 
     @_translated
     def commit(self, run: str, config: RunConfig, batch: ScoredBatch) -> None:
-        """One atomic script per batch (per prompt on Redis Cluster); refused whole if a key moved on."""
+        """One atomic script per batch (per prompt on Redis Cluster); refused whole if a key moved on, or if,
+        committed under `locked`, a prompt lock no longer holds that acquisition's token (its lease lapsed)."""
         if not batch.appends:
             return
         fits = {fit.key: fit for fit in batch.fits}
@@ -520,8 +584,12 @@ class RedisStore:
         for append in batch.appends:
             parts.setdefault(append.key.prompt_id if self.cluster else "", []).append(append)
 
+        token = self._held.token(run)
+
         def script(appends: list[KeyAppend]) -> tuple[list[str], list[str | int | bytes]]:
-            head = _CommitHead(4 * config.stored_dim, len(appends), run, json.dumps(config.as_dict()), time.time())
+            head = _CommitHead(
+                4 * config.stored_dim, len(appends), run, json.dumps(config.as_dict()), time.time(), token
+            )
             keys = [name for a in appends for name in self._append_keys(run, a.key)]
             args = [x for a in appends for x in _AppendArgs.of(a, fits.get(a.key), a.key in refits).argv()]
             return keys, [*head.argv(), *args]
@@ -556,7 +624,7 @@ class RedisStore:
     def _append_keys(self, run: str, key: MemoryKey) -> list[str]:
         """The KEYS of one append in _COMMIT."""
         return [self._meta(run, key), self._vec(run, key), self._prompt_key(run, key.prompt_id, "ids"),
-                self._steps(run, key)]  # fmt: skip
+                self._steps(run, key), self._prompt_key(run, key.prompt_id, "lock")]  # fmt: skip
 
     # ---- Redis Cluster ----------------------------------------------------------------------------
     # A cluster runs a script only on keys of one slot, and redis-py refuses EVALSHA in a cluster pipeline.
@@ -624,12 +692,16 @@ class RedisStore:
         return sum(1 for reply in saved if reply)
 
     # ---- locks ------------------------------------------------------------------------------------
+    # A lock is taken for a short lease under a token fresh to that acquisition, and renewed in the
+    # background while its batch runs: a live owner keeps it through long refit waits, a dead one's expires
+    # within one lease. A commit under `locked` (same thread) is fenced by that token, so an owner whose
+    # lease lapsed (a stall, a partition) has its commit refused instead of racing the lock's next owner.
 
     @contextmanager
     def locked(self, run: str, prompt_ids: Sequence[str]) -> Iterator[None]:
         """Hold the locks of these prompts (all or none at a time, so two replicas never deadlock)."""
         names = sorted({self._prompt_key(run, p, "lock") for p in prompt_ids})
-        token = self._token
+        token = uuid.uuid4().hex
         deadline = time.monotonic() + self.lock_wait_s
         delay = 0.005
         while True:
@@ -641,17 +713,32 @@ class RedisStore:
                 raise StoreUnavailable("prompts of this batch are being scored by another replica", retry_after=1)
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 0.2)
+        lease = _Lease(self, run, names, token)
+        self._held.leases.append(lease)
         try:
             yield
         finally:
-            self._release(names, token)
+            self._held.leases.remove(lease)
+            lease.stop()
+            try:
+                self._release(names, token)
+            except StoreUnavailable as exc:  # harmless: the locks expire within a lease
+                log.warning("prompt locks not released (%s); they expire within %d ms", exc, self.lock_lease_ms)
 
     @_translated
     def _acquire(self, names: list[str], token: str) -> list[str]:
         pipe = self._r.pipeline(transaction=False)
         for name in names:
-            self._queue_script(pipe, self._lock, [name], [token, self.lock_ttl_ms])
+            self._queue_script(pipe, self._lock, [name], [token, self.lock_lease_ms])
         return [name for name, ok in zip(names, pipe.execute(), strict=True) if ok]
+
+    @_translated
+    def _renew_locks(self, names: list[str], token: str) -> int:
+        """Extend the lease of the locks still under this token; returns how many were."""
+        pipe = self._r.pipeline(transaction=False)
+        for name in names:
+            self._queue_script(pipe, self._renew, [name], [token, self.lock_lease_ms])
+        return sum(int(reply) for reply in pipe.execute())
 
     @_translated
     def _release(self, names: list[str], token: str) -> None:
