@@ -58,7 +58,6 @@ class ConnectionLimits:
     body_timeout_s: float
     max_connections: int
     max_requests: int
-    retry_after_s: int = RETRY_AFTER_S
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -75,10 +74,11 @@ def raise_open_files_limit() -> tuple[int, int]:
 
 
 def connection_cap(max_connections: int, open_files: int, refit_workers: int) -> int:
-    """The connection cap in effect: `max_connections`, lowered to leave the reserved descriptors free."""
-    reserved = RESERVED_FDS + RESERVED_FDS_PER_WORKER * refit_workers
+    """The connection cap in effect: `max_connections`, lowered to leave the reserved descriptors free (at
+    most half of a small limit)."""
     if open_files == resource.RLIM_INFINITY:
         return max_connections
+    reserved = min(RESERVED_FDS + RESERVED_FDS_PER_WORKER * refit_workers, open_files // 2)
     return max(1, min(max_connections, open_files - reserved))
 
 
