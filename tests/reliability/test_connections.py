@@ -5,6 +5,7 @@ retrying. Real `meds serve` processes, raw sockets for the misbehaving clients, 
 from __future__ import annotations
 
 import contextlib
+import os
 import selectors
 import socket
 import threading
@@ -18,7 +19,7 @@ import pytest
 
 from harness.server import ProcessServer, thread_server
 from meds_client import MedsClient, Rollout
-from meds_service.server import ConnectionLimits, bounded_protocol, raise_open_files_limit
+from meds_service.server import RESERVED_FDS, ConnectionLimits, bounded_protocol, raise_open_files_limit
 from meds_service.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -113,22 +114,33 @@ def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=30)
 
 
-def open_slow_connections(port: int, count: int, watched: Watched) -> None:
-    """Connections that each send one byte of a request head and stall."""
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def open_slow_connections(server: ProcessServer, count: int, watched: Watched) -> int:
+    """Connections that each send one byte of a request head and stall; returns the most descriptors the
+    server held meanwhile."""
+    assert server.proc is not None
+    most = 0
     for i in range(count):
-        watched.add(connect(port), b"G")
+        watched.add(connect(server.port), b"G")
         if i % 50 == 0:
             watched.poll(0)
+            most = max(most, open_files(server.proc.pid))
+    return most
 
 
 def test_slow_connections_are_closed_and_do_not_starve_clients(server: ProcessServer) -> None:
     watched = Watched()
     flood_done = threading.Event()
     errors: list[BaseException] = []
+    most_open_files = 0
 
     def flood() -> None:
+        nonlocal most_open_files
         try:
-            open_slow_connections(server.port, SLOW_CONNECTIONS, watched)
+            most_open_files = open_slow_connections(server, SLOW_CONNECTIONS, watched)
             watched.wait_closed(HEADER_TIMEOUT_S + MARGIN_S)
         except BaseException as exc:  # reported by the test thread
             errors.append(exc)
@@ -155,6 +167,8 @@ def test_slow_connections_are_closed_and_do_not_starve_clients(server: ProcessSe
         retries = client.stats.retries
     assert not errors, errors
     assert len(watched.sent_at) == SLOW_CONNECTIONS
+    # The cap held: the server's descriptors are its connections plus its own files (a few dozen).
+    assert most_open_files <= MAX_CONNECTIONS + RESERVED_FDS
     assert watched.open() == 0, f"{watched.open()} slow connections still open"
     held = [watched.closed_at[s] - watched.sent_at[s] for s in watched.sent_at]
     assert max(held) <= HEADER_TIMEOUT_S + MARGIN_S
@@ -163,7 +177,7 @@ def test_slow_connections_are_closed_and_do_not_starve_clients(server: ProcessSe
     assert scored >= 1 and set(health) == {200}
     print(
         f"{SLOW_CONNECTIONS} slow connections, cap {MAX_CONNECTIONS}: {scored} batches scored in {elapsed:.1f} s "
-        f"({retries} retries), slowest held {max(held):.1f} s"
+        f"({retries} retries), slowest held {max(held):.1f} s, server held at most {most_open_files} descriptors"
     )
 
 
