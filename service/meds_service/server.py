@@ -221,6 +221,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         busy = len(self.tasks) >= self.gate.limits.max_requests and path not in PROBE_PATHS
         self.app = _overloaded if busy else self.config.loaded_app
         super().on_headers_complete()
+        self._cancel(self._body_deadline)
         self._body_deadline = self.loop.call_later(self.gate.limits.body_timeout_s, self._body_timed_out)
 
     def on_message_complete(self) -> None:

@@ -25,7 +25,7 @@ from meds_service.settings import Settings
 pytestmark = pytest.mark.slow
 
 HEADER_TIMEOUT_S = 2.0
-BODY_TIMEOUT_S = 6.0
+BODY_TIMEOUT_S = 10.0  # long enough to hold MAX_CONNECTIONS uploads open on a loaded machine
 KEEPALIVE_S = 2
 MAX_CONNECTIONS = 300
 SLOW_CONNECTIONS = 2000
