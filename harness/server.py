@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -63,10 +64,11 @@ def wait_ready(
 
 
 @contextmanager
-def thread_server(settings: Settings) -> Iterator[str]:
-    """A real uvicorn server in a background thread of this process; yields its base URL."""
+def thread_server(settings: Settings, **options: Any) -> Iterator[str]:
+    """A real uvicorn server in a background thread of this process; yields its base URL. `options` go to
+    `uvicorn.Config` (e.g. the `http` protocol class of `meds serve`)."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

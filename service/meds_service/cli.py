@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from . import logs
 from .core.errors import MedsError
+from .server import ConnectionLimits, bounded_protocol, connection_cap, raise_open_files_limit
 from .settings import Settings
 
 EXIT_SETTINGS = 2
@@ -56,6 +57,26 @@ def _store_failure(exc: MedsError, settings: Settings) -> StartupFailed:
     return StartupFailed(f"meds: cannot open the store: {exc.message}; {_store_fix(settings)}", EXIT_STORE)
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """Raise the open-files limit as far as allowed, and keep the connection cap below it."""
+    before, after = raise_open_files_limit()
+    cap = connection_cap(settings.max_connections, after, settings.refit_workers)
+    log.info(
+        "open files limit %d (soft limit was %d): at most %d connections, %d requests in progress",
+        after,
+        before,
+        cap,
+        settings.max_requests,
+        extra={"fields": {"open_files": after, "max_connections": cap, "max_requests": settings.max_requests}},
+    )
+    return ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=cap,
+        max_requests=settings.max_requests,
+    )
+
+
 def serve(settings: Settings) -> None:
     """Run the API until SIGTERM/SIGINT. The app's start-up (opening the store, loading memory) runs here,
     outside uvicorn, so that a failure is reported as a `StartupFailed` rather than uvicorn's traceback."""
@@ -71,6 +92,11 @@ def serve(settings: Settings) -> None:
         access_log=False,  # the middleware writes the access log (route templates, request ids)
         lifespan="off",  # run below, around the server
         timeout_graceful_shutdown=30,
+        ws="none",
+        timeout_keep_alive=settings.keepalive_s,
+        # Head and body deadlines, the connection cap and the cap on requests in progress. uvicorn's own
+        # limit_concurrency stays off: it counts connections still waiting for a head as busy.
+        http=bounded_protocol(connection_limits(settings)),
     )
     server = uvicorn.Server(config)
 

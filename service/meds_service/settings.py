@@ -42,6 +42,16 @@ class Settings(BaseSettings):
     max_batch: int = Field(65_536, ge=1)
     max_dim: int = Field(8192, ge=1)
 
+    # Connections (the HTTP layer, service/meds_service/server.py): a request head must arrive within
+    # header_timeout_s and its body within body_timeout_s (else 408 and close); idle keep-alive connections
+    # close after keepalive_s; past max_connections a new connection replaces the oldest idle one (or is
+    # closed at once); past max_requests in progress the answer is 503 with Retry-After.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(60.0, gt=0)
+    keepalive_s: int = Field(5, ge=1)
+    max_connections: int = Field(4096, ge=1)
+    max_requests: int = Field(256, ge=1)
+
     # Refits. refit_background=false leaves refits to the exact rule, POST /recluster and `meds worker`s.
     refit_background: bool = True
     refit_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)

@@ -61,4 +61,6 @@ def test_start_is_quiet_and_fatal_errors_are_one_line_with_the_fix(tmp_path: Pat
         ("meds", "uvicorn"))], "library noise at INFO"  # fmt: skip
     assert not [entry for entry in lines if "faiss" in entry["logger"] or "AVX" in entry["msg"]]
     assert any(entry["logger"] == "meds.access" and entry["route"] == "/v1/runs" for entry in lines)
+    # The open-files limit in effect and the connection cap kept below it.
+    assert any(entry["msg"].startswith("open files limit") and entry["max_connections"] > 0 for entry in lines)
     assert any(entry["logger"] == "uvicorn.error" and entry["msg"] == "Shutting down" for entry in lines)
