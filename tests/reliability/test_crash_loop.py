@@ -3,9 +3,9 @@ answer, again and again, while a trainer's client keeps scoring through its retr
 applied exactly once, and every answer is the reference's (a retried rollout that had been committed
 comes back `duplicate` with its first results).
 
-Each start draws from a seed of its own (MEDS_FAULT_SEED = the start's number), so the kills fall at the
-same hits on every run of the test. A supervisor thread restarts the service whenever it dies, with the
-points armed until KILLS kills, then unarmed so that the run finishes.
+Each start of the service is armed with one point of a schedule, to fire on a chosen hit (`@N`), so the
+kills are spread over the whole trace and fall at the same moments on every run. A supervisor thread
+restarts the service whenever it dies; once the schedule is used up it runs unarmed to the end.
 """
 
 from __future__ import annotations
@@ -27,31 +27,47 @@ from tests.support.trace import TraceSpec, trace_steps
 
 pytestmark = pytest.mark.slow
 
-SPEC = TraceSpec(prompts=16, epochs=4, prompts_per_step=4, seed=23)
-KILLS = 6
+SPEC = TraceSpec(prompts=16, epochs=4, prompts_per_step=4, seed=23)  # 16 steps of 64 rollouts
 RUN = "crash"
-COMMIT_POINTS = {
-    "sqlite": "sqlite.commit.after_write:0.2,sqlite.commit.after_commit:0.2",
-    "redis": "redis.commit.before_script:0.2,redis.commit.after_script:0.2",
+# (point, hit) per start: each start answers a request or two, then dies at that point.
+SCHEDULES = {
+    "sqlite": [
+        ("sqlite.commit.after_write", 2),
+        ("score.before_ack", 3),
+        ("sqlite.commit.after_commit", 2),
+        ("sqlite.commit.after_write", 3),
+        ("score.before_ack", 2),
+        ("sqlite.commit.after_commit", 3),
+    ],
+    # A replica killed inside its commit holds its prompt locks until they expire (the lock TTL); retries of
+    # those prompts meanwhile get 503 + Retry-After. Two such kills, the others after the locks are gone.
+    "redis": [
+        ("redis.commit.before_script", 2),
+        ("score.before_ack", 2),
+        ("score.before_ack", 3),
+        ("redis.commit.after_script", 2),
+        ("score.before_ack", 2),
+        ("score.before_ack", 3),
+    ],
 }
-ACK_POINT = "score.before_ack:0.2"
 # The service comes back within seconds: retry often, for as long as it takes.
 RETRIES = RetryPolicy(max_retries=10_000, initial_delay=0.05, max_delay=0.5, jitter=0.0)
 
 
 class Supervisor:
-    """Restarts the service whenever it dies, armed with `points` until `kills` SIGKILLs, and counts them."""
+    """Restarts the service whenever it dies, start i armed with `schedule[i]`, and records each death."""
 
-    def __init__(self, server: ForkedServer, points: str, kills: int) -> None:
-        self.server, self.points, self.kills = server, points, kills
+    def __init__(self, server: ForkedServer, schedule: list[tuple[str, int]]) -> None:
+        self.server, self.schedule = server, schedule
         self.deaths: list[int] = []  # the signal that ended each run of the service
         self.error: BaseException | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
 
     def env(self) -> dict[str, str]:
-        armed = len(self.deaths) < self.kills
-        return {"MEDS_FAULT_POINTS": self.points if armed else "", "MEDS_FAULT_SEED": str(len(self.deaths))}
+        start = len(self.deaths)
+        armed = f"{self.schedule[start][0]}:@{self.schedule[start][1]}" if start < len(self.schedule) else ""
+        return {"MEDS_FAULT_POINTS": armed}
 
     def start(self) -> None:
         self.server.start(self.env())
@@ -71,6 +87,8 @@ class Supervisor:
     def stop(self) -> None:
         self._stopping.set()
         self.server.terminate()
+        if self._thread.ident is None:  # never started
+            return
         self._thread.join(60)
         assert not self._thread.is_alive(), "the supervisor did not stop"
         if self.error is not None:
@@ -100,7 +118,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str,
     redis = RedisServer(tmp_path / "redis")
     redis.start()
     try:
-        yield "redis", {"MEDS_REDIS_URL": redis.url}
+        # A short lock wait: a retry that meets a killed replica's locks gets its 503 soon, and retries.
+        yield "redis", {"MEDS_REDIS_URL": redis.url, "MEDS_LOCK_WAIT_S": "2"}
     finally:
         redis.stop()
 
@@ -112,19 +131,21 @@ def test_crash_loop_applies_every_rollout_once_with_reference_penalties(
     log = tmp_path / "service.log"
     # Refits in threads: worker processes would have to be warmed up again at every restart.
     env = {**store_env, "MEDS_REFIT_PROCESSES": "false", "MEDS_REFIT_WORKERS": "1", "MEDS_REFIT_INTERVAL_S": "0.05"}
-    server = ForkedServer(tmp_path / "data", log, env)
-    supervisor = Supervisor(server, f"{COMMIT_POINTS[backend]},{ACK_POINT}", KILLS)
     steps = list(trace_steps(SPEC))
-    reference = ReferenceMEDS()
+    schedule = SCHEDULES[backend]
+    server = ForkedServer(tmp_path / "data", log, env)
+    supervisor = Supervisor(server, schedule)
     statuses: set[str] = set()
     try:
+        reference = ReferenceMEDS()
+        expected = [reference.step(step) for step in steps]  # while the zygote imports the service
         supervisor.start()
         with MedsClient(server.base_url, retries=RETRIES, deadline=None, timeout=60) as client:
-            for step in steps:
+            for step, want in zip(steps, expected, strict=True):
                 results = [as_wire(r) for r in client.score(RUN, rollouts(step))]
                 assert [r["rollout_id"] for r in results] == [r.rollout_id for r in step]
                 statuses.update(r["status"] for r in results)
-                assert_matches_reference(results, reference.step(step))
+                assert_matches_reference(results, want)
             stats = client.get_run(RUN).stats
             retries = client.stats.retries
     finally:
@@ -133,12 +154,14 @@ def test_crash_loop_applies_every_rollout_once_with_reference_penalties(
         finally:
             server.close()
 
-    # The kills: all SIGKILLs by the armed points, as many as asked for, at more than one point.
-    assert supervisor.deaths == [signal.SIGKILL] * KILLS
-    fired = re.findall(r"meds: fault point (\S+) fired", log.read_text())
-    assert len(fired) == KILLS
-    assert len(set(fired)) >= 2, fired
-    assert retries >= KILLS  # each kill cost the client at least one resend
+    # The kills: one SIGKILL per scheduled point, each by that point on its hit, and nothing else died.
+    assert supervisor.deaths == [signal.SIGKILL] * len(schedule)
+    fired = [
+        (name, int(hit)) for name, hit in re.findall(r"meds: fault point (\S+) fired on hit (\d+)", log.read_text())
+    ]
+    assert fired == schedule
+    assert retries >= len(schedule)  # each kill cost the client at least one resend
+    assert not re.search(r'"status":5(?!03)\d\d', log.read_text())  # waits for a dead replica's locks: 503 only
     # Some retried batches had been committed before the kill: they came back as duplicates, exactly.
     assert statuses <= {"scored", "skipped", "duplicate"} and "duplicate" in statuses
 
