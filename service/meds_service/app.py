@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from . import __version__
+from . import __version__, faults
 from .api import errors
 from .api.explorer import explorer, page, ui_assets
 from .api.middleware import RequestContext
@@ -103,6 +103,7 @@ def _periodic(interval_s: float, task: Callable[[], object], name: str) -> _Back
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    faults.arm(settings.fault_points, seed=settings.fault_seed, env=settings.env)
     metrics = Metrics()
 
     @asynccontextmanager

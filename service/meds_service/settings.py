@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from . import faults
 from .core.records import StoreSpec
 
 MiB = 1024 * 1024
@@ -73,6 +74,10 @@ class Settings(BaseSettings):
     index_device: Literal["auto", "cpu", "cuda"] = "auto"
     index_threads: int = Field(1, ge=1)
 
+    # Tests only: points where the service SIGKILLs itself (faults.py); refused in production.
+    fault_points: str = ""
+    fault_seed: int | None = None
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -84,6 +89,11 @@ class Settings(BaseSettings):
     def _production_needs_keys(self) -> Settings:
         if self.env == "production" and not self.api_keys:
             raise ValueError("MEDS_ENV=production requires MEDS_API_KEYS (comma-separated API keys)")
+        return self
+
+    @model_validator(mode="after")
+    def _faults_outside_production(self) -> Settings:
+        faults.check(self.fault_points, self.env)  # a misspelt point is a start-up error, not one that never fires
         return self
 
     @field_validator("api_keys")

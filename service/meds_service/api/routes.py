@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from .. import faults
 from ..core.config import RunConfig
 from ..core.errors import StoreUnavailable, Unauthorized
 from ..engine import ErrorMemory
@@ -180,6 +181,7 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
     request.state.rollouts = len(batch)  # for the access log
     decoded = time.perf_counter()
     results = await run_in_threadpool(engine.score, run, batch)
+    faults.point("score.before_ack")
     scored = time.perf_counter()
     encoder = response_codec(request.headers.get("accept", ""))
     response = Response(await run_in_threadpool(encoder.encode, results), media_type=encoder.media_type)

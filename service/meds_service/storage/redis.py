@@ -50,6 +50,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from .. import faults
 from ..core.config import RunConfig
 from ..core.errors import IdCollision, StoreUnavailable
 from ..core.records import KeyHead, RunCounts, RunRecord, StoreSpec
@@ -594,13 +595,16 @@ class RedisStore:
             args = [x for a in appends for x in _AppendArgs.of(a, fits.get(a.key), a.key in refits).argv()]
             return keys, [*head.argv(), *args]
 
+        faults.point("redis.commit.before_script")
         if not self.cluster:
             keys, args = script(batch.appends)
             run_keys = [self._run_key(run, w) for w in ("run", "keys", "pending")] + [STREAM.decode(), "meds:runs"]
             self._commit(keys=run_keys + keys, args=args)
+            faults.point("redis.commit.after_script")
             self._save_texts(run, batch)
             return
         self._cluster_commit(run, config, batch, [(prompt, *script(appends)) for prompt, appends in parts.items()])
+        faults.point("redis.commit.after_script")
         self._save_texts(run, batch)
 
     def _save_texts(self, run: str, batch: ScoredBatch) -> None:

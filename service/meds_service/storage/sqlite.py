@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from .. import faults
 from ..core.config import RunConfig
 from ..core.errors import IdCollision, StoreUnavailable
 from ..core.records import KeyHead, RunCounts, RunRecord, StoreSpec
@@ -505,6 +506,8 @@ class SQLiteStore:
             # A capped memory forgets vectors, keeps ids and results.
             _where_in(db, "UPDATE chunks SET vectors=x'' WHERE chunk_id IN ({})", dead)
             _save_fits(db, {k.key: k for k in keys}, batch.fits)
+            faults.point("sqlite.commit.after_write")
+        faults.point("sqlite.commit.after_commit")
         for offset, (a, k) in enumerate(zip(batch.appends, keys, strict=True)):
             if k.key_id not in self._keys:
                 self._keys[k.key_id] = entry.keys[k.key] = k

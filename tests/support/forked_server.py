@@ -1,0 +1,142 @@
+"""`meds serve` in processes forked from one that has already imported the service, for tests that kill and
+restart it many times: a restart then costs the app's own start-up (open the store, load the memory), not
+the imports of the scientific stack (10 s and more each on a loaded 2-core machine).
+
+`ForkedServer` (in the test process) talks to a *zygote*, `python -m tests.support.forked_server`, over its
+stdin and stdout, one JSON object per line: `{"op": "start", "env": {...}}` forks a child that runs
+`meds.cli.main(["serve", ...])` in a session of its own and answers its pid; `{"op": "wait"}` answers how
+that child ended once it has. The child is the real service process: a SIGKILL ends it as it would end
+`meds serve`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from harness.server import READY_TIMEOUT_S, free_port
+
+# The zygote forks: keep the numeric libraries from starting thread pools in it before that.
+SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class ForkedServer:
+    """A `meds serve` that can be started again and again on one port and data folder, each start with
+    extra environment variables of its own."""
+
+    def __init__(self, data_dir: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        root = Path(__file__).resolve().parents[2]
+        self.zygote = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.forked_server"],
+            cwd=root,
+            env={**os.environ, **SINGLE_THREADED, "MEDS_DATA_DIR": str(data_dir), **(env or {})},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid: int | None = None
+
+    def _ask(self, command: dict[str, Any]) -> dict[str, Any]:
+        assert self.zygote.stdin is not None and self.zygote.stdout is not None
+        self.zygote.stdin.write(json.dumps(command) + "\n")
+        self.zygote.stdin.flush()
+        line = self.zygote.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the zygote exited with {self.zygote.wait()}")
+        return dict(json.loads(line))
+
+    def start(self, env: dict[str, str] | None = None, timeout: float = READY_TIMEOUT_S) -> None:
+        """Fork a service with these extra variables and wait until it is ready."""
+        self.pid = int(self._ask({"op": "start", "port": self.port, "log": str(self.log), "env": env or {}})["pid"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.base_url} not ready after {timeout}s (log: {self.log})")
+
+    def wait(self) -> int:
+        """Block until the service ends: the number of the signal that killed it, 0 if it exited."""
+        return int(self._ask({"op": "wait"})["signal"])
+
+    def terminate(self) -> None:
+        """SIGTERM the service's session (a graceful stop); `wait` then answers."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+
+    def close(self) -> None:
+        """Stop the zygote (its stdin closes) and anything of the last service still running."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+        if self.zygote.stdin is not None:
+            self.zygote.stdin.close()
+        try:
+            self.zygote.wait(30)
+        except subprocess.TimeoutExpired:
+            self.zygote.kill()
+            self.zygote.wait(30)
+        if self.zygote.stdout is not None:
+            self.zygote.stdout.close()
+
+
+def _serve(command: dict[str, Any]) -> None:
+    """In the forked child: become the service; never returns."""
+    code = 1
+    try:
+        os.setsid()  # a session of its own, like ProcessServer's: a kill of the group takes its workers too
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        log = os.open(command["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.environ.update(command["env"])
+        from meds_service import cli
+
+        code = cli.main(["serve", "--port", str(command["port"])])
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _zygote(commands: IO[str], replies: IO[str]) -> None:
+    from meds_service import app, cli  # noqa: F401  (the slow imports, once: every child inherits them)
+
+    child = 0
+    for line in commands:
+        command = json.loads(line)
+        if command["op"] == "start":
+            replies.flush()
+            child = os.fork()
+            if child == 0:
+                _serve(command)
+            reply: dict[str, Any] = {"pid": child}
+        else:
+            _, status = os.waitpid(child, 0)
+            reply = {"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    _zygote(sys.stdin, sys.stdout)
