@@ -23,6 +23,7 @@ from starlette.responses import HTMLResponse, Response
 
 from . import __version__
 from .api import errors
+from .api.admission import Admission
 from .api.explorer import explorer, page, ui_assets
 from .api.middleware import RequestContext
 from .api.routes import health, v1
@@ -157,6 +158,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.admission = Admission(
+        settings.max_inflight_per_run, settings.max_inflight_total, max_retry_after_s=settings.max_retry_after_s,
+        on_refusal=metrics.score_refused, on_change=metrics.score_in_flight.set,
+    )  # fmt: skip
     errors.install(app)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.include_router(health)

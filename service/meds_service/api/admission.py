@@ -1,0 +1,156 @@
+"""Admission of score requests: a bound on the work in flight, per run and in all (docs/architecture.md,
+"Admission").
+
+A score request holds a slot from before its body is read until its answer is built. Past either bound it is
+refused at once with 503 and `Retry-After` instead of queueing: a run's batches are scored one at a time
+(the engine holds the run's lock for a whole batch), so a queue only makes every answer later, and a refused
+client's retry is cheaper than a request that waits behind others until its trainer gives up. Slots count
+requests, not rollouts, because admission happens before the body is read; a request's size is bounded by
+`MEDS_MAX_BODY_BYTES` and `MEDS_MAX_BATCH`.
+
+The wait a refusal advises is the time a slot takes to free on recent requests (how long requests held a
+slot, divided by the bound), jittered so that refused clients do not come back in lockstep.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import Depends, Request
+from starlette.exceptions import HTTPException
+
+Bound = Literal["run", "total"]
+
+DEFAULT_HOLD_S = 1.0  # what a slot is assumed to take before any request has finished
+MIN_RETRY_AFTER_S = 0.05
+JITTER = 0.5  # the advised wait is spread over [1 - JITTER, 1 + JITTER] times the estimate
+SMOOTHING = 0.2  # weight of the newest request in the running mean of hold times
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request was not admitted, and when to come back."""
+
+    bound: Bound
+    limit: int
+    retry_after_s: float
+
+    def message(self, run: str) -> str:
+        where = f"run {run!r} has" if self.bound == "run" else "the service has"
+        setting = "MEDS_MAX_INFLIGHT_PER_RUN" if self.bound == "run" else "MEDS_MAX_INFLIGHT_TOTAL"
+        return f"{where} {self.limit} score requests in flight ({setting}); retry after {self.retry_after_s:.2f} s"
+
+    def headers(self) -> dict[str, str]:
+        """`Retry-After` in whole seconds (the standard form) and `retry-after-ms`, which clients that read
+        it (meds_client does) prefer."""
+        return {
+            "Retry-After": str(max(1, math.ceil(self.retry_after_s))),
+            "retry-after-ms": str(max(1, round(self.retry_after_s * 1000))),
+        }
+
+
+class Admission:
+    """Counts score requests in flight per run and in all; refuses past `per_run` or `total`. Thread-safe,
+    and cheap enough for the event loop (a lock held for a few dictionary operations)."""
+
+    def __init__(
+        self,
+        per_run: int,
+        total: int,
+        *,
+        max_retry_after_s: float = 5.0,
+        on_refusal: Callable[[Bound], None] | None = None,
+        on_change: Callable[[int], None] | None = None,
+        uniform: Callable[[], float] = random.random,
+    ) -> None:
+        if per_run < 1 or total < 1:
+            raise ValueError("admission bounds must be at least 1")
+        self.per_run = per_run
+        self.total = total
+        self.max_retry_after_s = max_retry_after_s
+        self.on_refusal = on_refusal or (lambda _: None)
+        self.on_change = on_change or (lambda _: None)
+        self.uniform = uniform
+        self._lock = threading.Lock()
+        self._runs: dict[str, int] = {}
+        self._in_flight = 0
+        self._hold_s: dict[str, float] = {}  # running mean of how long a request of the run held its slot
+        self._hold_all_s = DEFAULT_HOLD_S
+
+    def in_flight(self, run: str | None = None) -> int:
+        with self._lock:
+            return self._in_flight if run is None else self._runs.get(run, 0)
+
+    def enter(self, run: str) -> Refusal | None:
+        """Take a slot of `run`, or say why not (and take nothing)."""
+        with self._lock:
+            held = self._runs.get(run, 0)
+            if held >= self.per_run:
+                refusal = self._refusal("run", self.per_run, self._hold_s.get(run, self._hold_all_s))
+            elif self._in_flight >= self.total:
+                refusal = self._refusal("total", self.total, self._hold_all_s)
+            else:
+                self._runs[run] = held + 1
+                self._in_flight += 1
+                refusal = None
+            in_flight = self._in_flight
+        if refusal is not None:
+            self.on_refusal(refusal.bound)
+        else:
+            self.on_change(in_flight)
+        return refusal
+
+    def leave(self, run: str, held_s: float) -> None:
+        """Give back a slot taken by `enter`, held for `held_s` seconds."""
+        with self._lock:
+            left = self._runs[run] - 1
+            if left:
+                self._runs[run] = left
+            else:
+                del self._runs[run]
+            self._in_flight -= 1
+            self._hold_s[run] = _smoothed(self._hold_s.get(run), held_s)
+            self._hold_all_s = _smoothed(self._hold_all_s, held_s)
+            if len(self._hold_s) > 4 * self.total:  # forget runs that come and go; keep those in flight
+                self._hold_s = {name: s for name, s in self._hold_s.items() if name in self._runs or name == run}
+            in_flight = self._in_flight
+        self.on_change(in_flight)
+
+    def _refusal(self, bound: Bound, limit: int, hold_s: float) -> Refusal:
+        estimate = hold_s / limit  # slots free one after another: a run's batches are scored one at a time
+        spread = 1.0 - JITTER + 2.0 * JITTER * self.uniform()
+        wait = min(max(estimate * spread, MIN_RETRY_AFTER_S), self.max_retry_after_s)
+        return Refusal(bound, limit, wait)
+
+
+def _smoothed(mean: float | None, value: float) -> float:
+    return value if mean is None else (1.0 - SMOOTHING) * mean + SMOOTHING * value
+
+
+def admission_of(request: Request) -> Admission:
+    return request.app.state.admission  # type: ignore[no-any-return]
+
+
+async def score_slot(run: str, admission: Annotated[Admission, Depends(admission_of)]) -> AsyncIterator[None]:
+    """A slot for one score request, taken before its body is read and given back once its answer is built;
+    503 with `Retry-After` at once when there is none."""
+    refusal = admission.enter(run)
+    if refusal is not None:
+        raise HTTPException(503, refusal.message(run), headers=refusal.headers())
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        admission.leave(run, time.perf_counter() - started)
+
+
+ScoreSlot = Depends(score_slot, scope="function")
+"""The score route's admission: `dependencies=[ScoreSlot]`; it runs after authentication."""
+
+__all__ = ["Admission", "Refusal", "ScoreSlot", "admission_of", "score_slot"]
