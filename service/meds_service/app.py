@@ -71,6 +71,7 @@ def _background_refits(
     worker = QueueWorker(
         engine.store, queue, refitter, consumer=f"api-{socket.gethostname()}-{os.getpid()}",
         batch=settings.refit_queue_batch, claim_idle_s=settings.refit_claim_idle_s, observer=metrics,
+        flights=engine.refits.flights,  # one refit per key in flight, shared with the exact rule
     )  # fmt: skip
     return _in_thread(worker.run, "meds-refit-queue")
 

@@ -43,7 +43,7 @@ def test_retry_after_is_the_time_a_slot_takes_to_free_jittered_and_capped() -> N
     admission = Admission(2, 8, max_retry_after_s=3.0, uniform=lambda: next(draws))
     for _ in range(2):
         assert admission.enter("a") is None
-    admission.leave("a", 2.0)  # the first request of the run sets the estimate: 2.0 s held / 2 slots
+    admission.leave("a", 1.0)  # the first request of the run sets the estimate: 1.0 s held
     assert admission.enter("a") is None
     low, high = admission.enter("a"), admission.enter("a")
     assert low is not None and high is not None

@@ -8,8 +8,9 @@ client's retry is cheaper than a request that waits behind others until its trai
 requests, not rollouts, because admission happens before the body is read; a request's size is bounded by
 `MEDS_MAX_BODY_BYTES` and `MEDS_MAX_BATCH`.
 
-The wait a refusal advises is the time a slot takes to free on recent requests (how long requests held a
-slot, divided by the bound), jittered so that refused clients do not come back in lockstep.
+The wait a refusal advises is how long recent requests of the run held their slot: about the time the
+requests now in flight take to turn over, jittered by +-50 % so that the refused clients come back spread over
+that time, about one per slot that frees, rather than together.
 """
 
 from __future__ import annotations
@@ -123,9 +124,8 @@ class Admission:
         self.on_change(in_flight)
 
     def _refusal(self, bound: Bound, limit: int, hold_s: float) -> Refusal:
-        estimate = hold_s / limit  # slots free one after another: a run's batches are scored one at a time
         spread = 1.0 - JITTER + 2.0 * JITTER * self.uniform()
-        wait = min(max(estimate * spread, MIN_RETRY_AFTER_S), self.max_retry_after_s)
+        wait = min(max(hold_s * spread, MIN_RETRY_AFTER_S), self.max_retry_after_s)
         return Refusal(bound, limit, wait)
 
 
