@@ -92,9 +92,21 @@ def refusals_of(http: httpx.Client) -> dict[str, float]:
     return {bound: float(value) for bound, value in REFUSALS.findall(http.get("/metrics").text)}
 
 
-def run_segment(
-    server: ProcessServer, opts: argparse.Namespace, rate: float, consistency: str, retries: RetryPolicy
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Load:
+    """What one segment runs: how many clients, for how long, at what total rate, and how they retry."""
+
+    clients: int = 8
+    seconds: float = 60.0
+    rate: float = 0.0  # total rollouts/s; 0 = flat out
+    consistency: str = "fast"
+    retries: RetryPolicy = field(default_factory=lambda: RetryPolicy(max_retries=10))
+    drain_timeout: float = 120.0
+
+
+def run_segment(server: ProcessServer, load: Load) -> dict[str, Any]:
+    """Run one segment of load on a new run of `server`, then wait for its refits to drain."""
+    rate, consistency, retries = load.rate, load.consistency, load.retries
     run = f"load-{consistency}-{int(rate)}"
     segment = Segment(run, rate)
     assert server.proc is not None
@@ -103,10 +115,10 @@ def run_segment(
         refused_before = refusals_of(http)
         with measured(server=server.proc.pid) as sides:
             started = time.monotonic()
-            until = started + opts.seconds
+            until = started + load.seconds
             threads = [
-                threading.Thread(target=client_loop, args=(server.base_url, segment, i, opts.clients, until, retries))
-                for i in range(opts.clients)
+                threading.Thread(target=client_loop, args=(server.base_url, segment, i, load.clients, until, retries))
+                for i in range(load.clients)
             ]
             for thread in threads:
                 thread.start()
@@ -118,7 +130,7 @@ def run_segment(
             ingest_s = time.monotonic() - started
         drained_at = time.monotonic()
         drain_s: float | None = None
-        while time.monotonic() - drained_at < opts.drain_timeout:
+        while time.monotonic() - drained_at < load.drain_timeout:
             pending = pending_of(http, run)
             if pending == 0:
                 drain_s = time.monotonic() - drained_at
@@ -126,12 +138,12 @@ def run_segment(
             time.sleep(0.2)
         refused_after = refusals_of(http)
     lat = np.asarray(segment.latencies) if segment.latencies else np.zeros(1)
-    half = [p for t, p in segment.pending if t >= opts.seconds / 2]
+    half = [p for t, p in segment.pending if t >= load.seconds / 2]
     return {
         "run": run,
         "consistency": consistency,
         "target_rollouts_per_s": rate or None,
-        "clients": opts.clients,
+        "clients": load.clients,
         "seconds": round(ingest_s, 2),
         "calls": len(segment.latencies),
         "failed_calls": segment.failures,
@@ -185,16 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.seconds, opts.drain_timeout = 8.0, 60.0
-    rates = [float(r) for r in opts.rates.split(",")]
     retries = RetryPolicy(max_retries=opts.retries)
+    loads = [
+        Load(opts.clients, opts.seconds, float(rate), opts.consistency, retries, opts.drain_timeout)
+        for rate in opts.rates.split(",")
+    ]
     env = {"MEDS_LOG_LEVEL": "warning", **dict(item.split("=", 1) for item in opts.env)}
     results = []
     with tempfile.TemporaryDirectory(prefix="meds-load-") as tmp:
         server = ProcessServer(Path(tmp) / "data", env=env)
         server.start()
         try:
-            for rate in rates:
-                result = run_segment(server, opts, rate, opts.consistency, retries)
+            for load in loads:
+                result = run_segment(server, load)
                 print(report(result), flush=True)
                 results.append(result)
         finally:
