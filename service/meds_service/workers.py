@@ -19,9 +19,8 @@ from .core.config import RunConfig
 from .core.errors import StoreUnavailable
 from .core.records import KeyHead, StoreSpec
 from .core.types import Fit, MemoryKey
-from .engine.flights import RefitFlights
 from .engine.ports import EngineObserver, MemoryStore, RefitQueue
-from .engine.refits import split_keys
+from .engine.refits import RefitFlights, split_keys
 from .settings import Settings
 from .storage import open_store
 

@@ -137,9 +137,11 @@ def admission_of(request: Request) -> Admission:
     return request.app.state.admission  # type: ignore[no-any-return]
 
 
-async def score_slot(run: str, admission: Annotated[Admission, Depends(admission_of)]) -> AsyncIterator[None]:
+async def score_slot(request: Request, admission: Annotated[Admission, Depends(admission_of)]) -> AsyncIterator[None]:
     """A slot for one score request, taken before its body is read and given back once its answer is built;
-    503 with `Retry-After` at once when there is none."""
+    503 with `Retry-After` at once when there is none. The run is read from the path as sent (the route
+    validates it and declares it in the schema)."""
+    run = str(request.path_params.get("run", ""))
     refusal = admission.enter(run)
     if refusal is not None:
         raise HTTPException(503, refusal.message(run), headers=refusal.headers())

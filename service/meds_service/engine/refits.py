@@ -175,3 +175,6 @@ def _batches(keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: 
         vectors += size
     if job:
         yield job
+
+
+__all__ = ["MAX_EXACT_ROUNDS", "RefitFlights", "Refits", "split_keys"]
