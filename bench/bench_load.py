@@ -49,6 +49,7 @@ class Segment:
     latencies: list[float] = field(default_factory=list)
     rollouts: int = 0
     failures: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # failed calls by error class and first words
     retries: int = 0
     pending: list[tuple[float, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -72,9 +73,11 @@ def client_loop(url: str, segment: Segment, index: int, clients: int, until: flo
             started = time.perf_counter()
             try:
                 client.score(segment.run, rollouts)
-            except MedsError:
+            except MedsError as exc:
+                reason = f"{type(exc).__name__}: {str(exc)[:80]}"
                 with segment.lock:
                     segment.failures += 1
+                    segment.errors[reason] = segment.errors.get(reason, 0) + 1
                 continue
             with segment.lock:
                 segment.latencies.append(time.perf_counter() - started)
@@ -147,6 +150,7 @@ def run_segment(server: ProcessServer, load: Load) -> dict[str, Any]:
         "seconds": round(ingest_s, 2),
         "calls": len(segment.latencies),
         "failed_calls": segment.failures,
+        "errors": segment.errors,
         "client_retries": segment.retries,
         "refusals": {k: int(refused_after.get(k, 0) - refused_before.get(k, 0)) for k in ("run", "total")},
         "rollouts_per_s": round(segment.rollouts / ingest_s, 1),
@@ -176,7 +180,8 @@ def report(result: dict[str, Any]) -> str:
         f"{f', paced to {rate:.0f} rollouts/s' if rate else ', flat out'}: "
         f"{result['rollouts_per_s']:.0f} rollouts/s in {result['calls']} calls; latency p50 {lat['p50']:.2f} s, "
         f"p99 {lat['p99']:.2f} s, worst {lat['max']:.2f} s; refusals {refusals['run']} (run) + {refusals['total']} "
-        f"(total), {result['client_retries']} client retries, {result['failed_calls']} failed calls; pending_refits "
+        f"(total), {result['client_retries']} client retries, {result['failed_calls']} failed calls"
+        f"{' ' + str(result['errors']) if result['errors'] else ''}; pending_refits "
         f"max {pending['max']}, second-half max {pending['second_half_max']}, {pending['at_end']} at the end, "
         f"drained in {drain}; load average {result['machine']['load_before']} -> {result['machine']['load_after']}; "
         f"CPU {cpu}"

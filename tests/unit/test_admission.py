@@ -38,31 +38,39 @@ def test_a_slot_given_back_admits_the_next_request() -> None:
     assert changes == [1, 0, 1]
 
 
-def test_retry_after_is_the_time_a_slot_takes_to_free_jittered_and_capped() -> None:
-    draws = iter([0.0, 1.0, 0.5, 0.5])
-    admission = Admission(2, 8, max_retry_after_s=3.0, uniform=lambda: next(draws))
+def test_refusals_advise_returns_one_slot_apart() -> None:
+    now = [0.0]
+    admission = Admission(2, 8, max_retry_after_s=3.0, uniform=lambda: 0.5, clock=lambda: now[0])
     for _ in range(2):
         assert admission.enter("a") is None
-    admission.leave("a", 1.0)  # the first request of the run sets the estimate: 1.0 s held
+    admission.leave("a", 1.0)  # a request held its slot 1 s with 2 slots: one frees about every 0.5 s
     assert admission.enter("a") is None
-    low, high = admission.enter("a"), admission.enter("a")
-    assert low is not None and high is not None
-    assert low.retry_after_s == pytest.approx(0.5) and high.retry_after_s == pytest.approx(1.5)
-    assert low.headers() == {"Retry-After": "1", "retry-after-ms": "500"}
-    assert high.headers()["Retry-After"] == "2"
-    for _ in range(2):
-        admission.leave("a", 60.0)
-    slow = Admission(1, 8, max_retry_after_s=3.0, uniform=lambda: 0.5)
-    assert slow.enter("a") is None
-    slow.leave("a", 60.0)
-    assert slow.enter("a") is None
-    capped = slow.enter("a")
-    assert capped is not None and capped.retry_after_s == 3.0
-    fast = Admission(1, 8, uniform=lambda: 0.0)
-    assert fast.enter("a") is None
-    fast.leave("a", 0.0)
-    assert fast.enter("a") is None
-    floor = fast.enter("a")
+    waits = [refusal.retry_after_s for refusal in (admission.enter("a") for _ in range(3)) if refusal is not None]
+    assert waits == pytest.approx([0.5, 1.0, 1.5])  # each refused client a slot later than the one before
+    now[0] = 1.2
+    later = admission.enter("a")
+    assert later is not None and later.retry_after_s == pytest.approx(0.8)  # after the last advised (1.5 s)
+    assert later.headers() == {"Retry-After": "1", "retry-after-ms": "800"}
+    now[0] = 10.0  # the advised returns are past: the line starts again from now
+    fresh = admission.enter("a")
+    assert fresh is not None and fresh.retry_after_s == pytest.approx(0.5)
+    crowd = [admission.enter("a") for _ in range(10)]
+    assert max(r.retry_after_s for r in crowd if r is not None) == 3.0  # capped at max_retry_after_s
+    assert admission.enter("b") is None  # another run has its own slots and its own line
+
+
+def test_advised_waits_are_jittered_and_never_below_the_floor() -> None:
+    draws = iter([0.0, 1.0])
+    jittered = Admission(1, 8, uniform=lambda: next(draws), clock=lambda: 0.0)
+    assert jittered.enter("a") is None
+    first, second = jittered.enter("a"), jittered.enter("a")  # s = 1 s before any request finished
+    assert first is not None and second is not None
+    assert first.retry_after_s == pytest.approx(0.5) and second.retry_after_s == pytest.approx(0.5 + 1.5)
+    instant = Admission(1, 8, uniform=lambda: 0.0, clock=lambda: 0.0)
+    assert instant.enter("a") is None
+    instant.leave("a", 0.0)
+    assert instant.enter("a") is None
+    floor = instant.enter("a")
     assert floor is not None and floor.retry_after_s == MIN_RETRY_AFTER_S
 
 

@@ -8,9 +8,11 @@ client's retry is cheaper than a request that waits behind others until its trai
 requests, not rollouts, because admission happens before the body is read; a request's size is bounded by
 `MEDS_MAX_BODY_BYTES` and `MEDS_MAX_BATCH`.
 
-The wait a refusal advises is how long recent requests of the run held their slot: about the time the
-requests now in flight take to turn over, jittered by +-50 % so that the refused clients come back spread over
-that time, about one per slot that frees, rather than together.
+The waits refusals advise are spread out, one slot apart: when a slot frees about every `s` seconds (recent
+requests held a slot `hold` seconds with `bound` slots busy: s = hold / bound), the first refused request is
+told to come back in about s, the next one in about 2s, and so on (each +-50 % of s at random), so that
+refused clients return about one per slot that frees, not together nor in a crowd that is refused again.
+Nothing is held for them meanwhile: it is advice, not a queue.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Admission:
         on_refusal: Callable[[Bound], None] | None = None,
         on_change: Callable[[int], None] | None = None,
         uniform: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if per_run < 1 or total < 1:
             raise ValueError("admission bounds must be at least 1")
@@ -78,11 +81,13 @@ class Admission:
         self.on_refusal = on_refusal or (lambda _: None)
         self.on_change = on_change or (lambda _: None)
         self.uniform = uniform
+        self.clock = clock
         self._lock = threading.Lock()
         self._runs: dict[str, int] = {}
         self._in_flight = 0
         self._hold_s: dict[str, float] = {}  # running mean of how long a request of the run held its slot
         self._hold_all_s = DEFAULT_HOLD_S
+        self._advised: dict[str, float] = {}  # per run (and "" for the total): the latest return time advised
 
     def in_flight(self, run: str | None = None) -> int:
         with self._lock:
@@ -93,9 +98,9 @@ class Admission:
         with self._lock:
             held = self._runs.get(run, 0)
             if held >= self.per_run:
-                refusal = self._refusal("run", self.per_run, self._hold_s.get(run, self._hold_all_s))
+                refusal = self._refusal("run", self.per_run, self._hold_s.get(run, self._hold_all_s), run)
             elif self._in_flight >= self.total:
-                refusal = self._refusal("total", self.total, self._hold_all_s)
+                refusal = self._refusal("total", self.total, self._hold_all_s, "")
             else:
                 self._runs[run] = held + 1
                 self._in_flight += 1
@@ -120,12 +125,17 @@ class Admission:
             self._hold_all_s = _smoothed(self._hold_all_s, held_s)
             if len(self._hold_s) > 4 * self.total:  # forget runs that come and go; keep those in flight
                 self._hold_s = {name: s for name, s in self._hold_s.items() if name in self._runs or name == run}
+                self._advised = {name: t for name, t in self._advised.items() if name in self._runs or not name}
             in_flight = self._in_flight
         self.on_change(in_flight)
 
-    def _refusal(self, bound: Bound, limit: int, hold_s: float) -> Refusal:
-        spread = 1.0 - JITTER + 2.0 * JITTER * self.uniform()
-        wait = min(max(hold_s * spread, MIN_RETRY_AFTER_S), self.max_retry_after_s)
+    def _refusal(self, bound: Bound, limit: int, hold_s: float, slot: str) -> Refusal:
+        """Advise a return one slot after the latest return advised for the same bound (caller holds the lock)."""
+        now = self.clock()
+        every_s = hold_s / limit
+        after = max(self._advised.get(slot, now), now) + every_s * (1.0 - JITTER + 2.0 * JITTER * self.uniform())
+        wait = min(max(after - now, MIN_RETRY_AFTER_S), self.max_retry_after_s)
+        self._advised[slot] = now + wait
         return Refusal(bound, limit, wait)
 
 
