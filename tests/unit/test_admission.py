@@ -59,6 +59,24 @@ def test_refusals_advise_returns_one_slot_apart() -> None:
     assert admission.enter("b") is None  # another run has its own slots and its own line
 
 
+def test_a_freed_slot_is_kept_for_the_advised_return_due_next() -> None:
+    now = [0.0]
+    admission = Admission(1, 8, uniform=lambda: 0.5, clock=lambda: now[0])
+    assert admission.enter("a") is None
+    refused = admission.enter("a")  # told to come back in one slot time (1 s before any request finished)
+    assert refused is not None and refused.retry_after_s == pytest.approx(1.0)
+    now[0] = 0.6
+    admission.leave("a", 0.6)  # the slot frees; now a slot takes about 0.6 s
+    # The client just answered sends its next batch at once: the slot is kept for the return due at 1.0 s.
+    again = admission.enter("a")
+    assert again is not None and again.retry_after_s == pytest.approx(1.6 - 0.6)  # a slot after 1.0 s
+    now[0] = 1.0
+    assert admission.enter("a") is None  # the client told to come back at 1.0 s is admitted
+    admission.leave("a", 0.6)
+    now[0] = 3.0  # the return advised for 1.6 s was missed by more than a slot time: forgotten
+    assert admission.enter("a") is None
+
+
 def test_advised_waits_are_jittered_and_never_below_the_floor() -> None:
     draws = iter([0.0, 1.0])
     jittered = Admission(1, 8, uniform=lambda: next(draws), clock=lambda: 0.0)

@@ -12,11 +12,16 @@ The waits refusals advise are spread out, one slot apart: when a slot frees abou
 requests held a slot `hold` seconds with `bound` slots busy: s = hold / bound), the first refused request is
 told to come back in about s, the next one in about 2s, and so on (each +-50 % of s at random), so that
 refused clients return about one per slot that frees, not together nor in a crowd that is refused again.
-Nothing is held for them meanwhile: it is advice, not a queue.
+And a slot that frees within one slot time of an advised return is kept for it: a request that arrives while
+no advised return is due is refused then, so a client that has just been answered and sends its next batch
+at once does not take the slot back from a client that was told to wait. A request that arrives once an
+advised return is due is taken for it. Nothing else is held: an advised return missed by more than one slot
+time is forgotten.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import threading
@@ -87,7 +92,7 @@ class Admission:
         self._in_flight = 0
         self._hold_s: dict[str, float] = {}  # running mean of how long a request of the run held its slot
         self._hold_all_s = DEFAULT_HOLD_S
-        self._advised: dict[str, float] = {}  # per run (and "" for the total): the latest return time advised
+        self._returns: dict[str, list[float]] = {}  # per run (and "" for the total): advised return times, sorted
 
     def in_flight(self, run: str | None = None) -> int:
         with self._lock:
@@ -96,12 +101,19 @@ class Admission:
     def enter(self, run: str) -> Refusal | None:
         """Take a slot of `run`, or say why not (and take nothing)."""
         with self._lock:
+            now = self.clock()
             held = self._runs.get(run, 0)
-            if held >= self.per_run:
-                refusal = self._refusal("run", self.per_run, self._hold_s.get(run, self._hold_all_s), run)
+            every_s = self._hold_s.get(run, self._hold_all_s) / self.per_run
+            returns = self._returns_of(run, now, every_s)
+            due = bisect.bisect_right(returns, now)
+            kept = bisect.bisect_right(returns, now + every_s) - due  # slots kept for returns due within a slot
+            if held >= self.per_run or (not due and held + kept >= self.per_run):
+                refusal = self._refusal("run", self.per_run, every_s, run, now)
             elif self._in_flight >= self.total:
-                refusal = self._refusal("total", self.total, self._hold_all_s, "")
+                refusal = self._refusal("total", self.total, self._hold_all_s / self.total, "", now)
             else:
+                if due:
+                    del returns[0]  # this arrival is taken for the earliest return due
                 self._runs[run] = held + 1
                 self._in_flight += 1
                 refusal = None
@@ -125,17 +137,23 @@ class Admission:
             self._hold_all_s = _smoothed(self._hold_all_s, held_s)
             if len(self._hold_s) > 4 * self.total:  # forget runs that come and go; keep those in flight
                 self._hold_s = {name: s for name, s in self._hold_s.items() if name in self._runs or name == run}
-                self._advised = {name: t for name, t in self._advised.items() if name in self._runs or not name}
+                self._returns = {name: t for name, t in self._returns.items() if t and (name in self._runs or not name)}
             in_flight = self._in_flight
         self.on_change(in_flight)
 
-    def _refusal(self, bound: Bound, limit: int, hold_s: float, slot: str) -> Refusal:
-        """Advise a return one slot after the latest return advised for the same bound (caller holds the lock)."""
-        now = self.clock()
-        every_s = hold_s / limit
-        after = max(self._advised.get(slot, now), now) + every_s * (1.0 - JITTER + 2.0 * JITTER * self.uniform())
+    def _returns_of(self, line: str, now: float, every_s: float) -> list[float]:
+        """The advised returns of a run ("" for the total), without those missed by more than a slot time."""
+        returns = self._returns.setdefault(line, [])
+        del returns[: bisect.bisect_left(returns, now - every_s)]
+        return returns
+
+    def _refusal(self, bound: Bound, limit: int, every_s: float, line: str, now: float) -> Refusal:
+        """Advise a return one slot (`every_s`) after the latest return advised on the same line (caller holds
+        the lock)."""
+        returns = self._returns_of(line, now, every_s)
+        after = max(returns[-1] if returns else now, now) + every_s * (1.0 - JITTER + 2.0 * JITTER * self.uniform())
         wait = min(max(after - now, MIN_RETRY_AFTER_S), self.max_retry_after_s)
-        self._advised[slot] = now + wait
+        bisect.insort(returns, now + wait)
         return Refusal(bound, limit, wait)
 
 
