@@ -23,6 +23,7 @@ from starlette.responses import HTMLResponse, Response
 
 from . import __version__, faults
 from .api import errors
+from .api.admission import Admission
 from .api.explorer import explorer, page, ui_assets
 from .api.middleware import RequestContext
 from .api.routes import health, v1
@@ -70,6 +71,7 @@ def _background_refits(
     worker = QueueWorker(
         engine.store, queue, refitter, consumer=f"api-{socket.gethostname()}-{os.getpid()}",
         batch=settings.refit_queue_batch, claim_idle_s=settings.refit_claim_idle_s, observer=metrics,
+        flights=engine.refits.flights,  # one refit per key in flight, shared with the exact rule
     )  # fmt: skip
     return _in_thread(worker.run, "meds-refit-queue")
 
@@ -158,6 +160,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.admission = Admission(
+        settings.max_inflight_per_run, settings.max_inflight_total, max_retry_after_s=settings.max_retry_after_s,
+        on_refusal=metrics.score_refused, on_change=metrics.score_in_flight.set,
+    )  # fmt: skip
     errors.install(app)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.include_router(health)

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -150,6 +150,19 @@ class Metrics:
             ["tier"],
             registry=self.registry,
         )
+
+        self.score_refusals = Counter(
+            "meds_score_refusals",
+            "Score requests refused at once (503) by the bound they hit: run or total requests in flight.",
+            ["bound"],
+            registry=self.registry,
+        )
+        self.score_in_flight = Gauge(
+            "meds_score_in_flight", "Score requests admitted and not yet answered.", registry=self.registry
+        )
+
+    def score_refused(self, bound: str) -> None:
+        self.score_refusals.labels(bound).inc()
 
     def watch_memory(self, totals: Callable[[], MemoryTotals]) -> None:
         self.registry.register(_MemoryGauges(totals))

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     max_connections: int = Field(4096, ge=1)
     max_requests: int = Field(256, ge=1)
 
+    # Admission: score requests in flight (taken before the body is read, until the answer is built) per run
+    # and in all; past either bound a request is refused at once with 503 and Retry-After (at most
+    # max_retry_after_s), never queued.
+    max_inflight_per_run: int = Field(4, ge=1)
+    max_inflight_total: int = Field(32, ge=1)
+    max_retry_after_s: float = Field(5.0, gt=0)
+
     # Refits. refit_background=false leaves refits to the exact rule, POST /recluster and `meds worker`s.
     refit_background: bool = True
     refit_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)

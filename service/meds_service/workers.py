@@ -17,10 +17,10 @@ from concurrent.futures.process import BrokenProcessPool
 from .core.clustering import fit_labels
 from .core.config import RunConfig
 from .core.errors import StoreUnavailable
-from .core.records import StoreSpec
+from .core.records import KeyHead, StoreSpec
 from .core.types import Fit, MemoryKey
 from .engine.ports import EngineObserver, MemoryStore, RefitQueue
-from .engine.refits import split_keys
+from .engine.refits import RefitFlights, split_keys
 from .settings import Settings
 from .storage import open_store
 
@@ -134,7 +134,8 @@ class QueueWorker:
     A job is acknowledged only after its labels are saved, so a worker killed mid-refit loses nothing:
     another consumer takes its jobs over once they have been idle for `claim_idle_s`. Jobs for keys whose
     fit is already current (another worker, or a replica under the exact rule, got there first) are
-    acknowledged without work.
+    acknowledged without work; a key the engine of the same process is refitting already (`flights`) waits
+    for that refit and saves its labels rather than being fitted twice.
     """
 
     def __init__(
@@ -148,6 +149,7 @@ class QueueWorker:
         block_ms: int = 1000,
         claim_idle_s: float = 60.0,
         observer: EngineObserver | None = None,
+        flights: RefitFlights | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -157,6 +159,7 @@ class QueueWorker:
         self.block_ms = block_ms
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.observer = observer
+        self.flights = flights or RefitFlights()
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set; a store outage pauses, it does not end the loop."""
@@ -189,15 +192,29 @@ class QueueWorker:
 
     def _refit(self, run: str, config: RunConfig, keys: list[MemoryKey]) -> None:
         heads = self.store.heads(run, keys)
-        stale = [k for k in keys if heads[k].stale]
+        landed = [fit for k in keys if heads[k].stale and (fit := self._fit_in_flight(run, k, heads[k]))]
+        stale = [k for k in keys if heads[k].stale and k not in {fit.key for fit in landed}]
+        if landed:
+            self.store.save_fits(run, landed)  # saved before the job is acknowledged, whoever fitted them
         if not stale:
             return
         started = time.perf_counter()
-        futures = [self.refitter.submit(run, config, job) for job in split_keys(stale, self.refitter.workers)]
+        jobs = split_keys(stale, self.refitter.workers)
+        futures = [self.refitter.submit(run, config, job) for job in jobs]
+        for job, future in zip(jobs, futures, strict=True):
+            self.flights.add(run, {key: heads[key].n for key in job}, future)
         fits = [fit for future in futures for fit in future.result()]
         self.store.save_fits(run, fits)
         if self.observer is not None:
             self.observer.refit_done(len(fits), sum(len(f.labels) for f in fits), time.perf_counter() - started)
+
+    def _fit_in_flight(self, run: str, key: MemoryKey, head: KeyHead) -> Fit | None:
+        """The fit of a refit this process already has in flight for the key (the engine's), once it lands,
+        when it covers the key's vectors; None when there is none, or it failed or fell short (then the key
+        is refitted here)."""
+        flight = self.flights.get(run, key)
+        fit = flight.fit_of(key) if flight is not None else None
+        return fit if fit is not None and fit.fit_start >= head.start and fit.fitted_upto >= head.n else None
 
 
 def run_worker(settings: Settings) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,7 +39,11 @@ def send_each_twice(replicas: list[str]) -> None:
 
     def send(numbered: tuple[int, dict[str, object]]) -> list[str]:
         i, body = numbered
-        response = httpx.post(f"{replicas[i % len(replicas)]}/v1/runs/c/score", json=body, timeout=120)
+        for _ in range(200):  # past the in-flight bound (4 per run) a request is refused at once: resend it
+            response = httpx.post(f"{replicas[i % len(replicas)]}/v1/runs/c/score", json=body, timeout=120)
+            if response.status_code != 503:
+                break
+            time.sleep(int(response.headers["retry-after-ms"]) / 1000)
         assert response.status_code == 200, response.text
         return [r["status"] for r in response.json()["results"]]
 

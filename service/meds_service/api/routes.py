@@ -17,6 +17,7 @@ from ..core.config import RunConfig
 from ..core.errors import StoreUnavailable, Unauthorized
 from ..engine import ErrorMemory
 from ..settings import Settings
+from .admission import ScoreSlot
 from .codec import CODECS, MSGPACK, request_codec, response_codec
 from .errors import json_object, validated
 from .schemas import (
@@ -156,6 +157,7 @@ async def delete_run(run: RunName, engine: EngineDep) -> Response:
     "/runs/{run}/score",
     response_model=ScoreResponse,
     summary="Score a batch of rollouts and remember it",
+    dependencies=[ScoreSlot],  # admission: 503 + Retry-After at once past the in-flight bounds, body unread
     description=(
         "JSON, or for large batches the compact columnar form: send `Content-Type: application/msgpack` "
         "(ScoreColumnsRequest) and/or `Accept: application/msgpack` (ScoreColumnsResponse). Both carry the same "

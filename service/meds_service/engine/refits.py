@@ -2,7 +2,8 @@
 
 A finished fit is saved to the store first, then adopted by the cache; a fit older than the one held is
 never adopted (`KeyHead.admits`). Under `consistency="exact"` a score that reads a key with a pending
-refit waits for it first (`wait_for`).
+refit waits for it first (`wait_for`). A key has at most one refit in flight in this process
+(engine/flights.py): a waiter reuses the one in the air, and refits again only if it fell short.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 from ..core.config import RunConfig
 from ..core.errors import StoreUnavailable
-from ..core.types import MemoryKey
+from ..core.types import Fit, MemoryKey
 from .cache import RefitJob, RunMemory
 from .coordination import Coordination
+from .flights import RefitFlights
 from .ports import EngineObserver, MemoryStore, Refitter
 from .views import ReclusterReport
 
@@ -34,15 +36,20 @@ class Refits:
         coordination: Coordination,
         observer: EngineObserver,
         notify: Callable[[], None],
+        flights: RefitFlights | None = None,
     ) -> None:
         self.store = store
         self.refitter = refitter
         self.coordination = coordination
         self.observer = observer
         self.notify = notify  # called when keys became pending or a job finished
+        self.flights = flights or RefitFlights()
 
     def wait_for(self, run: RunMemory, config: RunConfig, keys: Iterable[MemoryKey]) -> None:
-        """The `exact` rule: keys this batch reads must have a fit of all their vectors first."""
+        """The `exact` rule: keys this batch reads must have a fit of all their vectors first.
+
+        A key with a refit in flight waits for that one (and takes its fit if it covers the key's vectors);
+        only the others are submitted, split over the refitter's workers so that they fit in parallel."""
         due = [k for k in keys if k in run.pending]
         rounds = 0
         while due:
@@ -50,19 +57,35 @@ class Refits:
             if rounds > MAX_EXACT_ROUNDS:
                 raise StoreUnavailable("refits of this batch's keys keep going stale; retry", retry_after=1)
             waits = {id(job): job for k in due if (job := run.inflight.get(k)) is not None}
-            fresh = [k for k in due if k not in run.inflight]
-            if fresh:
-                job = self.submit(run, config, fresh)
+            fresh = self._after_other_flights(run, [k for k in due if k not in run.inflight])
+            for part in split_keys(fresh, self.refitter.workers):
+                job = self.submit(run, config, part)
                 waits[id(job)] = job
             for job in waits.values():
                 self.apply(run, job)
             due = [k for k in due if k in run.pending]
+
+    def _after_other_flights(self, run: RunMemory, keys: list[MemoryKey]) -> list[MemoryKey]:
+        """Wait for the refits another part of this process (a refit-queue consumer) has in flight for these
+        keys and adopt their fits; return the keys still to refit. Caller holds the run lock."""
+        todo, fits = [], []
+        for key in keys:
+            flight = self.flights.get(run.name, key)
+            fit = flight.fit_of(key) if flight is not None else None  # waits for the flight to land
+            if fit is None:
+                todo.append(key)
+            else:
+                fits.append(fit)
+        if fits:
+            self._adopt(run, fits)
+        return [k for k in todo if k in run.pending] + [f.key for f in fits if f.key in run.pending]
 
     def submit(self, run: RunMemory, config: RunConfig, keys: Sequence[MemoryKey]) -> RefitJob:
         job = RefitJob(self.refitter.submit(run.name, config, keys))
         job.future.add_done_callback(lambda _: self.notify())
         for key in keys:
             run.inflight[key] = job
+        self.flights.add(run.name, {key: run.keys[key].n for key in keys if key in run.keys}, job.future)
         return job
 
     def apply(self, run: RunMemory, job: RefitJob) -> None:
@@ -75,21 +98,26 @@ class Refits:
             fits = []
         for key in [k for k, j in run.inflight.items() if j is job]:
             del run.inflight[key]
-        if not fits or not self.coordination.alive(run):
-            return
+        if fits and self._adopt(run, fits):
+            self.observer.refit_done(len(fits), sum(len(f.labels) for f in fits), job.seconds)
+
+    def _adopt(self, run: RunMemory, fits: list[Fit]) -> bool:
+        """Save finished fits, then take them into the cache (store first). Caller holds the run lock."""
+        if not self.coordination.alive(run):
+            return False
         self.store.save_fits(run.name, fits)
         for fit in fits:
             if fit.key in run.keys:
                 run.keys[fit.key].take_fit(fit)
                 run.refresh_pending(fit.key)
-        self.observer.refit_done(len(fits), sum(len(f.labels) for f in fits), job.seconds)
+        return True
 
     def schedule(self, max_jobs: int, max_keys_per_job: int, max_vectors_per_job: int) -> int:
         """Background scheduling: submit pending keys not yet in flight, batched. Returns jobs submitted."""
         submitted = 0
         for run in self.coordination.cached():
             with run.lock:
-                todo = [k for k in run.pending if k not in run.inflight]
+                todo = [k for k in run.pending if k not in run.inflight and self.flights.get(run.name, k) is None]
                 for job in _batches(todo, run, max_keys_per_job, max_vectors_per_job):
                     if submitted >= max_jobs:
                         return submitted
@@ -147,3 +175,6 @@ def _batches(keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: 
         vectors += size
     if job:
         yield job
+
+
+__all__ = ["MAX_EXACT_ROUNDS", "RefitFlights", "Refits", "split_keys"]
