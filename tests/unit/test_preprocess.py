@@ -19,7 +19,7 @@ def reference_vector(fp: np.ndarray, layer_diff: bool, last_n: int | None) -> np
 
 
 @pytest.mark.parametrize("layer_diff", [False, True])
-@pytest.mark.parametrize("last_n", [None, 1, 5, 14, 40])
+@pytest.mark.parametrize("last_n", [None, 1, 5, 14, 27])  # a run refuses fingerprints shorter than last_n
 def test_features_equal_reference(layer_diff: bool, last_n: int | None) -> None:
     rng = np.random.default_rng(0)
     fps = (rng.standard_normal((20, 28)) * 50).astype(np.float32)
