@@ -23,6 +23,7 @@ from starlette.responses import HTMLResponse, Response
 
 from . import __version__
 from .api import errors
+from .api.auth import PUBLIC
 from .api.explorer import explorer, page, ui_assets
 from .api.middleware import RequestContext
 from .api.routes import health, v1
@@ -154,8 +155,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served below from the package's own assets, never from a CDN
         redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_open() else None,
     )
     app.state.settings = settings
+    app.state.keys = settings.keyring()
     app.state.metrics = metrics
     errors.install(app)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
@@ -165,10 +168,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(page)
     app.mount("/ui/static", ui_assets(), name="ui")
 
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus() -> Response:
-        body = await run_in_threadpool(generate_latest, metrics.registry)  # the gauges read the store
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+    if settings.metrics_enabled:
+
+        @app.get("/metrics", include_in_schema=False, dependencies=[PUBLIC])
+        async def prometheus() -> Response:
+            body = await run_in_threadpool(generate_latest, metrics.registry)  # the gauges read the store
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         """The generated schema plus the bodies that routes decode themselves (ScoreRequest for speed)."""
@@ -183,7 +188,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    _offline_docs(app)
+    if settings.docs_open():
+        _offline_docs(app)
     return app
 
 
@@ -192,7 +198,7 @@ def _offline_docs(app: FastAPI) -> None:
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="static")
     oauth2_redirect = "/docs/oauth2-redirect"
 
-    @app.get("/docs", include_in_schema=False)
+    @app.get("/docs", include_in_schema=False, dependencies=[PUBLIC])
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         return get_swagger_ui_html(
@@ -204,11 +210,11 @@ def _offline_docs(app: FastAPI) -> None:
             swagger_favicon_url=f"{root}{STATIC_URL}/swagger-ui/favicon-32x32.png",
         )
 
-    @app.get(oauth2_redirect, include_in_schema=False)
+    @app.get(oauth2_redirect, include_in_schema=False, dependencies=[PUBLIC])
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @app.get("/redoc", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False, dependencies=[PUBLIC])
     async def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         return get_redoc_html(

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from . import logs
 from .core.errors import MedsError
-from .settings import Settings
+from .settings import Settings, settings_error
 
 EXIT_SETTINGS = 2
 EXIT_STORE = 3
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"meds: bad settings:\n{exc}", file=sys.stderr)
+        print(f"meds: bad settings: {settings_error(exc)}", file=sys.stderr)
         return EXIT_SETTINGS
     logs.configure(settings.log_level, settings.log_format)
     try:
