@@ -135,7 +135,7 @@ def routes() -> list[RouteContext]:
 def route_table() -> list[tuple[str, str]]:
     """(method, path) of every FastAPI route."""
     return sorted(
-        (method, route.path)
+        (method, str(route.path))
         for route in routes()
         if isinstance(route.original_route, APIRoute)
         for method in route.methods or ()
@@ -163,9 +163,10 @@ def test_every_route_declares_exactly_one_scope_and_the_expected_one() -> None:
         scopes = declared(route)
         assert len(scopes) == 1, f"{route.path} declares {scopes}: give each route one Access (api/auth.py)"
         for method in route.methods or ():
-            assert (method, route.path) in EXPECTED, f"{method} {route.path} is new: add its scope to EXPECTED"
-            assert scopes[0].action == EXPECTED[method, route.path], (method, route.path)
-            seen.add((method, route.path))
+            where = (method, str(route.path))
+            assert where in EXPECTED, f"{method} {route.path} is new: add its scope to EXPECTED"
+            assert scopes[0].action == EXPECTED[where], where
+            seen.add(where)
     assert seen == set(EXPECTED), "EXPECTED names a route the app no longer has"
 
 
