@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
@@ -82,7 +82,8 @@ def _in_thread(loop: Callable[[threading.Event], None], name: str) -> _Backgroun
 
     def halt() -> None:
         stop.set()
-        thread.join(10)
+        if thread.ident is not None:  # a start that failed earlier stops what it never started
+            thread.join(10)
 
     return _Background(thread.start, halt)
 
@@ -100,6 +101,33 @@ def _periodic(interval_s: float, task: Callable[[], object], name: str) -> _Back
                 log.exception("%s failed", name)
 
     return _in_thread(loop, name)
+
+
+class MetricsPortUnavailable(OSError):
+    """MEDS_METRICS_PORT cannot be listened on (taken, or not allowed)."""
+
+
+def _metrics_port(settings: Settings, metrics: Metrics) -> _Background:
+    """/metrics on a port of its own (MEDS_METRICS_PORT), served by prometheus_client in a thread, so that
+    the API's port need not expose it. Listens at start (a taken port stops the start), closes at stop."""
+    port = settings.metrics_port
+    if not settings.metrics_enabled or port is None:
+        return _Background()
+    servers = []
+
+    def start() -> None:
+        try:
+            server, _ = start_http_server(port, addr=settings.host, registry=metrics.registry)
+        except OSError as exc:
+            raise MetricsPortUnavailable(exc.errno, exc.strerror) from None
+        servers.append(server)
+
+    def stop() -> None:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+    return _Background(start, stop)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -122,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         background = _background_refits(settings, engine, refitter, metrics)
         snapshots = _periodic(settings.snapshot_interval_s, engine.write_snapshots, "meds-snapshots")
         checkpoints = _periodic(1.0, store.checkpoint, "meds-checkpoints")
+        metrics_server = _metrics_port(settings, metrics)
         metrics.watch_memory(engine.totals)
         app.state.engine = engine
         app.state.views = CollapseViews(engine)
@@ -132,12 +161,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # (a full collection over them stalled every other large request by ~100 ms).
             gc.collect()
             gc.freeze()
+            metrics_server.start()
             background.start()
             snapshots.start()
             checkpoints.start()
             log.info("meds %s ready: store %s, %d runs", __version__, store.info(), len(engine.run_names()))
             yield
         finally:
+            metrics_server.stop()
             background.stop()
             snapshots.stop()
             checkpoints.stop()
@@ -168,7 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(page)
     app.mount("/ui/static", ui_assets(), name="ui")
 
-    if settings.metrics_enabled:
+    if settings.metrics_enabled and settings.metrics_port is None:
 
         @app.get("/metrics", include_in_schema=False, dependencies=[PUBLIC])
         async def prometheus() -> Response:

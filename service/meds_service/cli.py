@@ -59,7 +59,7 @@ def _store_failure(exc: MedsError, settings: Settings) -> StartupFailed:
 def serve(settings: Settings) -> None:
     """Run the API until SIGTERM/SIGINT. The app's start-up (opening the store, loading memory) runs here,
     outside uvicorn, so that a failure is reported as a `StartupFailed` rather than uvicorn's traceback."""
-    from .app import create_app
+    from .app import MetricsPortUnavailable, create_app
 
     app = create_app(settings)
     config = uvicorn.Config(
@@ -89,6 +89,12 @@ def serve(settings: Settings) -> None:
                     ) from None
         except MedsError as exc:
             raise _store_failure(exc, settings) from None
+        except MetricsPortUnavailable as exc:
+            raise StartupFailed(
+                f"meds: cannot serve metrics on port {settings.metrics_port}: {exc.strerror}; choose another with "
+                f"MEDS_METRICS_PORT, or leave it unset to serve /metrics on MEDS_PORT",
+                EXIT_ADDRESS,
+            ) from None
 
     # The event loop uvicorn itself would pick (uvloop when installed).
     with _stop_on_signals(server), asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     # Operational endpoints: /metrics, and /docs, /redoc, /openapi.json with their /static assets.
     # Docs default to on in dev and off in production.
     metrics_enabled: bool = True
+    metrics_port: int | None = Field(None, ge=1, le=65535)  # serve /metrics on this port (at MEDS_HOST) only
     docs_enabled: bool | None = None
 
     # Limits.

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from fastapi.testclient import TestClient
 from starlette.routing import Mount, Route
 
+from harness.server import free_port
 from meds_service import cli
 from meds_service.api import auth
 from meds_service.api.auth import Access, KeyRing
@@ -350,3 +353,30 @@ def test_metrics_and_docs_close(make_settings: Callable[..., Settings], docs: bo
         for path in DOCS_PATHS:
             assert c.get(path).status_code == (200 if docs else 404), path
         assert c.get("/ui").status_code == 200 and c.get("/healthz").status_code == 200
+
+
+def test_metrics_on_a_port_of_their_own(make_settings: Callable[..., Settings]) -> None:
+    port = free_port()
+    settings = make_settings(refit_processes=False, refit_background=False, metrics_port=port)
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/metrics").status_code == 404  # not on the API's port
+        c.put("/v1/runs/m")
+        scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        assert 'meds_http_requests_total{method="PUT",route="/v1/runs/{run}",status="201"} 1.0' in scrape
+    with pytest.raises(httpx.ConnectError):  # closed with the app
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+
+
+def test_a_taken_metrics_port_is_one_line_and_exit_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("MEDS_METRICS_PORT", str(port))
+        monkeypatch.setenv("MEDS_REFIT_PROCESSES", "false")
+        monkeypatch.setenv("MEDS_PORT", str(free_port()))
+        assert cli.main(["serve", "--data-dir", str(tmp_path), "--log-format", "text"]) == cli.EXIT_ADDRESS
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "CRITICAL" in line]
+    assert f"cannot serve metrics on port {port}" in line and "MEDS_METRICS_PORT" in line
