@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .api.auth import KeyRing
+from .api.keys import KeyRing
 from .core.records import StoreSpec
 
 MiB = 1024 * 1024

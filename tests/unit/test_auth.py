@@ -18,10 +18,12 @@ from starlette.routing import Mount, Route
 
 from harness.server import free_port
 from meds_service import cli
-from meds_service.api import auth
-from meds_service.api.auth import Access, KeyRing
+from meds_service.api import keys
+from meds_service.api.auth import Access
+from meds_service.api.keys import KeyRing
 from meds_service.app import create_app
 from meds_service.settings import Settings
+from tests.unit.test_layering import SERVICE, imports
 
 # One key per kind. Those marked sha256 are given in the file by digest only.
 KEYS = {
@@ -256,7 +258,7 @@ def test_each_lookup_compares_every_digest_at_fixed_length(monkeypatch: pytest.M
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    monkeypatch.setattr(keys.hmac, "compare_digest", counting)
     for presented in (KEYS["env-admin"], KEYS["admin"], "x", WRONG * 50):
         calls.clear()
         found = ring.identify(presented)
@@ -380,3 +382,9 @@ def test_a_taken_metrics_port_is_one_line_and_exit_4(
         assert cli.main(["serve", "--data-dir", str(tmp_path), "--log-format", "text"]) == cli.EXIT_ADDRESS
     [line] = [line for line in capsys.readouterr().err.splitlines() if "CRITICAL" in line]
     assert f"cannot serve metrics on port {port}" in line and "MEDS_METRICS_PORT" in line
+
+
+def test_the_keys_module_needs_no_web_framework() -> None:
+    """Settings import it, and workers and refit processes import the settings."""
+    assert not [name for name in imports(SERVICE / "api" / "keys.py") if name.startswith(("fastapi", "starlette"))]
+    assert not [name for name in imports(SERVICE / "settings.py") if name.startswith("meds_service.api.auth")]
