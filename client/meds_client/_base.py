@@ -52,6 +52,7 @@ from ._exceptions import (
     ConflictError,
     MedsError,
     NotFoundError,
+    PermissionDeniedError,
     make_status_error,
 )
 from ._types import PromptMemory, ReclusterResult, Rollout, Run, RunConfig, ScoreResults
@@ -63,7 +64,7 @@ T = TypeVar("T")
 HttpClientT = TypeVar("HttpClientT", httpx.Client, httpx.AsyncClient)
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
-NEVER_DEGRADED: tuple[type[MedsError], ...] = (AuthenticationError, ConflictError, NotFoundError)
+NEVER_DEGRADED: tuple[type[MedsError], ...] = (AuthenticationError, PermissionDeniedError, ConflictError, NotFoundError)
 """Errors that mean the client is misconfigured: zero penalties for a whole run would hide them."""
 
 

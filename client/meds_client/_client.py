@@ -44,7 +44,7 @@ class MedsClient(BaseMedsClient[httpx.Client]):
     score request that fails (after retries, or at the deadline), and rollouts that cannot be
     encoded at all (NaN or infinite fingerprints or rewards; every rollout of a batch whose
     fingerprints differ in size), get penalty 0 with status "error" and are counted in `stats`;
-    401, 404 and 409 (misconfiguration) and invalid ids still raise. Pass `http_client` to bring your
+    401, 403, 404 and 409 (misconfiguration) and invalid ids still raise. Pass `http_client` to bring your
     own `httpx.Client` (proxies, mounts, a mock transport); the client then does not close it.
     """
 

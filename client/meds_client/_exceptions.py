@@ -9,6 +9,7 @@ MedsError                          anything raised by meds_client
     ├── BadRequestError            400: bad input (NaN, wrong dimension, empty batch, ...)
     │   └── UnprocessableEntityError   422: the body failed schema validation
     ├── AuthenticationError        401: missing or wrong API key
+    ├── PermissionDeniedError      403: the API key may not do this to this run (its scope)
     ├── NotFoundError              404: unknown run (reads, delete)
     ├── ConflictError              409 `conflict`: a config change that would alter a run with memory
     ├── IdCollisionError           409 `id_collision`: two ids of a run share a stored hash; rename one
@@ -43,6 +44,7 @@ __all__ = [
     "MedsError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "RateLimitError",
     "ServiceUnavailableError",
     "UnprocessableEntityError",
@@ -113,6 +115,10 @@ class AuthenticationError(APIStatusError):
     """401: the API key is missing or wrong (set MEDS_API_KEY or pass api_key=)."""
 
 
+class PermissionDeniedError(APIStatusError):
+    """403: the API key is valid but its scope does not cover this action on this run; not retried."""
+
+
 class NotFoundError(APIStatusError):
     """404: the run (or route) does not exist."""
 
@@ -147,6 +153,7 @@ class ServiceUnavailableError(InternalServerError):
 _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
     400: BadRequestError,
     401: AuthenticationError,
+    403: PermissionDeniedError,
     404: NotFoundError,
     409: ConflictError,
     413: PayloadTooLargeError,

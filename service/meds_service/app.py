@@ -17,13 +17,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from . import __version__, faults
 from .api import errors
 from .api.admission import Admission
+from .api.auth import PUBLIC
 from .api.explorer import explorer, page, ui_assets
 from .api.middleware import RequestContext
 from .api.routes import health, v1
@@ -83,7 +84,8 @@ def _in_thread(loop: Callable[[threading.Event], None], name: str) -> _Backgroun
 
     def halt() -> None:
         stop.set()
-        thread.join(10)
+        if thread.ident is not None:  # a start that failed earlier stops what it never started
+            thread.join(10)
 
     return _Background(thread.start, halt)
 
@@ -101,6 +103,33 @@ def _periodic(interval_s: float, task: Callable[[], object], name: str) -> _Back
                 log.exception("%s failed", name)
 
     return _in_thread(loop, name)
+
+
+class MetricsPortUnavailable(OSError):
+    """MEDS_METRICS_PORT cannot be listened on (taken, or not allowed)."""
+
+
+def _metrics_port(settings: Settings, metrics: Metrics) -> _Background:
+    """/metrics on a port of its own (MEDS_METRICS_PORT), served by prometheus_client in a thread, so that
+    the API's port need not expose it. Listens at start (a taken port stops the start), closes at stop."""
+    port = settings.metrics_port
+    if not settings.metrics_enabled or port is None:
+        return _Background()
+    servers = []
+
+    def start() -> None:
+        try:
+            server, _ = start_http_server(port, addr=settings.host, registry=metrics.registry)
+        except OSError as exc:
+            raise MetricsPortUnavailable(exc.errno, exc.strerror) from None
+        servers.append(server)
+
+    def stop() -> None:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+    return _Background(start, stop)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -124,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         background = _background_refits(settings, engine, refitter, metrics)
         snapshots = _periodic(settings.snapshot_interval_s, engine.write_snapshots, "meds-snapshots")
         checkpoints = _periodic(1.0, store.checkpoint, "meds-checkpoints")
+        metrics_server = _metrics_port(settings, metrics)
         metrics.watch_memory(engine.totals)
         app.state.engine = engine
         app.state.views = CollapseViews(engine)
@@ -134,12 +164,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # (a full collection over them stalled every other large request by ~100 ms).
             gc.collect()
             gc.freeze()
+            metrics_server.start()
             background.start()
             snapshots.start()
             checkpoints.start()
             log.info("meds %s ready: store %s, %d runs", __version__, store.info(), len(engine.run_names()))
             yield
         finally:
+            metrics_server.stop()
             background.stop()
             snapshots.stop()
             checkpoints.stop()
@@ -157,8 +189,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served below from the package's own assets, never from a CDN
         redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_open() else None,
     )
     app.state.settings = settings
+    app.state.keys = settings.keyring()
     app.state.metrics = metrics
     app.state.admission = Admission(
         settings.max_inflight_per_run, settings.max_inflight_total, max_retry_after_s=settings.max_retry_after_s,
@@ -172,10 +206,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(page)
     app.mount("/ui/static", ui_assets(), name="ui")
 
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus() -> Response:
-        body = await run_in_threadpool(generate_latest, metrics.registry)  # the gauges read the store
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+    if settings.metrics_enabled and settings.metrics_port is None:
+
+        @app.get("/metrics", include_in_schema=False, dependencies=[PUBLIC])
+        async def prometheus() -> Response:
+            body = await run_in_threadpool(generate_latest, metrics.registry)  # the gauges read the store
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         """The generated schema plus the bodies that routes decode themselves (ScoreRequest for speed)."""
@@ -190,7 +226,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    _offline_docs(app)
+    if settings.docs_open():
+        _offline_docs(app)
     return app
 
 
@@ -199,7 +236,7 @@ def _offline_docs(app: FastAPI) -> None:
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="static")
     oauth2_redirect = "/docs/oauth2-redirect"
 
-    @app.get("/docs", include_in_schema=False)
+    @app.get("/docs", include_in_schema=False, dependencies=[PUBLIC])
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         return get_swagger_ui_html(
@@ -211,11 +248,11 @@ def _offline_docs(app: FastAPI) -> None:
             swagger_favicon_url=f"{root}{STATIC_URL}/swagger-ui/favicon-32x32.png",
         )
 
-    @app.get(oauth2_redirect, include_in_schema=False)
+    @app.get(oauth2_redirect, include_in_schema=False, dependencies=[PUBLIC])
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @app.get("/redoc", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False, dependencies=[PUBLIC])
     async def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         return get_redoc_html(

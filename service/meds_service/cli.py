@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from . import logs
 from .core.errors import MedsError
 from .server import ConnectionLimits, bounded_protocol, connection_cap, raise_open_files_limit
-from .settings import Settings
+from .settings import Settings, settings_error
 
 EXIT_SETTINGS = 2
 EXIT_STORE = 3
@@ -80,7 +80,7 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
 def serve(settings: Settings) -> None:
     """Run the API until SIGTERM/SIGINT. The app's start-up (opening the store, loading memory) runs here,
     outside uvicorn, so that a failure is reported as a `StartupFailed` rather than uvicorn's traceback."""
-    from .app import create_app
+    from .app import MetricsPortUnavailable, create_app
 
     app = create_app(settings)
     config = uvicorn.Config(
@@ -115,6 +115,12 @@ def serve(settings: Settings) -> None:
                     ) from None
         except MedsError as exc:
             raise _store_failure(exc, settings) from None
+        except MetricsPortUnavailable as exc:
+            raise StartupFailed(
+                f"meds: cannot serve metrics on port {settings.metrics_port}: {exc.strerror}; choose another with "
+                f"MEDS_METRICS_PORT, or leave it unset to serve /metrics on MEDS_PORT",
+                EXIT_ADDRESS,
+            ) from None
 
     # The event loop uvicorn itself would pick (uvloop when installed).
     with _stop_on_signals(server), asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"meds: bad settings:\n{exc}", file=sys.stderr)
+        print(f"meds: bad settings: {settings_error(exc)}", file=sys.stderr)
         return EXIT_SETTINGS
     logs.configure(settings.log_level, settings.log_format)
     try:

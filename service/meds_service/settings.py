@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import faults
+from .api.keys import KeyRing
 from .core.records import StoreSpec
 
 MiB = 1024 * 1024
@@ -35,8 +36,16 @@ class Settings(BaseSettings):
     lock_lease_s: float = Field(3.0, ge=0.05)  # a prompt lock's lease, renewed every third of it while held
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
-    # Auth: comma-separated API keys; empty = no auth (refused in production).
+    # Auth: comma-separated admin API keys, and/or a TOML file of scoped keys (api/auth.py); none at all = no
+    # auth (refused in production, where keys need 32+ characters).
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    _keyring: KeyRing = PrivateAttr(default_factory=KeyRing)
+    # Operational endpoints: /metrics, and /docs, /redoc, /openapi.json with their /static assets.
+    # Docs default to on in dev and off in production.
+    metrics_enabled: bool = True
+    metrics_port: int | None = Field(None, ge=1, le=65535)  # serve /metrics on this port (at MEDS_HOST) only
+    docs_enabled: bool | None = None
 
     # Limits.
     max_body_bytes: int = Field(32 * MiB, ge=1024)
@@ -93,9 +102,9 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _production_needs_keys(self) -> Settings:
-        if self.env == "production" and not self.api_keys:
-            raise ValueError("MEDS_ENV=production requires MEDS_API_KEYS (comma-separated API keys)")
+    def _load_keys(self) -> Settings:
+        plain = [key.get_secret_value() for key in self.api_keys]
+        self._keyring = KeyRing.build(plain, self.api_keys_file, production=self.env == "production")
         return self
 
     @model_validator(mode="after")
@@ -103,12 +112,12 @@ class Settings(BaseSettings):
         faults.check(self.fault_points, self.env)  # a misspelt point is a start-up error, not one that never fires
         return self
 
-    @field_validator("api_keys")
-    @classmethod
-    def _no_placeholder_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
-        if any(k.get_secret_value().startswith("REPLACE-ME") for k in keys):
-            raise ValueError("MEDS_API_KEYS still holds the example placeholder; set real keys")
-        return keys
+    def keyring(self) -> KeyRing:
+        """The API keys, read and checked when the settings were."""
+        return self._keyring
+
+    def docs_open(self) -> bool:
+        return self.docs_enabled if self.docs_enabled is not None else self.env == "dev"
 
     def snapshots(self) -> Path:
         return self.snapshot_dir or self.data_dir / "snapshots"
@@ -123,3 +132,13 @@ class Settings(BaseSettings):
         if self.redis_url:
             return StoreSpec("redis-cluster" if self.redis_cluster else "redis", self.redis_url)
         return StoreSpec("sqlite", str(self.data_dir))
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line for a settings failure: where and what, never the values (they may hold API keys)."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        where = ".".join(str(part) for part in error["loc"])
+        parts.append(f"MEDS_{where.upper()}: {message}" if where else message)
+    return "; ".join(parts)

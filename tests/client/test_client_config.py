@@ -49,6 +49,7 @@ def test_parse_retry_after_forms() -> None:
         (599, True),
         (400, False),
         (401, False),
+        (403, False),
         (404, False),
         (409, False),
         (413, False),
@@ -71,6 +72,7 @@ def test_policy_validates_itself() -> None:
     [
         (400, meds_client.BadRequestError),
         (401, meds_client.AuthenticationError),
+        (403, meds_client.PermissionDeniedError),
         (404, meds_client.NotFoundError),
         (409, meds_client.ConflictError),
         (413, meds_client.PayloadTooLargeError),

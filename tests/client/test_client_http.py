@@ -27,6 +27,7 @@ from meds_client import (
     InternalServerError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     RateLimitError,
     Rollout,
     ServiceUnavailableError,
@@ -198,6 +199,7 @@ def test_retryable_statuses_are_resent_with_the_same_rollout_ids(
     [
         (400, BadRequestError),
         (401, AuthenticationError),
+        (403, PermissionDeniedError),
         (404, NotFoundError),
         (409, ConflictError),
         (413, PayloadTooLargeError),
@@ -283,7 +285,7 @@ def test_degraded_mode_returns_zero_penalties_with_status_error(
     assert "penalty 0" in caplog.text
 
 
-@pytest.mark.parametrize("status", [401, 404, 409])
+@pytest.mark.parametrize("status", [401, 403, 404, 409])
 def test_degraded_mode_still_raises_on_misconfiguration(status: int, service: FakeService, make_client: Any) -> None:
     service.script = [error_response(status)]
     with pytest.raises(APIStatusError):

@@ -29,6 +29,7 @@ PUBLIC = {
     "NotFoundError",
     "OnError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "PromptMemory",
     "RateLimitError",
     "ReclusterResult",

@@ -25,7 +25,7 @@ from harness.server import free_port, wait_ready
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
-API_KEY = "compose-test-key"
+API_KEY = "compose-test-key-0123456789abcdef0123456789abcdef"  # production wants 32+ characters
 
 
 # ---- the Dockerfile ------------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def test_production_refuses_to_start_without_keys(make_settings: Callable[..., S
 def test_health_ready_docs_and_request_ids(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["detail"]["store"]["backend"] == "sqlite"
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "detail": {"store": "sqlite", "runs": 0}}
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
     assert "ScoreRequest" in schema["components"]["schemas"] and "RolloutIn" in schema["components"]["schemas"]

@@ -20,6 +20,7 @@ from starlette.routing import Match
 
 from ..core.errors import (
     Conflict,
+    Forbidden,
     IdCollision,
     InvalidInput,
     MedsError,
@@ -37,6 +38,7 @@ STATUS: dict[type[MedsError], int] = {
     SchemaError: 422,
     InvalidInput: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     IdCollision: 409,
@@ -49,6 +51,7 @@ _OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 _HTTP_TYPES = {
     400: "invalid_input",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",

@@ -16,7 +16,8 @@ from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from ..engine.summary import SORTS, CollapseViews, prompt_collapse
-from .routes import ERRORS, EngineDep, PromptId, RunName, json_response, require_api_key
+from .auth import PUBLIC, access
+from .routes import ERRORS, EngineDep, PromptId, RunName, json_response
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 MAX_PAGE = 500
@@ -103,7 +104,8 @@ def views_of(request: Request) -> CollapseViews:
 
 ViewsDep = Annotated[CollapseViews, Depends(views_of)]
 
-explorer = APIRouter(prefix="/v1", tags=[TAG], dependencies=[Depends(require_api_key)], responses=ERRORS)
+# Every explorer view reads one run.
+explorer = APIRouter(prefix="/v1", tags=[TAG], dependencies=[access("read")], responses=ERRORS)
 
 
 @explorer.get("/runs/{run}/summary", response_model=SummaryResponse, summary="A run's error collapse per training step")
@@ -135,7 +137,7 @@ async def prompt_view(run: RunName, prompt_id: PromptId, engine: EngineDep) -> R
     return json_response(await run_in_threadpool(prompt_collapse, engine, run, prompt_id))
 
 
-page = APIRouter()
+page = APIRouter(dependencies=[PUBLIC])  # the page's own files; its data comes from the routes above
 
 
 @page.get("/ui", include_in_schema=False)

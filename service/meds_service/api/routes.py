@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 from typing import Annotated, Any, get_type_hints
 
@@ -14,10 +13,11 @@ from starlette.responses import Response
 
 from .. import faults
 from ..core.config import RunConfig
-from ..core.errors import StoreUnavailable, Unauthorized
+from ..core.errors import StoreUnavailable
 from ..engine import ErrorMemory
 from ..settings import Settings
 from .admission import ScoreSlot
+from .auth import PUBLIC, ReadAccess, access
 from .codec import CODECS, MSGPACK, request_codec, response_codec
 from .errors import json_object, validated
 from .schemas import (
@@ -36,7 +36,7 @@ RunName = Annotated[str, Path(pattern=RUN_PATTERN, description="Run id: [A-Za-z0
 PromptId = Annotated[str, Path(min_length=1, max_length=512)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 409, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 405, 409, 413, 415, 422, 503)
 }
 
 
@@ -50,18 +50,6 @@ def settings_of(request: Request) -> Settings:
 
 EngineDep = Annotated[ErrorMemory, Depends(engine_of)]
 SettingsDep = Annotated[Settings, Depends(settings_of)]
-
-
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """Bearer-token auth against MEDS_API_KEYS; open when no keys are configured (dev)."""
-    if not settings.api_keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    if not any(hmac.compare_digest(token.encode(), key.get_secret_value().encode()) for key in settings.api_keys):
-        raise Unauthorized("API key not accepted")
 
 
 JSON_ONLY = ("application/json",)
@@ -107,7 +95,8 @@ def run_json(engine: ErrorMemory, name: str) -> dict[str, Any]:
     }
 
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
+# Every route declares its scope (api/auth.py): the action it performs on the run in its path.
+v1 = APIRouter(prefix="/v1", responses=ERRORS)
 
 
 @v1.put(
@@ -115,6 +104,7 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
     response_model=RunResponse,
     status_code=200,
     summary="Create or update a run's config",
+    dependencies=[access("configure")],
     responses={201: {"model": RunResponse, "description": "The run was created"}},
     openapi_extra={
         "requestBody": {
@@ -134,20 +124,22 @@ async def put_run(run: RunName, request: Request, engine: EngineDep) -> Response
     return json_response(body, 201 if created else 200)
 
 
-@v1.get("/runs", response_model=RunListResponse, summary="List runs")
-async def list_runs(engine: EngineDep) -> Response:
+@v1.get("/runs", response_model=RunListResponse, summary="List the runs the API key may read")
+async def list_runs(engine: EngineDep, key: ReadAccess) -> Response:
     def runs() -> list[dict[str, Any]]:
-        return [run_json(engine, name) for name in engine.run_names()]
+        return [run_json(engine, name) for name in key.readable(engine.run_names())]
 
     return json_response({"runs": await run_in_threadpool(runs)})
 
 
-@v1.get("/runs/{run}", response_model=RunResponse, summary="A run's config and memory stats")
+@v1.get(
+    "/runs/{run}", response_model=RunResponse, summary="A run's config and memory stats", dependencies=[access("read")]
+)
 async def get_run(run: RunName, engine: EngineDep) -> Response:
     return json_response(await run_in_threadpool(run_json, engine, run))
 
 
-@v1.delete("/runs/{run}", status_code=204, summary="Forget a run and all its memory")
+@v1.delete("/runs/{run}", status_code=204, summary="Forget a run and all its memory", dependencies=[access("delete")])
 async def delete_run(run: RunName, engine: EngineDep) -> Response:
     await run_in_threadpool(engine.delete, run)
     return Response(status_code=204)
@@ -157,7 +149,8 @@ async def delete_run(run: RunName, engine: EngineDep) -> Response:
     "/runs/{run}/score",
     response_model=ScoreResponse,
     summary="Score a batch of rollouts and remember it",
-    dependencies=[ScoreSlot],  # admission: 503 + Retry-After at once past the in-flight bounds, body unread
+    # The key's scope, then admission: 503 + Retry-After at once past the in-flight bounds, body unread.
+    dependencies=[access("score"), ScoreSlot],
     description=(
         "JSON, or for large batches the compact columnar form: send `Content-Type: application/msgpack` "
         "(ScoreColumnsRequest) and/or `Accept: application/msgpack` (ScoreColumnsResponse). Both carry the same "
@@ -197,6 +190,7 @@ async def score(run: RunName, request: Request, engine: EngineDep, settings: Set
     "/runs/{run}/recluster",
     response_model=ReclusterResponse,
     summary="Refit now and answer when done",
+    dependencies=[access("configure")],
     openapi_extra={
         "requestBody": {
             "required": False,
@@ -211,12 +205,17 @@ async def recluster(run: RunName, request: Request, engine: EngineDep) -> Respon
     return json_response(report)
 
 
-@v1.get("/runs/{run}/prompts/{prompt_id:path}", response_model=PromptResponse, summary="A prompt's memory")
+@v1.get(
+    "/runs/{run}/prompts/{prompt_id:path}",
+    response_model=PromptResponse,
+    summary="A prompt's memory",
+    dependencies=[access("read")],
+)
 async def prompt(run: RunName, prompt_id: PromptId, engine: EngineDep) -> Response:
     return json_response(await run_in_threadpool(engine.prompt, run, prompt_id))
 
 
-health = APIRouter()
+health = APIRouter(dependencies=[PUBLIC])
 
 
 @health.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
@@ -229,6 +228,7 @@ async def healthz() -> Response:
     response_model=HealthResponse,
     responses={503: {"model": ErrorResponse}},
     summary="Readiness: store reachable and memory loaded",
+    description="`detail` names the store's kind and counts the runs; never a path or URL.",
 )
 async def readyz(engine: EngineDep) -> Response:
     if not engine.loaded:
@@ -236,6 +236,6 @@ async def readyz(engine: EngineDep) -> Response:
 
     def detail() -> dict[str, Any]:
         engine.store.ping()
-        return {"store": engine.store.info(), "runs": len(engine.run_names())}
+        return {"store": engine.store.info()["backend"], "runs": len(engine.run_names())}
 
     return json_response({"status": "ready", "detail": await run_in_threadpool(detail)})

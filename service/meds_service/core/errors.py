@@ -4,6 +4,7 @@
     ├── InvalidInput            invalid_input       bad request content (400)
     │   └── SchemaError         invalid_input       the body does not match the request schema (422)
     ├── Unauthorized            unauthorized        missing or wrong API key (401)
+    ├── Forbidden               forbidden           the key may not do this action on this run (403)
     ├── NotFound                not_found           unknown run or prompt (404)
     ├── Conflict                conflict            config change that would alter a run with memory (409)
     ├── IdCollision             id_collision        two ids of one run share a stored hash: rename one (409)
@@ -41,6 +42,12 @@ class SchemaError(InvalidInput):
 
 class Unauthorized(MedsError):
     type = "unauthorized"
+
+
+class Forbidden(MedsError):
+    """A known API key without the scope for the request: the message names the action and run, never the key."""
+
+    type = "forbidden"
 
 
 class NotFound(MedsError):
