@@ -106,7 +106,7 @@ def test_production_refuses_fault_points() -> None:
     assert not faults.armed()
     faults.arm("", env="production")  # nothing armed: fine
     with pytest.raises(ValidationError, match="refused in production"):
-        Settings(env="production", api_keys=["k"], fault_points="score.before_ack:@1")
+        Settings(env="production", api_keys=["k" * 32], fault_points="score.before_ack:@1")
     with pytest.raises(ValidationError, match="unknown fault point"):
         Settings(fault_points="score.after_ack:@1")
 
@@ -116,7 +116,7 @@ def test_meds_serve_in_production_with_fault_points_is_a_startup_error(
 ) -> None:
     monkeypatch.setattr(cli.logs, "configure", lambda *args: None)  # keep the test run's logging as it is
     monkeypatch.setenv("MEDS_ENV", "production")
-    monkeypatch.setenv("MEDS_API_KEYS", "a-real-key")
+    monkeypatch.setenv("MEDS_API_KEYS", "a-real-key-of-thirty-two-characters!")
     monkeypatch.setenv("MEDS_FAULT_POINTS", "sqlite.commit.after_commit:0.1")
     assert cli.main(["serve"]) == cli.EXIT_SETTINGS
     assert "refused in production" in capsys.readouterr().err
