@@ -246,7 +246,7 @@ def columns_from_arrays(
     if len(ids) != n:
         raise ValueError(f"rollout_ids has {len(ids)} entries for {n} prompt_ids")
     check_ids(ids, prompts)
-    matrix = np.zeros((n, 0), dtype=np.float32) if fingerprints is None else _matrix_column(fingerprints, n)
+    matrix = np.zeros((0, 0), dtype=np.float32) if fingerprints is None else _matrix_column(fingerprints, n)
     given_texts = None if texts is None else list(texts)
     if given_texts is not None and (len(given_texts) != n or not all(t is None or type(t) is str for t in given_texts)):
         raise ValueError(f"texts must be {n} strings or None")
