@@ -110,12 +110,12 @@ def _keys_in(value: Any) -> int:
     rollouts and fingerprint floats of a score request are counted by C loops, not a Python call each."""
     keys, level = 0, [value]
     while level:
-        kinds = set(map(type, level))
+        kinds: set[type[Any]] = set(map(type, level))
         if kinds <= _SCALARS:
             return keys
         below: list[Any] = []
         for kind in kinds - _SCALARS:
-            items = level if len(kinds) == 1 else [v for v in level if type(v) is kind]
+            items: list[Any] = level if len(kinds) == 1 else [v for v in level if type(v) is kind]
             if issubclass(kind, BaseModel):
                 for model in items:
                     fields = model.model_fields_set
