@@ -12,10 +12,18 @@ HDBSCAN refit of every touched key, as the authors' trainer does). Prints, with 
 - JSON lists against the compact base64 matrix;
 - 512- and 4,096-dim fingerprints;
 and writes the scaling curves (latency against batch size and against memory size) as CSV and PNG under
-bench/results/.
+bench/results/. The critical path goes through `score_columns` (the trainer's arrays as they are); the
+wire-form table also times `score` with `Rollout` objects. Every timed step records the load average and
+the CPU seconds of each side (this process; the server with its refit workers), and the run warns when
+the machine was busy (bench/machine.py): figures from a loaded machine are not comparable.
 
     python -m bench.bench_score            # the full benchmark (about 15 minutes on 2 cores)
-    python -m bench.bench_score --quick    # a small smoke run
+    python -m bench.bench_score --quick    # the critical-path ratio only (about 3 minutes on 2 cores)
+
+Quick mode measures the same thing as the full run's 20-epoch row: the same 8,192-rollout step against
+20 epochs of memory and the same reference baseline, with fewer samples. It builds the memory cheaply
+(the 20 steps' rollouts in one call, refitted once, instead of a drained refit after each step) and
+skips the other sections, so its ratio is comparable with the full run's.
 """
 
 from __future__ import annotations
@@ -24,8 +32,6 @@ import argparse
 import csv
 import gc
 import json
-import os
-import platform
 import sqlite3
 import statistics
 import sys
@@ -43,10 +49,11 @@ import numpy as np
 from sklearn.preprocessing import normalize
 from tqdm import tqdm
 
+from bench.machine import Sides, describe, measured, warn_busy
 from bench.workload import Workload
 from harness.reference import ReferenceMEDS, RefRollout
 from harness.server import ProcessServer
-from meds_client import MedsClient, Rollout
+from meds_client import MedsClient, Rollout, ScoreResults
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,21 +71,13 @@ class Options:
     dims: tuple[int, ...] = (512, 4096)
     dims_memory: int = 5
     dims_samples: int = 3
+    quick: bool = False
+    """Only the critical path at the largest memory, built cheaply (see the module's docstring)."""
     out: Path = RESULTS
 
     @classmethod
-    def quick(cls) -> Options:
-        return cls(
-            prompts=64,
-            memory=(1, 3),
-            samples=2,
-            baseline_samples=1,
-            batch_prompts=(16, 64, 128),
-            batch_memory=2,
-            dims=(512,),
-            dims_memory=1,
-            dims_samples=1,
-        )
+    def quick_run(cls) -> Options:
+        return cls(memory=(20,), samples=5, baseline_samples=1, quick=True)
 
 
 @dataclass
@@ -109,13 +108,36 @@ def reference_rollouts(step: dict[str, Any]) -> list[RefRollout]:
 
 
 @contextmanager
-def service(data_dir: Path) -> Iterator[str]:
+def service(data_dir: Path) -> Iterator[ProcessServer]:
     server = ProcessServer(data_dir, env={"MEDS_LOG_LEVEL": "warning", "MEDS_REFIT_INTERVAL_S": "0.05"})
     server.start(timeout=120)
     try:
-        yield server.base_url
+        yield server
     finally:
         server.stop()
+
+
+@dataclass
+class Timed:
+    """The steps of one measurement: each one's wall time, CPU seconds per side and load average."""
+
+    sides: list[Sides] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> list[float]:
+        return [s.wall_s for s in self.sides]
+
+    def cpu_ms(self, side: str) -> float:
+        """Median CPU milliseconds of one side per step."""
+        return 1e3 * statistics.median(s.cpu_s.get(side, 0.0) for s in self.sides)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "median_ms": 1e3 * statistics.median(self.seconds),
+            **{f"{side}_cpu_ms": self.cpu_ms(side) for side in self.sides[0].cpu_s},
+            "load_average_max": max(max(s.load_before[0], s.load_after[0]) for s in self.sides),
+            "busy": any(s.busy for s in self.sides),
+        }
 
 
 def counters(base_url: str) -> dict[str, float]:
@@ -142,15 +164,20 @@ def drain(client: MedsClient, base_url: str, run: str) -> tuple[float, float, fl
     )
 
 
-def score(client: MedsClient, run: str, step: dict[str, Any]) -> tuple[float, list[Any]]:
-    rollouts = rollouts_of(step)
+def score(client: MedsClient, run: str, step: dict[str, Any], server_pid: int | None = None) -> Sides:
+    """One step through `score_columns`, timed with the CPU seconds of this process and of the server."""
     # The benchmark keeps every step it sent (for the baseline): freeze that heap so the cyclic GC does not
     # rescan it inside the timed call. A trainer's own heap is its own business.
     gc.collect()
     gc.freeze()
-    started = time.perf_counter()
-    results = client.score(run, rollouts)
-    return time.perf_counter() - started, results
+    with measured(**({} if server_pid is None else {"server": server_pid})) as sides:
+        score_step(client, run, step)
+    return sides
+
+
+def score_step(client: MedsClient, run: str, step: dict[str, Any]) -> ScoreResults:
+    columns = {name: step[name] for name in ("rollout_ids", "prompt_ids", "correct", "fingerprints", "rewards")}
+    return client.score_columns(run, **columns)
 
 
 def stored_bytes(data_dir: Path) -> int:
@@ -167,17 +194,30 @@ def stored_bytes(data_dir: Path) -> int:
 # ---- phases ---------------------------------------------------------------------------------------
 
 
-def grow_memory(opts: Options, client: MedsClient, base_url: str, wl: Workload, log: StepLog) -> dict[str, Any]:
-    """One run, one step per epoch: latency of every step against its memory size, refits drained between."""
+def grow_memory(opts: Options, client: MedsClient, server: ProcessServer, wl: Workload, log: StepLog) -> dict[str, Any]:
+    """One run, one step per epoch: latency of every step against its memory size, refits drained between.
+    In quick mode the memory before the measured steps is sent back to back and refitted once."""
     total = max(opts.memory) + opts.samples
-    latency, refits = [], []
-    for _ in tqdm(range(total), desc=f"service: {opts.prompts}x{opts.rollouts} steps, growing memory"):
+    steps: list[Sides | None] = []
+    refits: list[tuple[float, float, float]] = []
+    if opts.quick:
+        # The epochs go in one call, which the client splits by prompt: a key is in one request only, so
+        # under `exact` no key is refitted before its memory is complete (sent step by step, every step
+        # would wait for the refit of every key). The stored vectors are those of the full run's steps.
+        epochs = [wl.step() for _ in range(max(opts.memory))]
+        log.steps.extend(epochs)
+        merged = {name: [v for e in epochs for v in e[name]] if isinstance(epochs[0][name], list)
+                  else np.concatenate([e[name] for e in epochs]) for name in epochs[0]}  # fmt: skip
+        score_step(client, "grow", merged)
+        drain(client, server.base_url, "grow")
+        steps += [None] * len(epochs)
+        refits += [(0.0, 0.0, 0.0)] * len(epochs)
+    for _ in tqdm(range(len(steps), total), desc=f"service: {opts.prompts}x{opts.rollouts} steps, growing memory"):
         step = wl.step()
         log.steps.append(step)
-        seconds, _ = score(client, "grow", step)
-        latency.append(seconds)
-        refits.append(drain(client, base_url, "grow"))
-    return {"latency": latency, "refits": refits}
+        steps.append(score(client, "grow", step, server.proc.pid if server.proc else None))
+        refits.append(drain(client, server.base_url, "grow"))
+    return {"steps": steps, "refits": refits}
 
 
 def baseline_steps(opts: Options, log: StepLog, memory: int, samples: int) -> dict[str, Any]:
@@ -193,11 +233,11 @@ def baseline_steps(opts: Options, log: StepLog, memory: int, samples: int) -> di
     for step in tqdm(log.steps[memory : memory + samples], desc=f"baseline: steps at {memory} epochs", leave=False):
         rollouts = reference_rollouts(step)
         reference.refit_seconds = 0.0
-        started = time.perf_counter()
-        results.append(reference.step(rollouts))
-        times.append(time.perf_counter() - started)
+        with measured() as sides:
+            results.append(reference.step(rollouts))
+        times.append(sides)
         refit_times.append(reference.refit_seconds)
-    return {"latency": times, "refit": refit_times, "results": results}
+    return {"latency": Timed(times), "refit": refit_times, "results": results}
 
 
 def refit_throughput(opts: Options, client: MedsClient, log: StepLog) -> dict[str, Any]:
@@ -231,18 +271,20 @@ def refit_throughput(opts: Options, client: MedsClient, log: StepLog) -> dict[st
     }
 
 
-ENCODINGS = {  # name -> (client wire, fingerprints as lists)
-    "json_lists": ("json", True),
-    "json_base64_matrix": ("json", False),
-    "msgpack_columns": ("msgpack", False),
+ENCODINGS = {  # name -> (client wire, how the step is handed to the client)
+    "json_lists": ("json", "lists"),
+    "json_base64_matrix": ("json", "objects"),
+    "msgpack_objects": ("msgpack", "objects"),
+    "msgpack_columns": ("msgpack", "columns"),
 }
 
 
-def encodings(opts: Options, base_url: str) -> dict[str, list[float]]:
+def encodings(opts: Options, server: ProcessServer) -> dict[str, Timed]:
     """The same steps in each wire form the client can send: one run per form, each first given the same
     `batch_memory` epochs, then measured in turns (refits drained between samples)."""
-    out: dict[str, list[float]] = {name: [] for name in ENCODINGS}
-    clients = {name: MedsClient(base_url, wire=wire, max_batch_rollouts=65_536, timeout=600)
+    base_url, pid = server.base_url, server.proc.pid if server.proc else 0
+    out: dict[str, Timed] = {name: Timed() for name in ENCODINGS}
+    clients = {name: MedsClient(base_url, wire=wire, max_batch_rollouts=65_536, timeout=600, deadline=None)
                for name, (wire, _) in ENCODINGS.items()}  # fmt: skip
     workloads = {name: Workload(prompts=opts.prompts, rollouts=opts.rollouts, dim=opts.dim, seed=11)
                  for name in ENCODINGS}  # fmt: skip
@@ -252,16 +294,21 @@ def encodings(opts: Options, base_url: str) -> dict[str, list[float]]:
                 client.score(f"wire-{name}", rollouts_of(workloads[name].step()))
                 drain(client, base_url, f"wire-{name}")
         for _ in tqdm(range(opts.samples), desc="encodings", leave=False):
-            for name, (_, as_lists) in ENCODINGS.items():
-                rollouts = rollouts_of(workloads[name].step())
-                if as_lists:
-                    rollouts = [Rollout(r.rollout_id, r.prompt_id, correct=r.correct, fingerprint=np.asarray(
-                        r.fingerprint).tolist(), reward=r.reward) for r in rollouts]  # fmt: skip
-                gc.collect()
-                gc.freeze()
-                started = time.perf_counter()
-                clients[name].score(f"wire-{name}", rollouts)
-                out[name].append(time.perf_counter() - started)
+            for name, (_, form) in ENCODINGS.items():
+                step = workloads[name].step()
+                if form == "columns":
+                    with measured(server=pid) as sides:
+                        score_step(clients[name], f"wire-{name}", step)
+                else:  # Rollout objects are built before the clock starts, as a trainer would hold them
+                    rollouts = rollouts_of(step)
+                    if form == "lists":
+                        rollouts = [Rollout(r.rollout_id, r.prompt_id, correct=r.correct, fingerprint=np.asarray(
+                            r.fingerprint).tolist(), reward=r.reward) for r in rollouts]  # fmt: skip
+                    gc.collect()
+                    gc.freeze()
+                    with measured(server=pid) as sides:
+                        clients[name].score(f"wire-{name}", rollouts)
+                out[name].sides.append(sides)
                 drain(clients[name], base_url, f"wire-{name}")
     finally:
         for client in clients.values():
@@ -279,7 +326,7 @@ def batch_sizes(opts: Options, client: MedsClient, base_url: str) -> list[dict[s
         times = []
         for _ in range(3):
             step = wl.step(list(range(prompts)))
-            times.append(score(client, "batches", step)[0])
+            times.append(score(client, "batches", step).wall_s)
             drain(client, base_url, "batches")
         rows.append({"rollouts": prompts * opts.rollouts, "median_ms": 1e3 * statistics.median(times),
                      "max_ms": 1e3 * max(times)})  # fmt: skip
@@ -296,7 +343,7 @@ def high_dims(opts: Options, client: MedsClient, base_url: str) -> list[dict[str
             drain(client, base_url, run)
         times, refit = [], []
         for _ in tqdm(range(opts.dims_samples), desc=f"dim {dim}: measured steps", leave=False):
-            times.append(score(client, run, wl.step())[0])
+            times.append(score(client, run, wl.step()).wall_s)
             refit.append(drain(client, base_url, run)[0])
         rows.append({"dim": dim, "memory_epochs": opts.dims_memory, "median_ms": 1e3 * statistics.median(times),
                      "p95_ms": 1e3 * percentile(times, 95), "refit_s": statistics.median(refit)})  # fmt: skip
@@ -336,49 +383,59 @@ def plot(path: Path, x: list[float], ys: dict[str, list[float]], xlabel: str, ti
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (about a minute)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where CSV, PNG and summary.json go")
+    parser.add_argument("--quick", action="store_true", help="the critical-path ratio only (about 3 minutes)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where CSV, PNG and the summary JSON go")
     args = parser.parse_args(argv)
-    opts = Options.quick() if args.quick else Options()
+    opts = Options.quick_run() if args.quick else Options()
     opts.out = args.out
     opts.out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                           "platform": platform.platform()}, "quick": args.quick}  # fmt: skip
+    summary: dict[str, Any] = {"machine": describe(), "quick": opts.quick}
+    started = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="meds-bench-") as tmp:
         data = Path(tmp) / "data"
-        with service(data) as base_url, MedsClient(base_url, max_batch_rollouts=65_536, timeout=600) as client:
+        with service(data) as server, MedsClient(server.base_url, max_batch_rollouts=65_536, timeout=600,
+                                                 deadline=None) as client:  # fmt: skip
             wl = Workload(prompts=opts.prompts, rollouts=opts.rollouts, dim=opts.dim)
             log = StepLog()
-            grown = grow_memory(opts, client, base_url, wl, log)
-            rollouts_stored = client.get_run("grow").stats["rollouts"]
-            summary["bytes_per_rollout"] = stored_bytes(data) / rollouts_stored
-            summary["rollouts_stored"] = rollouts_stored
-            summary["refit_throughput"] = refit_throughput(opts, client, log)
-            encoded = encodings(opts, base_url)
-            summary["encodings_ms"] = {k: 1e3 * statistics.median(v) for k, v in encoded.items()}
-            summary["batch_sizes"] = batch_sizes(opts, client, base_url)
-            summary["high_dims"] = high_dims(opts, client, base_url)
+            grown = grow_memory(opts, client, server, wl, log)
+            if not opts.quick:
+                rollouts_stored = client.get_run("grow").stats["rollouts"]
+                summary["bytes_per_rollout"] = stored_bytes(data) / rollouts_stored
+                summary["rollouts_stored"] = rollouts_stored
+                summary["refit_throughput"] = refit_throughput(opts, client, log)
+                encoded = encodings(opts, server)
+                summary["encodings"] = {k: v.summary() for k, v in encoded.items()}
+                summary["batch_sizes"] = batch_sizes(opts, client, server.base_url)
+                summary["high_dims"] = high_dims(opts, client, server.base_url)
 
     critical = []
     for memory in opts.memory:
-        service_times = grown["latency"][memory : memory + opts.samples]
+        service_steps = Timed([s for s in grown["steps"][memory : memory + opts.samples] if s is not None])
         refits = grown["refits"][memory : memory + opts.samples]
         base = baseline_steps(opts, log, memory, opts.baseline_samples)
         served = [drain_keys / max(drain_s, 1e-9) for drain_s, drain_keys, _ in refits]
-        critical.append({
-            "memory_epochs": memory,
-            "service_median_ms": 1e3 * statistics.median(service_times),
-            "service_p95_ms": 1e3 * percentile(service_times, 95),
-            "baseline_median_ms": 1e3 * statistics.median(base["latency"]),
-            "baseline_p95_ms": 1e3 * percentile(base["latency"], 95),
-            "baseline_refit_median_ms": 1e3 * statistics.median(base["refit"]),
-            "service_background_refit_median_s": statistics.median(r[0] for r in refits),
-            "service_background_refit_keys_per_s": statistics.median(served),
-        })  # fmt: skip
-        critical[-1]["ratio"] = critical[-1]["baseline_median_ms"] / critical[-1]["service_median_ms"]
+        row = {"memory_epochs": memory, "samples": len(service_steps.sides),
+               "service_p95_ms": 1e3 * percentile(service_steps.seconds, 95),
+               "baseline_p95_ms": 1e3 * percentile(base["latency"].seconds, 95),
+               "baseline_refit_median_ms": 1e3 * statistics.median(base["refit"]),
+               "service_background_refit_median_s": statistics.median(r[0] for r in refits),
+               "service_background_refit_keys_per_s": statistics.median(served)}  # fmt: skip
+        row.update({f"service_{k}": v for k, v in service_steps.summary().items()})
+        row.update({f"baseline_{k}": v for k, v in base["latency"].summary().items()})
+        row["ratio"] = row["baseline_median_ms"] / row["service_median_ms"]
+        critical.append(row)
     summary["critical_path"] = critical
-    memory_rows = [{"memory_epochs": e, "latency_ms": 1e3 * t} for e, t in enumerate(grown["latency"])]
+    summary["machine_after"] = describe()
+    summary["wall_s"] = time.perf_counter() - started
+    summary["busy"] = any(row["service_busy"] or row["baseline_busy"] for row in critical) or any(
+        v["busy"] for v in summary.get("encodings", {}).values()
+    )
+    if opts.quick:
+        (opts.out / "summary_quick.json").write_text(json.dumps(summary, indent=2))
+        report(opts, summary)
+        return 0
+    memory_rows = [{"memory_epochs": e, "latency_ms": 1e3 * s.wall_s} for e, s in enumerate(grown["steps"]) if s]
     summary["memory_curve"] = memory_rows
 
     write_csv(opts.out / "latency_vs_memory.csv", memory_rows)
@@ -397,13 +454,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(opts: Options, summary: dict[str, Any]) -> None:
     n = opts.prompts * opts.rollouts
-    print(f"\nMEDS benchmark ({summary['machine']['cpus']} CPUs, Python {summary['machine']['python']})")
-    print(f"\nCritical path of one step: {opts.prompts} prompts x {opts.rollouts} rollouts = {n}, dim {opts.dim}")
-    print(f"{'memory':>8} {'service median':>15} {'p95':>9} {'baseline median':>16} {'p95':>9} {'ratio':>8}")
+    machine, after = summary["machine"], summary["machine_after"]
+    print(f"\nMEDS benchmark{' (quick)' if opts.quick else ''} ({machine['cpus']} CPUs, Python {machine['python']}; "
+          f"load average {machine['load_average']} at the start, {after['load_average']} at the end; "
+          f"{summary['wall_s']:.0f} s)")  # fmt: skip
+    print(f"\nCritical path of one step: {opts.prompts} prompts x {opts.rollouts} rollouts = {n}, dim {opts.dim}, "
+          "through score_columns (CPU ms per step: client / server with its refit workers)")  # fmt: skip
+    print(f"{'memory':>8} {'service median':>15} {'p95':>9} {'CPU client/server':>19} {'baseline median':>16} "
+          f"{'p95':>8} {'ratio':>7} {'max load':>9}")  # fmt: skip
     for row in summary["critical_path"]:
+        load = max(row["service_load_average_max"], row["baseline_load_average_max"])
+        cpu = f"{row['service_client_cpu_ms']:.0f} / {row['service_server_cpu_ms']:.0f} ms"
         print(f"{row['memory_epochs']:>5} ep {row['service_median_ms']:>12.1f} ms {row['service_p95_ms']:>6.1f} ms "
-              f"{row['baseline_median_ms'] / 1e3:>13.2f} s {row['baseline_p95_ms'] / 1e3:>6.2f} s "
-              f"{row['ratio']:>7.0f}x")  # fmt: skip
+              f"{cpu:>19} "
+              f"{row['baseline_median_ms'] / 1e3:>13.2f} s {row['baseline_p95_ms'] / 1e3:>5.2f} s "
+              f"{row['ratio']:>6.0f}x {load:>9.2f}")  # fmt: skip
+    if summary["busy"]:
+        warn_busy(tuple(after["load_average"]))
+    if opts.quick:
+        epochs, ratio = opts.memory[-1], summary["critical_path"][-1]["ratio"]
+        print(f"\nRatio (service vs reference) at {epochs} epochs: {ratio:.0f}x (median of {opts.samples} steps; "
+              f"the full run's {epochs}-epoch row measures the same)")  # fmt: skip
+        print(f"\nResults in {opts.out / 'summary_quick.json'}")
+        return
     r = summary["refit_throughput"]
     service_kps, base_kps = r["keys"] / r["service_seconds"], r["baseline_keys"] / r["baseline_seconds"]
     print(
@@ -427,11 +500,10 @@ def report(opts: Options, summary: dict[str, Any]) -> None:
         f"\nEmbedded store: {summary['bytes_per_rollout']:.0f} bytes per stored rollout "
         f"({summary['rollouts_stored']} rollouts, dim {opts.dim})"
     )
-    enc = summary["encodings_ms"]
-    print(
-        f"Wire forms, one step: JSON lists {enc['json_lists']:.1f} ms, JSON + base64 matrix "
-        f"{enc['json_base64_matrix']:.1f} ms, msgpack columns {enc['msgpack_columns']:.1f} ms"
-    )
+    print(f"Wire forms, one step at {opts.batch_memory} epochs (median; CPU ms client / server; max load):")
+    for name, row in summary["encodings"].items():
+        cpu = f"{row['client_cpu_ms']:.0f} / {row['server_cpu_ms']:.0f} ms"
+        print(f"  {name:<20} {row['median_ms']:7.1f} ms   CPU {cpu:>15}   load {row['load_average_max']:.2f}")
     print("Batch size (latency_vs_batch.csv/.png): " + ", ".join(
         f"{row['rollouts']}: {row['median_ms']:.1f} ms" for row in summary["batch_sizes"]))  # fmt: skip
     for row in summary["high_dims"]:

@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
+import numpy as np
 
 from . import _json
 from ._config import (
@@ -35,9 +36,11 @@ from ._config import (
     timeout_within,
 )
 from ._encoding import (
+    RolloutColumns,
     ScoreChunk,
     WireCodec,
     coerce_rollouts,
+    columns_of,
     plan_chunks,
     read_json_object,
     unsendable_rows,
@@ -205,33 +208,62 @@ class BaseMedsClient(Generic[HttpClientT]):
         """The requests of one score call. Under on_error="zero", rollouts that cannot even be encoded
         (non-finite fingerprints or rewards, fingerprints of different sizes) are answered at once as
         degraded, and the rest are sent; ids that break the API's rules always raise (a bug, not an outage)."""
-        deadline_at = None if self.deadline is None else time.monotonic() + self.deadline
+        deadline_at = self._deadline_at()
         run, items = _run_path(run), coerce_rollouts(rollouts)
         try:
-            return ScorePlan(run, self._chunks(items, step), len(items), deadline_at)
+            return self._plan(run, columns_of(items), step, deadline_at)
         except ValueError as error:
             bad, reason = unsendable_rows(items)
             if self.on_error == "raise" or not bad:
                 raise
             bad_set = set(bad)
             keep = [i for i in range(len(items)) if i not in bad_set]
-            chunks = [
-                dataclasses.replace(chunk, positions=[keep[p] for p in chunk.positions])
-                for chunk in self._chunks([items[i] for i in keep], step)
-            ]
-            plan = ScorePlan(run, chunks, len(items), deadline_at)
             unsent = ScoreChunk(bad, [items[i].rollout_id for i in bad])
-            plan.fill(unsent, self._degrade(plan, unsent, f"not sent: {reason} ({error})"))
-            return plan
+            columns = columns_of([items[i] for i in keep])
+            message = f"not sent: {reason} ({error})"
+            return self._plan(run, columns, step, deadline_at, keep, len(items), (unsent, message))
 
-    def _chunks(self, items: list[Rollout], step: int | None) -> list[ScoreChunk]:
-        return plan_chunks(
-            items,
-            max_rollouts=self.max_batch_rollouts,
-            max_bytes=self.max_batch_bytes,
-            step=step,
-            codec=self.wire,
+    def _score_columns_plan(self, run: str, columns: RolloutColumns, step: int | None) -> ScorePlan:
+        """`_score_plan` for a batch given as columns: the unsendable rows are found in one pass over the arrays."""
+        deadline_at = self._deadline_at()
+        run = _run_path(run)
+        bad = columns.unsendable()
+        if not bad.any():
+            return self._plan(run, columns, step, deadline_at)
+        first = columns.rollout_ids[int(np.argmax(bad))]
+        reason = "infinite rewards or NaN or infinite fingerprint values"
+        if self.on_error == "raise":
+            raise ValueError(f"rollout {first!r} cannot be sent: {reason}")
+        keep, unsendable = np.flatnonzero(~bad).tolist(), np.flatnonzero(bad).tolist()
+        unsent = ScoreChunk(unsendable, [columns.rollout_ids[i] for i in unsendable])
+        message = f"not sent: {reason} (first: {first!r})"
+        return self._plan(run, columns.take(keep), step, deadline_at, keep, len(columns), (unsent, message))
+
+    def _plan(
+        self,
+        run: str,
+        columns: RolloutColumns,
+        step: int | None,
+        deadline_at: float | None,
+        positions: list[int] | None = None,
+        size: int | None = None,
+        unsent: tuple[ScoreChunk, str] | None = None,
+    ) -> ScorePlan:
+        """The chunked requests of `columns`, which sit at `positions` of a batch of `size` rollouts (all of
+        it by default); `unsent` rollouts of that batch are answered as degraded at once."""
+        chunks = plan_chunks(
+            columns, max_rollouts=self.max_batch_rollouts, max_bytes=self.max_batch_bytes, step=step, codec=self.wire
         )
+        if positions is not None:
+            chunks = [dataclasses.replace(chunk, positions=[positions[p] for p in chunk.positions]) for chunk in chunks]
+        plan = ScorePlan(run, chunks, len(columns) if size is None else size, deadline_at)
+        if unsent is not None:
+            chunk, reason = unsent
+            plan.fill(chunk, self._degrade(plan, chunk, reason))
+        return plan
+
+    def _deadline_at(self) -> float | None:
+        return None if self.deadline is None else time.monotonic() + self.deadline
 
     # -- sending policy ------------------------------------------------------------------------
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
 import httpx
+from numpy.typing import ArrayLike
 
 from ._base import BaseMedsClient, Call, ScorePlan
-from ._encoding import ScoreChunk
+from ._encoding import ScoreChunk, columns_from_arrays
 from ._exceptions import MedsError
 from ._types import PromptMemory, ReclusterResult, Rollout, Run, RunConfig, ScoreResults
 
@@ -62,6 +63,33 @@ class MedsClient(BaseMedsClient[httpx.Client]):
         several requests (never splitting a prompt's rollouts when avoidable) and reassembled.
         """
         plan = self._score_plan(run, rollouts, step)
+        for chunk in plan.chunks:
+            plan.fill(chunk, self._score_chunk(plan, chunk))
+        return plan.results()
+
+    def score_columns(
+        self,
+        run: str,
+        *,
+        prompt_ids: Sequence[str],
+        correct: ArrayLike | None = None,
+        fingerprints: ArrayLike | None = None,
+        rewards: ArrayLike | None = None,
+        rollout_ids: Sequence[str] | None = None,
+        texts: Sequence[str | None] | None = None,
+        step: int | None = None,
+    ) -> ScoreResults:
+        """`score` for a batch given as columns, one entry per rollout: no object per rollout is built.
+
+        `fingerprints` is one [n, dim] array (float32 is sent as it is); `correct` booleans (or 1, 0 and
+        -1 for unknown; default all unknown); `rewards` floats (NaN = none); `rollout_ids` default to
+        fresh unique ids (pass your own to make a repeated call answer `duplicate`). Without fingerprints
+        every rollout is skipped. Chunking, the deadline, retries and degraded mode are those of `score`;
+        read the answer's columns (`penalties`, `cluster_sizes`, `status_codes`, `shaped_rewards`).
+        """
+        columns = columns_from_arrays(prompt_ids, rollout_ids=rollout_ids, correct=correct,
+                                      fingerprints=fingerprints, rewards=rewards, texts=texts)  # fmt: skip
+        plan = self._score_columns_plan(run, columns, step)
         for chunk in plan.chunks:
             plan.fill(chunk, self._score_chunk(plan, chunk))
         return plan.results()
@@ -152,6 +180,26 @@ class AsyncMedsClient(BaseMedsClient[httpx.AsyncClient]):
     ) -> ScoreResults:
         """See `MedsClient.score`. Chunks are sent one after another, in order."""
         plan = self._score_plan(run, rollouts, step)
+        for chunk in plan.chunks:
+            plan.fill(chunk, await self._score_chunk(plan, chunk))
+        return plan.results()
+
+    async def score_columns(
+        self,
+        run: str,
+        *,
+        prompt_ids: Sequence[str],
+        correct: ArrayLike | None = None,
+        fingerprints: ArrayLike | None = None,
+        rewards: ArrayLike | None = None,
+        rollout_ids: Sequence[str] | None = None,
+        texts: Sequence[str | None] | None = None,
+        step: int | None = None,
+    ) -> ScoreResults:
+        """See `MedsClient.score_columns`."""
+        columns = columns_from_arrays(prompt_ids, rollout_ids=rollout_ids, correct=correct,
+                                      fingerprints=fingerprints, rewards=rewards, texts=texts)  # fmt: skip
+        plan = self._score_columns_plan(run, columns, step)
         for chunk in plan.chunks:
             plan.fill(chunk, await self._score_chunk(plan, chunk))
         return plan.results()

@@ -142,9 +142,10 @@ class ScoreResults(Sequence[ScoreResult]):
 
     A sequence of `ScoreResult` backed by columns: a result object is only made when one is read, so
     a trainer that wants the numbers of 10^4 rollouts takes the columns (`penalties`, `cluster_sizes`,
-    `statuses`, `shaped_rewards`) as numpy arrays instead.
+    `status_codes`, `shaped_rewards`) as numpy arrays instead.
     """
 
+    STATUSES = STATUSES
     __slots__ = ("_cluster", "_ids", "_metric_parts", "_penalty", "_shaped", "_size", "_status")
 
     def __init__(
@@ -220,6 +221,11 @@ class ScoreResults(Sequence[ScoreResult]):
     @property
     def statuses(self) -> list[ScoreStatus]:
         return [STATUSES[s] for s in self._status.tolist()]
+
+    @property
+    def status_codes(self) -> npt.NDArray[np.int8]:
+        """Each status as its index in `STATUSES` (0 scored, 1 skipped, 2 duplicate, 3 error)."""
+        return self._status.copy()
 
     @property
     def penalties(self) -> npt.NDArray[np.float64]:

@@ -80,6 +80,10 @@ def run_scenario(client: Any, tag: str) -> None:
     results = client.score(run, [*as_matrix, *extras], step=None)
     assert [r.status for r in results[-2:]] == ["skipped", "scored"]
     assert {r.status for r in client.score(run, as_lists[:2], step=1)} == {"duplicate"}
+    columns = client.score_columns(run, prompt_ids=["q 1", "q 3", "q 3"], rollout_ids=[f"{tag}-c{i}" for i in range(3)],
+                                   correct=[False, True, None], fingerprints=rng.normal(size=(3, 4)).astype(np.float32),
+                                   rewards=[0.0, 1.0, np.nan], texts=["a", None, "c"], step=2)  # fmt: skip
+    assert columns.statuses == ["scored"] * 3 and np.isnan(columns.shaped_rewards[2])
     assert client.recluster(run).run == run
     assert client.recluster(run, all=True).refitted_keys >= 1
     near = Rollout(f"{tag}-m9", "q 1", correct=False, fingerprint=np.ones(4, dtype=np.float32))

@@ -85,10 +85,11 @@ def test_install_lines_name_existing_extras() -> None:
 @pytest.mark.slow
 def test_client_example(run_example: Any, meds_server: str, capsys: pytest.CaptureFixture[str]) -> None:
     run_example(python_block("meds.score("))
-    assert capsys.readouterr().out.split() == ["0.0", "0", "scored"]  # first visit: remembered, not penalised
+    # first visit: remembered, not penalised; then a step of 16 as columns
+    assert capsys.readouterr().out.split() == ["0.0", "0", "scored", "16", "float64", "scored"]
     with MedsClient(meds_server) as client:
         run = client.get_run("qwen7b-grpo")
-    assert run.config["last_n_layers"] == 14 and run.stats["vectors"] == 1
+    assert run.config["last_n_layers"] == 14 and run.stats["vectors"] == 17
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from meds_service.api.errors import json_object
 from meds_service.app import create_app
+from meds_service.core.errors import InvalidInput
 from meds_service.settings import Settings
 
 
@@ -375,3 +377,22 @@ def test_bad_columnar_input_is_a_4xx_and_stores_nothing(
     response = client.post("/v1/runs/badc/score", content=body, headers={"content-type": "application/msgpack"})
     assert_error(response, status, "invalid_input")
     assert client.get("/v1/runs/badc").json()["stats"] == before
+
+
+@pytest.mark.parametrize(
+    ("body", "repeats"),
+    [
+        (b'{"x": [1, {"a": 1}]}', False),  # an object after a number in a list is counted, not missed
+        (b'{"x": [1, {"a": 1, "a": 2}]}', True),
+        (b'{"x": "a: b", "y": {"k": ":"}}', False),  # colons inside strings: the exact pass over strings
+        (b'{"x": "a: b", "y": {"k": 1, "k": 2}}', True),
+        (b'{"x": [[{"a": 1}], [{"a": 1, "b": {"c": [], "c": []}}]]}', True),
+        (b'{"x": [[{"a": 1}], [{"a": 1, "b": {"c": [], "d": {}}}]]}', False),
+    ],
+)
+def test_repeated_keys_are_found_at_any_depth_and_only_then(body: bytes, repeats: bool) -> None:
+    if repeats:
+        with pytest.raises(InvalidInput, match="repeats a key"):
+            json_object(body)
+    else:
+        assert json_object(body)

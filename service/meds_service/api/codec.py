@@ -192,9 +192,11 @@ def _strings(request: dict[str, Any], name: str) -> list[str]:
     values = request.get(name)
     if not isinstance(values, list):
         raise SchemaError(f"{name} must be a list of strings")
-    for value in values:
-        if not isinstance(value, str) or not 1 <= len(value) <= 512:
-            raise SchemaError(f"{name} values must be strings of 1 to 512 characters")
+    # Checked in bulk (msgpack decodes strings as exact `str`): lengths by min/max over map, not per value.
+    if not all(type(value) is str for value in values) or (
+        values and not 1 <= min(map(len, values)) <= max(map(len, values)) <= 512
+    ):
+        raise SchemaError(f"{name} values must be strings of 1 to 512 characters")
     return values
 
 

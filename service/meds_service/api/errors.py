@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -105,24 +106,41 @@ def json_object(body: bytes) -> dict[str, Any]:
 # A JSON string, and whether it is an object's key (a colon follows). Matched from the left over valid JSON,
 # whose every '"' opens or closes a string, it finds exactly the strings of the document.
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"(\s*:)?')
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def _keys_in(value: Any) -> int:
-    """How many object members a parsed body holds (lists are looked into only when they hold containers:
-    a fingerprint's thousands of floats are skipped at the first)."""
-    if isinstance(value, BaseModel):
-        fields = value.model_fields_set
-        return len(fields) + sum(_keys_in(getattr(value, name)) for name in fields)
-    if isinstance(value, dict):
-        return len(value) + sum(_keys_in(v) for v in value.values())
-    if isinstance(value, list) and value and isinstance(value[0], dict | list | BaseModel):
-        return sum(_keys_in(v) for v in value)
-    return 0
+    """How many object members a parsed body holds. Walked a level at a time, so that the thousands of
+    rollouts and fingerprint floats of a score request are counted by C loops, not a Python call each."""
+    keys, level = 0, [value]
+    while level:
+        kinds: set[type[Any]] = set(map(type, level))
+        if kinds <= _SCALARS:
+            return keys
+        below: list[Any] = []
+        for kind in kinds - _SCALARS:
+            items: list[Any] = level if len(kinds) == 1 else [v for v in level if type(v) is kind]
+            if issubclass(kind, BaseModel):
+                for model in items:
+                    fields = model.model_fields_set
+                    keys += len(fields)
+                    below.extend(getattr(model, name) for name in fields)
+            elif issubclass(kind, dict):
+                keys += sum(map(len, items))
+                below.extend(itertools.chain.from_iterable(map(dict.values, items)))
+            elif issubclass(kind, list):
+                below.extend(itertools.chain.from_iterable(items))
+        level = below
+    return keys
 
 
 def _check_unique_keys(body: bytes, parsed_keys: int) -> None:
     """400 when an object of the body repeats a key (JSON parsers keep the last value silently): the body
-    names more keys than its parsed objects hold. Exact, and one regex pass over the body's strings."""
+    names more keys than its parsed objects hold. Exact: every key is followed by a colon, and outside strings
+    a colon follows nothing else, so as many colons as parsed keys proves every key distinct at the cost of one
+    byte count; only bodies with colons inside strings (or a repeat) pay the regex pass over their strings."""
+    if body.count(b":") == parsed_keys:
+        return
     named = sum(1 for match in _STRING.finditer(body) if match.group(1))
     if named != parsed_keys:
         raise InvalidInput(f"body repeats a key in an object{_first_repeat(body)}")
