@@ -20,6 +20,7 @@ from meds_service.core.clustering import (
     fit_labels,
     single_linkage,
     single_linkage_tree,
+    skip_tree_input_checks,
     spanning_tree,
 )
 from meds_service.core.config import RunConfig
@@ -149,6 +150,31 @@ def test_each_half_of_a_fit_is_bit_identical_to_the_package() -> None:
         stability = compute_stability(condensed)
         want_labels = get_clusters(condensed, stability, "eom", False, False, 0.0, 0, float("inf"))[0]
         assert eom_labels(condensed, len(x)).tolist() == want_labels.tolist(), case
+
+
+def test_skipping_tree_input_checks_keeps_labels_and_checks_other_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sklearn
+    from sklearn.neighbors import KDTree, _kd_tree
+
+    monkeypatch.setattr(_kd_tree, "check_array", _kd_tree.check_array)  # restored after the test
+    original = _kd_tree.check_array
+    with sklearn.config_context(assume_finite=True):
+        skip_tree_input_checks()
+        skip_tree_input_checks()  # idempotent: one wrapper
+        fast = _kd_tree.check_array
+        assert fast is not original and getattr(fast, "meds_fast_path", False)
+        x = np.random.default_rng(3).standard_normal((20, 14))
+        assert fast(x, dtype=np.float64, order="C") is x
+        assert np.array_equal(fast(x.T, dtype=np.float64, order="C"), x.T)  # not C-ordered: converted
+        with pytest.raises(ValueError):
+            KDTree(np.zeros((0, 3)))  # empty input still refused by check_array
+        rng = np.random.default_rng(19)
+        config = RunConfig()
+        for case in range(150):
+            stored = varied_set(rng, case)
+            assert np.array_equal(fit_labels(stored, config), reference_labels(stored, config)), case
+    with pytest.raises(ValueError):
+        fast(np.array([[np.nan, 1.0]]), dtype=np.float64, order="C")  # without assume_finite: checked
 
 
 def test_prims_path_above_60_dimensions_matches_the_reference() -> None:
