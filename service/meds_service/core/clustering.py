@@ -197,15 +197,15 @@ def condense_tree(hierarchy: NDArray[np.float64], min_cluster_size: int) -> NDAr
 
     cluster = [0] * (top + 1)
     cluster[top] = n
-    gone = [False] * (top + 1)
     next_cluster = n + 1
     parents: list[int] = []
     children: list[int] = []
     lambdas: list[float] = []
     sizes: list[int] = []
-    for node in breadth_first(top):
-        if node < n or gone[node]:
-            continue
+    # Breadth-first over the nodes that stay in a cluster: a FIFO queue gives the package's level order, and
+    # the parts whose points leave are never queued (the package visits and skips them).
+    queue = [top]
+    for node in queue:  # grows while it is read
         a, b = left[node - n], right[node - n]
         d = distance[node - n]
         lam = 1.0 / d if d > 0.0 else float("inf")
@@ -218,19 +218,24 @@ def condense_tree(hierarchy: NDArray[np.float64], min_cluster_size: int) -> NDAr
             lambdas += (lam, lam)
             sizes += (count[a], count[b])
             next_cluster += 2
+            queue += (a, b)
             continue
-        if big_a:
-            cluster[a] = own
-        if big_b:
-            cluster[b] = own
-        for part in [p for p, big in ((a, big_a), (b, big_b)) if not big]:
-            for sub in breadth_first(part):
-                if sub < n:
-                    parents.append(own)
-                    children.append(sub)
-                    lambdas.append(lam)
-                    sizes.append(1)
-                gone[sub] = True
+        for part, big in ((a, big_a), (b, big_b)):
+            if big:
+                cluster[part] = own
+                queue.append(part)
+                continue
+            if part < n:  # one point leaves: most splits of a single-linkage chain
+                parents.append(own)
+                children.append(part)
+                lambdas.append(lam)
+                sizes.append(1)
+                continue
+            points = [sub for sub in breadth_first(part) if sub < n]
+            parents += [own] * len(points)
+            children += points
+            lambdas += [lam] * len(points)
+            sizes += [1] * len(points)
     condensed = np.empty(len(parents), dtype=CONDENSED)
     condensed["parent"], condensed["child"] = parents, children
     condensed["lambda_val"], condensed["child_size"] = lambdas, sizes
