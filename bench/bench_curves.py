@@ -19,7 +19,8 @@ Every figure carries the load average and the CPU seconds each side spent (bench
 is flagged. Results: CSV, PNG and curves.json under bench/results/curves/.
 
     python -m bench.bench_curves            # full (about 15 minutes on 2 idle cores)
-    python -m bench.bench_curves --quick    # smoke run (about 2 minutes)
+    python -m bench.bench_curves --quick    # smoke run (about 3 minutes)
+    python -m bench.bench_curves --workers 2 --dims ""   # memory curve and refit comparison only
 """
 
 from __future__ import annotations
@@ -256,9 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small smoke run (about 2 minutes)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where CSV, PNG and curves.json go")
+    parser.add_argument("--workers", help="refit process counts to grow the memory curve with, e.g. 1,2")
+    parser.add_argument("--dims", help="dimensions of the dims curve, e.g. 64,384,4096 (empty: none)")
     args = parser.parse_args(argv)
     opts = Options.quick_run() if args.quick else Options()
     opts.out = args.out
+    if args.workers:
+        opts.workers = tuple(int(w) for w in args.workers.split(","))
+    if args.dims is not None:
+        opts.dims = tuple(int(d) for d in args.dims.split(",") if d)
     opts.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     summary: dict[str, Any] = {"machine_before": describe(), "options": {k: str(v) for k, v in asdict(opts).items()}}
@@ -271,11 +278,12 @@ def main(argv: list[str] | None = None) -> int:
             memory_rows += [{"workers": workers, **row} for row in grown.steps]
             refit_rows += [{"workers": workers, **row} for row in grown.refits]
             checkpoint_rows += [{"workers": workers, **r} for r in at_checkpoints(grown.steps, opts.checkpoints)]
-        with service(Path(tmp) / "dims", max(opts.workers)) as server:
-            for dim in opts.dims:
-                wl = Workload(prompts=opts.dims_prompts, rollouts=opts.rollouts, dim=dim, seed=dim)
-                grown = grow(opts, server, f"dim-{dim}", wl, opts.dims_epochs, ())
-                dims_rows += [{"dim": dim, **row} for row in grown.steps]
+        if opts.dims:
+            with service(Path(tmp) / "dims", max(opts.workers)) as server:
+                for dim in opts.dims:
+                    wl = Workload(prompts=opts.dims_prompts, rollouts=opts.rollouts, dim=dim, seed=dim)
+                    grown = grow(opts, server, f"dim-{dim}", wl, opts.dims_epochs, ())
+                    dims_rows += [{"dim": dim, **row} for row in grown.steps]
     summary.update({
         "memory_checkpoints": checkpoint_rows,
         "refit_vs_reference": refit_rows,
@@ -297,14 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     plot(opts.out / "refit_vs_epochs.png",
          {f"{w} refit process(es)": ([r["epochs"] for r in rs], [r["refit_drain_s"] for r in rs])
           for w, rs in by.items()}, "epochs of memory", "refits of one step (s)", steps_title)  # fmt: skip
-    dims = {d: [r for r in dims_rows if r["dim"] == d] for d in opts.dims}
-    dims_title = f"{opts.dims_prompts} prompts x {opts.rollouts} rollouts per step, {max(opts.workers)} refit processes"
-    plot(opts.out / "step_latency_vs_dims.png",
-         {f"dim {d}": ([r["epochs"] for r in rs], [r["step_ms"] for r in rs]) for d, rs in dims.items()},
-         "epochs of memory", "step latency (ms)", dims_title)  # fmt: skip
-    plot(opts.out / "refit_vs_dims.png",
-         {f"dim {d}": ([r["epochs"] for r in rs], [r["refit_drain_s"] for r in rs]) for d, rs in dims.items()},
-         "epochs of memory", "refits of one step (s)", dims_title)  # fmt: skip
+    if opts.dims:
+        dims = {d: [r for r in dims_rows if r["dim"] == d] for d in opts.dims}
+        processes = max(opts.workers)
+        dims_title = f"{opts.dims_prompts} prompts x {opts.rollouts} rollouts per step, {processes} refit processes"
+        plot(opts.out / "step_latency_vs_dims.png",
+             {f"dim {d}": ([r["epochs"] for r in rs], [r["step_ms"] for r in rs]) for d, rs in dims.items()},
+             "epochs of memory", "step latency (ms)", dims_title)  # fmt: skip
+        plot(opts.out / "refit_vs_dims.png",
+             {f"dim {d}": ([r["epochs"] for r in rs], [r["refit_drain_s"] for r in rs]) for d, rs in dims.items()},
+             "epochs of memory", "refits of one step (s)", dims_title)  # fmt: skip
     report(summary)
     print(f"\nResults in {opts.out} ({summary['wall_s']:.0f} s)")
     return 0
