@@ -241,19 +241,21 @@ def baseline_steps(opts: Options, log: StepLog, memory: int, samples: int) -> di
 
 
 def refit_throughput(opts: Options, client: MedsClient, log: StepLog) -> dict[str, Any]:
-    """Refit every key of the grown run: the service (worker processes) against serial reference refits."""
-    report = client.recluster("grow", all=True)
+    """Refit every key of the grown run: the service (worker processes) against serial reference refits,
+    with the load average and each side's CPU seconds (bench/machine.py)."""
+    with measured() as service_side:
+        report = client.recluster("grow", all=True)
     keys: dict[tuple[str, int], list[np.ndarray]] = {}
     for step in log.steps:
         for pid, c, fp in zip(step["prompt_ids"], step["correct"], step["fingerprints"], strict=True):
             keys.setdefault((pid, int(bool(c))), []).append(fp)
-    started = time.perf_counter()
     labels = {}
-    for key, fps in tqdm(keys.items(), desc="baseline: serial refit of every key", leave=False):
-        x = np.stack(fps).astype(np.float64)
-        labels[key] = (hdbscan.HDBSCAN(min_cluster_size=2, min_samples=1).fit_predict(normalize(x))
-                       if len(x) >= 2 else np.full(len(x), -1))  # fmt: skip
-    baseline_seconds = time.perf_counter() - started
+    with measured() as baseline_side:
+        for key, fps in tqdm(keys.items(), desc="baseline: serial refit of every key", leave=False):
+            x = np.stack(fps).astype(np.float64)
+            labels[key] = (hdbscan.HDBSCAN(min_cluster_size=2, min_samples=1).fit_predict(normalize(x))
+                           if len(x) >= 2 else np.full(len(x), -1))  # fmt: skip
+    baseline_seconds = baseline_side.wall_s
     differing = 0
     for (pid, group), want in tqdm(labels.items(), desc="comparing labels", leave=False):
         got = client.get_prompt("grow", pid).groups["correct" if group else "wrong"].labels
@@ -268,6 +270,8 @@ def refit_throughput(opts: Options, client: MedsClient, log: StepLog) -> dict[st
         "baseline_vectors": vectors,
         "labels_compared": len(labels),
         "labels_differing": differing,
+        "service_side": service_side.as_dict(),  # the refit workers' CPU is in the server's (not named here)
+        "baseline_side": baseline_side.as_dict(),
     }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from .core.clustering import fit_labels
+from .core.clustering import fit_labels, skip_tree_input_checks
 from .core.config import RunConfig
 from .core.errors import StoreUnavailable
 from .core.records import KeyHead, StoreSpec
@@ -64,6 +64,7 @@ def _warm() -> None:
     import sklearn
 
     sklearn.set_config(assume_finite=True)
+    skip_tree_input_checks()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -7,9 +7,22 @@ import warnings
 import hdbscan
 import numpy as np
 import pytest
+from hdbscan._hdbscan_linkage import label as package_single_linkage
+from hdbscan._hdbscan_tree import compute_stability, get_clusters
+from hdbscan._hdbscan_tree import condense_tree as package_condense_tree
+from hdbscan.hdbscan_ import _hdbscan_boruvka_kdtree
 from sklearn.preprocessing import normalize
 
-from meds_service.core.clustering import cluster_sizes, fit_labels
+from meds_service.core.clustering import (
+    cluster_sizes,
+    condense_tree,
+    eom_labels,
+    fit_labels,
+    single_linkage,
+    single_linkage_tree,
+    skip_tree_input_checks,
+    spanning_tree,
+)
 from meds_service.core.config import RunConfig
 from meds_service.core.preprocess import features, unit_rows
 
@@ -92,6 +105,104 @@ def test_fewer_than_two_vectors_are_noise() -> None:
     config = RunConfig()
     assert fit_labels(np.zeros((0, 4), np.float32), config).tolist() == []
     assert fit_labels(np.ones((1, 4), np.float32), config).tolist() == [-1]
+
+
+@pytest.mark.parametrize("min_cluster_size", [2, 3, 5])
+def test_fewer_than_twice_min_cluster_size_is_all_noise_as_in_the_reference(min_cluster_size: int) -> None:
+    """The shortcut that skips HDBSCAN below 2 * min_cluster_size vectors agrees with the estimator."""
+    rng = np.random.default_rng(min_cluster_size)
+    config = RunConfig(min_cluster_size=min_cluster_size)
+    for case in range(100):
+        n = int(rng.integers(2, 2 * min_cluster_size))
+        stored = varied_set(rng, case)[:n]
+        stored = stored if len(stored) == n else rng.standard_normal((n, 14)).astype(np.float32)
+        assert fit_labels(stored, config).tolist() == [-1] * n
+        assert reference_labels(stored, config).tolist() == [-1] * n, case
+
+
+def fitted_rows(rng: np.random.Generator, case: int) -> tuple[np.ndarray, int]:
+    """Normalised rows of a varied set of at least 4 points, and its min_samples as the estimator clamps it."""
+    stored = varied_set(rng, case)
+    while len(stored) < 4:
+        stored = varied_set(rng, case + 1)
+    return unit_rows(features(stored, False)), max(1, min(len(stored) - 1, int(rng.choice([1, 1, 2, 3]))))
+
+
+def test_each_half_of_a_fit_is_bit_identical_to_the_package() -> None:
+    """Spanning tree, single linkage and condensed tree equal the package's byte for byte, and the
+    excess-of-mass labels equal its `get_clusters`, on varied sets (ties, duplicates, zero rows)."""
+    rng = np.random.default_rng(11)
+    for case in range(300):
+        x, min_samples = fitted_rows(rng, case)
+        min_cluster_size = int(rng.choice([2, 2, 3, 5]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want_hierarchy, want_edges = _hdbscan_boruvka_kdtree(
+                x, min_samples, 1.0, "euclidean", None, 40, True, True, 4
+            )
+        edges = spanning_tree(x, min_samples)
+        assert edges.tobytes() == want_edges.tobytes(), case
+        hierarchy = single_linkage(edges)
+        assert hierarchy.tobytes() == package_single_linkage(want_edges).tobytes(), case
+        assert hierarchy.tobytes() == want_hierarchy.tobytes(), case
+        condensed = condense_tree(hierarchy, min_cluster_size)
+        assert condensed.tobytes() == package_condense_tree(want_hierarchy, min_cluster_size).tobytes(), case
+        stability = compute_stability(condensed)
+        want_labels = get_clusters(condensed, stability, "eom", False, False, 0.0, 0, float("inf"))[0]
+        assert eom_labels(condensed, len(x)).tolist() == want_labels.tolist(), case
+
+
+def test_skipping_tree_input_checks_keeps_labels_and_checks_other_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sklearn
+    from sklearn.neighbors import KDTree, _kd_tree
+
+    monkeypatch.setattr(_kd_tree, "check_array", _kd_tree.check_array)  # restored after the test
+    original = _kd_tree.check_array
+    with sklearn.config_context(assume_finite=True):
+        skip_tree_input_checks()
+        skip_tree_input_checks()  # idempotent: one wrapper
+        fast = _kd_tree.check_array
+        assert fast is not original and getattr(fast, "meds_fast_path", False)
+        x = np.random.default_rng(3).standard_normal((20, 14))
+        assert fast(x, dtype=np.float64, order="C") is x
+        assert np.array_equal(fast(x.T, dtype=np.float64, order="C"), x.T)  # not C-ordered: converted
+        with pytest.raises(ValueError):
+            KDTree(np.zeros((0, 3)))  # empty input still refused by check_array
+        rng = np.random.default_rng(19)
+        config = RunConfig()
+        for case in range(150):
+            stored = varied_set(rng, case)
+            assert np.array_equal(fit_labels(stored, config), reference_labels(stored, config)), case
+    with pytest.raises(ValueError):
+        fast(np.array([[np.nan, 1.0]]), dtype=np.float64, order="C")  # without assume_finite: checked
+
+
+def test_prims_path_above_60_dimensions_matches_the_reference() -> None:
+    rng = np.random.default_rng(13)
+    config = RunConfig()
+    for case in range(60):
+        n, dim = int(rng.integers(4, 80)), int(rng.choice([61, 64, 384]))
+        centres = rng.standard_normal((int(rng.integers(1, 4)), dim))
+        stored = (centres[rng.integers(len(centres), size=n)] + 0.2 * rng.standard_normal((n, dim))).astype(np.float32)
+        assert np.array_equal(fit_labels(stored, config), reference_labels(stored, config)), case
+        assert single_linkage_tree(unit_rows(features(stored, False)), 1).shape == (n - 1, 4)
+
+
+def test_stability_ties_and_float32_sums_decide_as_the_package() -> None:
+    """Sets built so that a cluster and its children have equal or nearly equal stability (symmetric
+    duplicates at a few distances) exercise the comparison the package makes in a C float."""
+    rng = np.random.default_rng(17)
+    config = RunConfig()
+    differing = []
+    for case in range(200):
+        k = int(rng.integers(2, 6))
+        base = np.eye(8)[:k] + rng.choice([0.0, 0.25, 0.5], size=(k, 8))
+        copies = rng.integers(2, 6, size=k)
+        x = np.repeat(base, copies, axis=0) * rng.choice([1.0, 3.0], size=(int(copies.sum()), 1))
+        stored = x.astype(np.float32)
+        if not np.array_equal(fit_labels(stored, config), reference_labels(stored, config)):
+            differing.append(case)
+    assert differing == []
 
 
 def test_cluster_sizes_counts_noise_at_index_zero() -> None:

@@ -1,56 +1,75 @@
 """HDBSCAN refits of one key (docs/architecture.md, "The algorithm", step 5), with the reference's labels guaranteed.
 
-The reference calls `hdbscan.HDBSCAN(min_cluster_size=2, min_samples=1).fit_predict(normalize(X))`. We call
-the same package's own tree-building and labelling functions with the very arguments that estimator passes
-them, skipping only its input validation and bookkeeping (most of the cost for the small per-prompt sets we
-fit), so the labels are identical by construction; `tests/unit/test_clustering.py` checks this against the
-public estimator on thousands of varied sets.
+The reference calls `hdbscan.HDBSCAN(min_cluster_size=2, min_samples=1).fit_predict(normalize(X))`. A fit has
+two halves (docs/architecture.md, "Refit arithmetic"):
+
+1. the minimum spanning tree of the mutual-reachability graph: we call the `hdbscan` package's own KD-tree
+   Boruvka (or Prim's, above 60 dimensions) with the very arguments its estimator passes, skipping only the
+   estimator's input validation and bookkeeping;
+2. the tree's labels: single linkage, the condensed tree, excess-of-mass selection and labelling. The
+   package runs these in Cython that indexes numpy arrays one Python object at a time, which costs more than
+   the spanning tree on a few hundred points. We compute the same integers and the same float64 values in
+   the same order on Python lists and numpy columns (including the float32 sum the package uses to compare a
+   cluster with its children), so the labels are identical, ties and duplicates included.
+
+`tests/unit/test_clustering.py` checks every half against the package, and the labels against the public
+estimator, on thousands of varied sets. Options the fast selection does not cover (`leaf`, an epsilon) pass
+our condensed tree, which is bit-identical to the package's, to the package's own selection.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from hdbscan.hdbscan_ import (  # type: ignore[import-untyped]
-    _hdbscan_boruvka_kdtree,
-    _hdbscan_prims_kdtree,
-    _tree_to_labels,
-)
+import sklearn
+from hdbscan._hdbscan_boruvka import KDTreeBoruvkaAlgorithm  # type: ignore[import-untyped]
+from hdbscan._hdbscan_tree import compute_stability, get_clusters  # type: ignore[import-untyped]
+from hdbscan.hdbscan_ import _hdbscan_prims_kdtree  # type: ignore[import-untyped]
 from numpy.typing import NDArray
+from sklearn.neighbors import KDTree
 
 from .config import RunConfig
 from .preprocess import features, unit_rows
 
+Checker = Callable[..., Any]
+
 # hdbscan's "best" algorithm switches from Boruvka to Prim's KD-tree above this many dimensions.
 _BORUVKA_MAX_DIM = 60
 _LEAF_SIZE = 40
-_CORE_DIST_N_JOBS = 4
+_CORE_DIST_N_JOBS = 4  # the estimator's default; the package parallelises only above 16,384 points
+
+CONDENSED = np.dtype([("parent", np.intp), ("child", np.intp), ("lambda_val", np.float64), ("child_size", np.intp)])
+"""The package's condensed-tree record: one row per (cluster, child cluster or point leaving it)."""
 
 
 def fit_labels(stored: NDArray[np.float32], config: RunConfig) -> NDArray[np.int64]:
-    """HDBSCAN labels of a key's stored vectors, in arrival order; fewer than 2 vectors are all noise."""
+    """HDBSCAN labels of a key's stored vectors, in arrival order.
+
+    Fewer than `2 * min_cluster_size` vectors are all noise without a fit: a label other than noise needs a
+    cluster below the root, and the root only splits into clusters when both parts hold `min_cluster_size`
+    points (the reference never selects the root: `allow_single_cluster` is off)."""
     n = len(stored)
-    if n < 2:
+    if n < 2 * config.min_cluster_size:
         return np.full(n, -1, dtype=np.int64)
     x = unit_rows(features(stored, config.layer_diff))
-    min_samples = max(1, min(n - 1, config.min_samples))
+    hierarchy = single_linkage_tree(x, max(1, min(n - 1, config.min_samples)))
+    condensed = condense_tree(hierarchy, config.min_cluster_size)
+    if config.cluster_selection_method == "eom" and config.cluster_selection_epsilon == 0.0:
+        return eom_labels(condensed, n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if x.shape[1] > _BORUVKA_MAX_DIM:
-            single_linkage, _ = _hdbscan_prims_kdtree(x, min_samples, 1.0, "euclidean", None, _LEAF_SIZE, False)
-        else:
-            single_linkage, _ = _hdbscan_boruvka_kdtree(
-                x, min_samples, 1.0, "euclidean", None, _LEAF_SIZE, True, False, _CORE_DIST_N_JOBS
-            )
-        labels = _tree_to_labels(
-            x,
-            single_linkage,
-            min_cluster_size=config.min_cluster_size,
-            cluster_selection_method=config.cluster_selection_method,
-            allow_single_cluster=False,
-            match_reference_implementation=False,
-            cluster_selection_epsilon=float(config.cluster_selection_epsilon),
+        labels = get_clusters(
+            condensed,
+            compute_stability(condensed),
+            config.cluster_selection_method,
+            False,  # allow_single_cluster
+            False,  # match_reference_implementation
+            float(config.cluster_selection_epsilon),
+            0,  # max_cluster_size
+            float("inf"),  # cluster_selection_epsilon_max
         )[0]
     return np.asarray(labels, dtype=np.int64)
 
@@ -58,3 +77,218 @@ def fit_labels(stored: NDArray[np.float32], config: RunConfig) -> NDArray[np.int
 def cluster_sizes(labels: NDArray[np.int64]) -> NDArray[np.int64]:
     """sizes[label + 1] = number of stored vectors with that label (index 0 is noise, -1)."""
     return np.bincount(labels + 1).astype(np.int64) if len(labels) else np.zeros(1, np.int64)
+
+
+def skip_tree_input_checks() -> None:
+    """Let scikit-learn's KD-tree skip `check_array` on arrays it would return unchanged (float64, 2-D,
+    C-ordered, non-empty, finite by `sklearn.set_config(assume_finite=True)`); any other input still goes
+    through it. The check's dataframe probing costs a fifth of a small fit and the tree is built three times
+    per fit. Results are unchanged by construction: `check_array` returns such an array itself. Process-wide,
+    so only the refitter's warm-up calls it (`workers._warm`), next to `assume_finite`."""
+    from sklearn.neighbors import _kd_tree
+
+    checker = _kd_tree.check_array
+    if getattr(checker, "meds_fast_path", False):
+        return
+    _kd_tree.check_array = _fast_path_check(checker)
+
+
+def _fast_path_check(checker: Checker) -> Checker:
+    def check(array: Any, *args: Any, **kwargs: Any) -> Any:
+        if (
+            type(array) is np.ndarray
+            and array.dtype == np.float64
+            and array.ndim == 2
+            and array.shape[0] > 0
+            and array.shape[1] > 0
+            and array.flags.c_contiguous
+            and kwargs.get("order", "C") == "C"
+            and kwargs.get("dtype", np.float64) == np.float64
+            and not args
+            and sklearn.get_config()["assume_finite"]
+        ):
+            return array
+        return checker(array, *args, **kwargs)
+
+    check.meds_fast_path = True  # type: ignore[attr-defined]
+    return check
+
+
+# ---- half 1: the spanning tree, by the package ---------------------------------------------------------
+
+
+def spanning_tree(x: NDArray[np.float64], min_samples: int) -> NDArray[np.float64]:
+    """The mutual-reachability minimum spanning tree `[from, to, distance]`, sorted by distance as the
+    package sorts it, from the package's KD-tree Boruvka (`_hdbscan_boruvka_kdtree`'s own steps)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = KDTree(x, metric="euclidean", leaf_size=_LEAF_SIZE)
+        boruvka = KDTreeBoruvkaAlgorithm(
+            tree,
+            min_samples,
+            metric="euclidean",
+            leaf_size=_LEAF_SIZE // 3,
+            approx_min_span_tree=True,
+            n_jobs=_CORE_DIST_N_JOBS,
+        )
+        edges = boruvka.spanning_tree()
+    return np.asarray(edges[np.argsort(edges.T[2]), :], dtype=np.float64)
+
+
+def single_linkage_tree(x: NDArray[np.float64], min_samples: int) -> NDArray[np.float64]:
+    """The single-linkage hierarchy `[left, right, distance, size]` the package builds for these rows."""
+    if x.shape[1] > _BORUVKA_MAX_DIM:  # Prim's: its O(n^2 d) spanning tree dwarfs the labelling
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hierarchy, _ = _hdbscan_prims_kdtree(x, min_samples, 1.0, "euclidean", None, _LEAF_SIZE, False)
+        return np.asarray(hierarchy, dtype=np.float64)
+    return single_linkage(spanning_tree(x, min_samples))
+
+
+# ---- half 2: the labels, computed here -----------------------------------------------------------------
+
+
+def single_linkage(edges: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Merge the sorted spanning-tree edges in order: row i joins the clusters holding its two ends into new
+    node `n + i`, named (as the package names them) by their current roots, first end first."""
+    m = len(edges)
+    n = m + 1
+    root = list(range(2 * n - 1))
+    size = [1] * n + [0] * m
+    firsts = edges[:, 0].astype(np.intp).tolist()
+    seconds = edges[:, 1].astype(np.intp).tolist()
+    lefts, rights, sizes = [0] * m, [0] * m, [0] * m
+    for i in range(m):
+        a = firsts[i]
+        while root[a] != a:
+            root[a] = a = root[root[a]]  # path halving: roots only, never the merge order
+        b = seconds[i]
+        while root[b] != b:
+            root[b] = b = root[root[b]]
+        merged = n + i
+        root[a] = root[b] = merged
+        size[merged] = size[a] + size[b]
+        lefts[i], rights[i], sizes[i] = a, b, size[merged]
+    hierarchy = np.empty((m, 4), dtype=np.float64)
+    hierarchy[:, 0], hierarchy[:, 1], hierarchy[:, 2], hierarchy[:, 3] = lefts, rights, edges[:, 2], sizes
+    return hierarchy
+
+
+def condense_tree(hierarchy: NDArray[np.float64], min_cluster_size: int) -> NDArray[np.void]:
+    """The condensed tree, row for row the package's `condense_tree`.
+
+    Nodes are visited breadth-first from the root, left child first. A split into two parts of at least
+    `min_cluster_size` points makes two new clusters (numbered in visiting order); otherwise the smaller parts'
+    points leave the cluster at `lambda = 1 / distance` (infinite at distance 0), listed breadth-first."""
+    m = len(hierarchy)
+    n = m + 1
+    top = 2 * m
+    left = hierarchy[:, 0].astype(np.intp).tolist()
+    right = hierarchy[:, 1].astype(np.intp).tolist()
+    count = [1] * n + hierarchy[:, 3].astype(np.intp).tolist()
+    distance = hierarchy[:, 2].tolist()
+
+    def breadth_first(start: int) -> list[int]:
+        order, level = [start], [start]
+        while level:
+            level = [c for node in level if node >= n for c in (left[node - n], right[node - n])]
+            order.extend(level)
+        return order
+
+    cluster = [0] * (top + 1)
+    cluster[top] = n
+    next_cluster = n + 1
+    parents: list[int] = []
+    children: list[int] = []
+    lambdas: list[float] = []
+    sizes: list[int] = []
+    # Breadth-first over the nodes that stay in a cluster: a FIFO queue gives the package's level order, and
+    # the parts whose points leave are never queued (the package visits and skips them).
+    queue = [top]
+    for node in queue:  # grows while it is read
+        a, b = left[node - n], right[node - n]
+        d = distance[node - n]
+        lam = 1.0 / d if d > 0.0 else float("inf")
+        own = cluster[node]
+        big_a, big_b = count[a] >= min_cluster_size, count[b] >= min_cluster_size
+        if big_a and big_b:
+            cluster[a], cluster[b] = next_cluster, next_cluster + 1
+            parents += (own, own)
+            children += (next_cluster, next_cluster + 1)
+            lambdas += (lam, lam)
+            sizes += (count[a], count[b])
+            next_cluster += 2
+            queue += (a, b)
+            continue
+        for part, big in ((a, big_a), (b, big_b)):
+            if big:
+                cluster[part] = own
+                queue.append(part)
+                continue
+            if part < n:  # one point leaves: most splits of a single-linkage chain
+                parents.append(own)
+                children.append(part)
+                lambdas.append(lam)
+                sizes.append(1)
+                continue
+            points = [sub for sub in breadth_first(part) if sub < n]
+            parents += [own] * len(points)
+            children += points
+            lambdas += [lam] * len(points)
+            sizes += [1] * len(points)
+    condensed = np.empty(len(parents), dtype=CONDENSED)
+    condensed["parent"], condensed["child"] = parents, children
+    condensed["lambda_val"], condensed["child_size"] = lambdas, sizes
+    return condensed
+
+
+def eom_labels(condensed: NDArray[np.void], n: int) -> NDArray[np.int64]:
+    """Excess-of-mass labels of a condensed tree, as the package's `get_clusters` gives them with
+    `allow_single_cluster=False` and no epsilon: the root is never a cluster, clusters are numbered in order
+    of their ids, and a point takes the label of the selected cluster it last left (noise if none)."""
+    parent = condensed["parent"]
+    child = condensed["child"]
+    lam = condensed["lambda_val"]
+    is_cluster_row = condensed["child_size"] > 1
+    n_clusters = int(parent.max()) - n + 1  # every cluster but a leaf is a parent, and a leaf too: of points
+    # A cluster is born at the lambda of the row that names it (the root at 0).
+    birth = np.zeros(n_clusters, dtype=np.float64)
+    birth[child[is_cluster_row] - n] = lam[is_cluster_row]
+    # Stability: sum over rows of (lambda - birth of the parent) * child size, added in row order (bincount
+    # adds its weights in order, as the package's loop does).
+    parent_ix = parent - n
+    weights = (lam - birth[parent_ix]) * condensed["child_size"].astype(np.float64)
+    stability = np.bincount(parent_ix, weights=weights, minlength=n_clusters).tolist()
+
+    up = [-1] * n_clusters  # the parent cluster of each cluster
+    below: list[list[int]] = [[] for _ in range(n_clusters)]  # child clusters, in row order
+    for p, c in zip(parent_ix[is_cluster_row].tolist(), (child[is_cluster_row] - n).tolist(), strict=True):
+        up[c] = p
+        below[p].append(c)
+    # Bottom-up (children have higher ids than their parents): a cluster keeps itself if its children's
+    # stabilities sum to no more; the package sums them in a C float, so we round to float32 at each step.
+    keeps = [False] * n_clusters
+    for c in range(n_clusters - 1, 0, -1):
+        total = np.float32(0.0)
+        for d in below[c]:
+            total = np.float32(float(total) + stability[d])
+        if float(total) > stability[c]:
+            stability[c] = float(total)
+        else:
+            keeps[c] = True
+    # Top-down: a cluster is selected if it keeps itself and no ancestor did; labels follow id order.
+    label = [-1] * n_clusters
+    blocked = [False] * n_clusters
+    next_label = 0
+    for c in range(1, n_clusters):
+        p = up[c]
+        blocked[c] = blocked[p] or (p != 0 and keeps[p])
+        if keeps[c] and not blocked[c]:
+            label[c] = next_label
+            next_label += 1
+        else:
+            label[c] = label[p]
+    labels = np.full(n, -1, dtype=np.int64)
+    points = ~is_cluster_row
+    labels[child[points]] = np.asarray(label, dtype=np.int64)[parent_ix[points]]
+    return labels
