@@ -42,7 +42,7 @@ def process_cpu_s(pid: int) -> float:
                 total += sum(child.cpu_times()[:2])
             except psutil.Error:
                 continue
-        return total
+        return float(total)
     except psutil.Error:
         return 0.0
 
@@ -90,7 +90,15 @@ def measured(**pids: int) -> Iterator[Sides]:
             warn_busy(sides.load_after)
 
 
+_last_warning = 0.0
+
+
 def warn_busy(load: tuple[float, float, float] | None = None) -> None:
+    """Warn on stderr (at most once a minute: a long benchmark measures many times)."""
+    global _last_warning
+    if time.monotonic() - _last_warning < 60:
+        return
+    _last_warning = time.monotonic()
     load = load or load_average()
     print(
         f"WARNING: the machine was busy (load average {load[0]:.2f} > {BUSY_LOAD}); these figures are not "
