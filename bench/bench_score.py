@@ -18,7 +18,8 @@ the CPU seconds of each side (this process; the server with its refit workers), 
 the machine was busy (bench/machine.py): figures from a loaded machine are not comparable.
 
     python -m bench.bench_score            # the full benchmark (about 15 minutes on 2 cores)
-    python -m bench.bench_score --quick    # the critical-path ratio only (about 3 minutes on 2 cores)
+    python -m bench.bench_score --quick    # the critical-path ratio and the contention row only (about 3 minutes)
+    python -m bench.bench_score --smoke    # every section at a tiny size, to check that it runs
 
 Quick mode measures the same thing as the full run's 20-epoch row: the same 8,192-rollout step against
 20 epochs of memory and the same reference baseline, with fewer samples. It builds the memory cheaply
@@ -32,8 +33,10 @@ import argparse
 import csv
 import gc
 import json
+import os
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +81,12 @@ class Options:
     @classmethod
     def quick_run(cls) -> Options:
         return cls(memory=(20,), samples=5, baseline_samples=1, quick=True)
+
+    @classmethod
+    def smoke_run(cls) -> Options:
+        """Every section at a tiny size: that the benchmark works, not what it measures (tests run this)."""
+        return cls(prompts=64, memory=(1, 3), samples=2, baseline_samples=1, batch_prompts=(16, 64, 128),
+                   batch_memory=2, dims=(512,), dims_memory=1, dims_samples=1)  # fmt: skip
 
 
 @dataclass
@@ -218,6 +227,29 @@ def grow_memory(opts: Options, client: MedsClient, server: ProcessServer, wl: Wo
         steps.append(score(client, "grow", step, server.proc.pid if server.proc else None))
         refits.append(drain(client, server.base_url, "grow"))
     return {"steps": steps, "refits": refits}
+
+
+@contextmanager
+def busy_cores(n: int) -> Iterator[None]:
+    """`n` processes that each spin on a core, as a trainer's own work or another job on a shared node does."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(1.0)  # let the scheduler spread them
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def contention(opts: Options, client: MedsClient, server: ProcessServer, wl: Workload) -> Timed:
+    """Steps like the measured ones (memory keeps growing by one epoch a step), with every core busy."""
+    sides = []
+    with busy_cores(os.cpu_count() or 2):
+        for _ in tqdm(range(opts.samples), desc="service: steps with every core busy"):
+            sides.append(score(client, "grow", wl.step(), server.proc.pid if server.proc else None))
+            drain(client, server.base_url, "grow")
+    return Timed(sides)
 
 
 def baseline_steps(opts: Options, log: StepLog, memory: int, samples: int) -> dict[str, Any]:
@@ -389,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the critical-path ratio only (about 3 minutes)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where CSV, PNG and the summary JSON go")
+    parser.add_argument("--smoke", action="store_true", help="every section at a tiny size (about a minute)")
     args = parser.parse_args(argv)
-    opts = Options.quick_run() if args.quick else Options()
+    opts = Options.quick_run() if args.quick else Options.smoke_run() if args.smoke else Options()
     opts.out = args.out
     opts.out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"machine": describe(), "quick": opts.quick}
@@ -403,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             wl = Workload(prompts=opts.prompts, rollouts=opts.rollouts, dim=opts.dim)
             log = StepLog()
             grown = grow_memory(opts, client, server, wl, log)
+            contended = contention(opts, client, server, wl)
             if not opts.quick:
                 rollouts_stored = client.get_run("grow").stats["rollouts"]
                 summary["bytes_per_rollout"] = stored_bytes(data) / rollouts_stored
@@ -430,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio"] = row["baseline_median_ms"] / row["service_median_ms"]
         critical.append(row)
     summary["critical_path"] = critical
+    quiet_ms = critical[-1]["service_median_ms"]
+    summary["contention"] = {**contended.summary(), "busy_processes": os.cpu_count() or 2,
+                             "quiet_median_ms": quiet_ms, "memory_epochs": critical[-1]["memory_epochs"],
+                             "ratio_to_quiet": 1e3 * statistics.median(contended.seconds) / quiet_ms}  # fmt: skip
     summary["machine_after"] = describe()
     summary["wall_s"] = time.perf_counter() - started
     summary["busy"] = any(row["service_busy"] or row["baseline_busy"] for row in critical) or any(
@@ -475,6 +513,11 @@ def report(opts: Options, summary: dict[str, Any]) -> None:
               f"{row['ratio']:>6.0f}x {load:>9.2f}")  # fmt: skip
     if summary["busy"]:
         warn_busy(tuple(after["load_average"]))
+    c = summary["contention"]
+    print(f"\nContention: with {c['busy_processes']} processes spinning on every core, a step took "
+          f"{c['median_ms']:.1f} ms (median of {opts.samples}; CPU client/server {c['client_cpu_ms']:.0f} / "
+          f"{c['server_cpu_ms']:.0f} ms) against {c['quiet_median_ms']:.1f} ms quiet at {c['memory_epochs']} "
+          f"epochs: {c['ratio_to_quiet']:.2f}x")  # fmt: skip
     if opts.quick:
         epochs, ratio = opts.memory[-1], summary["critical_path"][-1]["ratio"]
         print(f"\nRatio (service vs reference) at {epochs} epochs: {ratio:.0f}x (median of {opts.samples} steps; "
