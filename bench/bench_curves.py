@@ -26,7 +26,6 @@ is flagged. Results: CSV, PNG and curves.json under bench/results/curves/.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -46,6 +45,7 @@ from tqdm import tqdm
 
 from bench.bench_score import counters, drain, score
 from bench.machine import describe, measured
+from bench.output import line_chart, write_csv
 from bench.workload import Workload
 from harness.server import ProcessServer
 from meds_client import MedsClient
@@ -225,34 +225,6 @@ def at_checkpoints(steps: list[dict[str, Any]], checkpoints: tuple[int, ...]) ->
     return rows
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def plot(path: Path, series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker=".", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small smoke run (about 2 minutes)")
@@ -299,20 +271,20 @@ def main(argv: list[str] | None = None) -> int:
     (opts.out / "curves.json").write_text(json.dumps(summary, indent=2))
     by = {w: [r for r in memory_rows if r["workers"] == w] for w in opts.workers}
     steps_title = f"{opts.prompts} prompts x {opts.rollouts} rollouts per step, dim {opts.dim}"
-    plot(opts.out / "step_latency_vs_epochs.png",
+    line_chart(opts.out / "step_latency_vs_epochs.png",
          {f"{w} refit process(es)": ([r["epochs"] for r in rs], [r["step_ms"] for r in rs]) for w, rs in by.items()},
          "epochs of memory", "step latency (ms)", steps_title)  # fmt: skip
-    plot(opts.out / "refit_vs_epochs.png",
+    line_chart(opts.out / "refit_vs_epochs.png",
          {f"{w} refit process(es)": ([r["epochs"] for r in rs], [r["refit_drain_s"] for r in rs])
           for w, rs in by.items()}, "epochs of memory", "refits of one step (s)", steps_title)  # fmt: skip
     if opts.dims:
         dims = {d: [r for r in dims_rows if r["dim"] == d] for d in opts.dims}
         processes = max(opts.workers)
         dims_title = f"{opts.dims_prompts} prompts x {opts.rollouts} rollouts per step, {processes} refit processes"
-        plot(opts.out / "step_latency_vs_dims.png",
+        line_chart(opts.out / "step_latency_vs_dims.png",
              {f"dim {d}": ([r["epochs"] for r in rs], [r["step_ms"] for r in rs]) for d, rs in dims.items()},
              "epochs of memory", "step latency (ms)", dims_title)  # fmt: skip
-        plot(opts.out / "refit_vs_dims.png",
+        line_chart(opts.out / "refit_vs_dims.png",
              {f"dim {d}": ([r["epochs"] for r in rs], [r["refit_drain_s"] for r in rs]) for d, rs in dims.items()},
              "epochs of memory", "refits of one step (s)", dims_title)  # fmt: skip
     report(summary)

@@ -30,7 +30,6 @@ skips the other sections, so its ratio is comparable with the full run's.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import os
@@ -53,6 +52,7 @@ from sklearn.preprocessing import normalize
 from tqdm import tqdm
 
 from bench.machine import Sides, describe, measured, warn_busy
+from bench.output import line_chart, write_csv
 from bench.workload import Workload
 from harness.reference import ReferenceMEDS, RefRollout
 from harness.server import ProcessServer
@@ -389,34 +389,6 @@ def high_dims(opts: Options, client: MedsClient, base_url: str) -> list[dict[str
 # ---- report ---------------------------------------------------------------------------------------
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def plot(path: Path, x: list[float], ys: dict[str, list[float]], xlabel: str, title: str, logx: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, y in ys.items():
-        ax.plot(x, y, marker="o", label=name)
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("critical-path latency (ms)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the critical-path ratio only (about 3 minutes)")
@@ -483,12 +455,15 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(opts.out / "latency_vs_memory.csv", memory_rows)
     write_csv(opts.out / "latency_vs_batch.csv", summary["batch_sizes"])
     write_csv(opts.out / "critical_path.csv", critical)
-    plot(opts.out / "latency_vs_memory.png", [r["memory_epochs"] for r in memory_rows],
-         {"service": [r["latency_ms"] for r in memory_rows]}, "epochs of memory",
-         f"one step of {opts.prompts * opts.rollouts} rollouts, dim {opts.dim}", logx=False)  # fmt: skip
-    plot(opts.out / "latency_vs_batch.png", [r["rollouts"] for r in summary["batch_sizes"]],
-         {"service (median)": [r["median_ms"] for r in summary["batch_sizes"]]}, "rollouts per request",
-         f"{opts.batch_memory} epochs of memory, dim {opts.dim}", logx=True)  # fmt: skip
+    line_chart(opts.out / "latency_vs_memory.png",
+               {"service": ([r["memory_epochs"] for r in memory_rows], [r["latency_ms"] for r in memory_rows])},
+               "epochs of memory", "critical-path latency (ms)",
+               f"one step of {opts.prompts * opts.rollouts} rollouts, dim {opts.dim}")  # fmt: skip
+    batches = summary["batch_sizes"]
+    line_chart(opts.out / "latency_vs_batch.png",
+               {"service (median)": ([r["rollouts"] for r in batches], [r["median_ms"] for r in batches])},
+               "rollouts per request", "critical-path latency (ms)",
+               f"{opts.batch_memory} epochs of memory, dim {opts.dim}", logx=True)  # fmt: skip
     (opts.out / "summary.json").write_text(json.dumps(summary, indent=2))
     report(opts, summary)
     return 0
