@@ -118,7 +118,7 @@ def grow(opts: Options, server: ProcessServer, run: str, wl: Workload, epochs: i
                 history.setdefault((pid_, bool(correct)), []).append(fp)
             before = counters(server.base_url)
             with measured(server=pid) as side:
-                seconds, _ = score(client, run, step)
+                seconds = score(client, run, step).wall_s
                 drain_s = drain(client, server.base_url, run)[0]
             after = counters(server.base_url)
             keys = after.get("meds_refit_keys_total", 0) - before.get("meds_refit_keys_total", 0)

@@ -242,12 +242,14 @@ def busy_cores(n: int) -> Iterator[None]:
             spinner.wait()
 
 
-def contention(opts: Options, client: MedsClient, server: ProcessServer, wl: Workload) -> Timed:
+def contention(opts: Options, client: MedsClient, server: ProcessServer, wl: Workload, log: StepLog) -> Timed:
     """Steps like the measured ones (memory keeps growing by one epoch a step), with every core busy."""
     sides = []
     with busy_cores(os.cpu_count() or 2):
         for _ in tqdm(range(opts.samples), desc="service: steps with every core busy"):
-            sides.append(score(client, "grow", wl.step(), server.proc.pid if server.proc else None))
+            step = wl.step()
+            log.steps.append(step)  # the run's memory, which the refit comparison replays
+            sides.append(score(client, "grow", step, server.proc.pid if server.proc else None))
             drain(client, server.base_url, "grow")
     return Timed(sides)
 
@@ -408,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             wl = Workload(prompts=opts.prompts, rollouts=opts.rollouts, dim=opts.dim)
             log = StepLog()
             grown = grow_memory(opts, client, server, wl, log)
-            contended = contention(opts, client, server, wl)
+            contended = contention(opts, client, server, wl, log)
             if not opts.quick:
                 rollouts_stored = client.get_run("grow").stats["rollouts"]
                 summary["bytes_per_rollout"] = stored_bytes(data) / rollouts_stored

@@ -43,6 +43,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
         "MEDS_KEEPALIVE_S": str(KEEPALIVE_S),
         "MEDS_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
         "MEDS_MAX_REQUESTS": "1000",
+        # Stalled uploads to one run must reach the connection layer, not the admission of score requests.
+        "MEDS_MAX_INFLIGHT_PER_RUN": "1000",
+        "MEDS_MAX_INFLIGHT_TOTAL": "1000",
         "MEDS_REFIT_PROCESSES": "false",
         "MEDS_REFIT_WORKERS": "1",
     }

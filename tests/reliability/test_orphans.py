@@ -48,7 +48,7 @@ def kill_and_expect_no_orphans(proc: subprocess.Popen[bytes], workers: int) -> N
         assert len(children) >= workers + 1, children  # the workers and the forkserver at least
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # seconds when idle; a loaded CI machine schedules the exits late
         while alive_in_session(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert alive_in_session(proc.pid) == []

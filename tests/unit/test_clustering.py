@@ -156,7 +156,8 @@ def test_skipping_tree_input_checks_keeps_labels_and_checks_other_inputs(monkeyp
     import sklearn
     from sklearn.neighbors import KDTree, _kd_tree
 
-    monkeypatch.setattr(_kd_tree, "check_array", _kd_tree.check_array)  # restored after the test
+    # Restored after the test; unwrapped first, as an earlier test in this process may have installed the skip.
+    monkeypatch.setattr(_kd_tree, "check_array", getattr(_kd_tree.check_array, "__wrapped__", _kd_tree.check_array))
     original = _kd_tree.check_array
     with sklearn.config_context(assume_finite=True):
         skip_tree_input_checks()

@@ -111,6 +111,7 @@ def _fast_path_check(checker: Checker) -> Checker:
         return checker(array, *args, **kwargs)
 
     check.meds_fast_path = True  # type: ignore[attr-defined]
+    check.__wrapped__ = checker  # type: ignore[attr-defined]
     return check
 
 
