@@ -104,7 +104,9 @@ def test_a_killed_replicas_prompts_are_free_within_seconds(
     assert stats["vectors"] == fingerprinted(warm) + fingerprinted(contested)
 
 
-@pytest.mark.parametrize("replicas", [(5.0, 1.0)], indirect=True)
+# The commit waits 15 s, so that the pause surely falls before it even when a loaded machine is slow to see
+# the locks taken (a pause after the commit would test nothing).
+@pytest.mark.parametrize("replicas", [(15.0, 1.0)], indirect=True)
 def test_a_replica_paused_past_its_lease_has_its_commit_refused(
     replicas: tuple[SlowCommitServer, ProcessServer], redis_server: RedisServer, steps: list[dict[str, object]]
 ) -> None:
@@ -116,6 +118,8 @@ def test_a_replica_paused_past_its_lease_has_its_commit_refused(
     os.killpg(slow.proc.pid, signal.SIGSTOP)  # a stall: no thread of it runs, its renewals neither
     try:
         time.sleep(2.0)  # two leases
+        before = httpx.get(f"{plain.base_url}/v1/runs/{RUN}", timeout=30).json()["stats"]["vectors"]
+        assert before == 0, "the paused replica had committed already: the pause came too late"
         response = httpx.post(f"{plain.base_url}/v1/runs/{RUN}/score", json=contested, timeout=60)
         assert response.status_code == 200, response.text
     finally:
