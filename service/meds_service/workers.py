@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from .core.clustering import fit_labels, skip_tree_input_checks
 from .core.config import RunConfig
 from .core.errors import StoreUnavailable
 from .core.records import KeyHead, StoreSpec
@@ -40,6 +39,8 @@ def _store_for(spec: StoreSpec) -> MemoryStore:
 
 def refit_job(spec: StoreSpec, run: str, config: RunConfig, keys: Sequence[MemoryKey]) -> list[Fit]:
     """Fit the given keys of a run from the store's current vectors (runs in a worker)."""
+    from .core.clustering import fit_labels  # the worker's import (preloaded by its forkserver)
+
     states = _store_for(spec).load_keys(run, keys, config.stored_dim)
     return [Fit(key, fit_labels(state.vectors, config), state.start, state.n) for key, state in states.items()]
 
@@ -62,6 +63,8 @@ _watching = False
 def _warm() -> None:
     # Results do not depend on these; they only skip checks and thread oversubscription in small fits.
     import sklearn
+
+    from .core.clustering import skip_tree_input_checks
 
     sklearn.set_config(assume_finite=True)
     skip_tree_input_checks()
@@ -106,6 +109,9 @@ class LocalRefitter:
         if not self.processes:
             return ThreadPoolExecutor(self.workers, thread_name_prefix="meds-refit")
         context = multiprocessing.get_context("forkserver")
+        # The forkserver imports the fitting libraries once and every worker forks from it with them loaded
+        # (they are most of a worker's start-up); the service's own process never needs them.
+        context.set_forkserver_preload(["meds_service.workers", "meds_service.core.clustering"])
         return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
 
     def warm_up(self) -> None:

@@ -32,6 +32,7 @@ from numpy.typing import NDArray
 from sklearn.neighbors import KDTree
 
 from .config import RunConfig
+from .penalty import cluster_sizes as cluster_sizes  # where the engine reads them; kept here for callers
 from .preprocess import features, unit_rows
 
 Checker = Callable[..., Any]
@@ -72,11 +73,6 @@ def fit_labels(stored: NDArray[np.float32], config: RunConfig) -> NDArray[np.int
             float("inf"),  # cluster_selection_epsilon_max
         )[0]
     return np.asarray(labels, dtype=np.int64)
-
-
-def cluster_sizes(labels: NDArray[np.int64]) -> NDArray[np.int64]:
-    """sizes[label + 1] = number of stored vectors with that label (index 0 is noise, -1)."""
-    return np.bincount(labels + 1).astype(np.int64) if len(labels) else np.zeros(1, np.int64)
 
 
 def skip_tree_input_checks() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.neighbors import NearestNeighbors
 
 _U32 = 2.0**-24
 _U64 = 2.0**-53
@@ -74,7 +73,12 @@ def band_vote(similarities: NDArray[np.float64], labels: NDArray[np.int64], k: i
 
 
 def reference_vote(history: NDArray[np.float64], labels: NDArray[np.int64], query: NDArray[np.float64], k: int) -> int:
-    """The reference computation verbatim: scikit-learn brute-force cosine kNN on raw features, then the vote."""
+    """The reference computation verbatim: scikit-learn brute-force cosine kNN on raw features, then the vote.
+
+    scikit-learn is imported here, on the first true near-tie, not with the service: it is a third of the
+    service's start-up and most runs never need it."""
+    from sklearn.neighbors import NearestNeighbors
+
     model = NearestNeighbors(n_neighbors=min(k, len(history)), metric="cosine", algorithm="brute")
     model.fit(history)
     _, indices = model.kneighbors(query.reshape(1, -1))

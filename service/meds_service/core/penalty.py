@@ -13,6 +13,11 @@ from .types import Group
 NO_CLUSTER = np.iinfo(np.int64).min  # sentinel in int64 label arrays: no prediction (no fit yet)
 
 
+def cluster_sizes(labels: NDArray[np.int64]) -> NDArray[np.int64]:
+    """sizes[label + 1] = number of stored vectors with that label (index 0 is noise, -1)."""
+    return np.bincount(labels + 1).astype(np.int64) if len(labels) else np.zeros(1, np.int64)
+
+
 def penalty_of_size(cluster_size: NDArray[np.int64], alpha: float, beta: float) -> NDArray[np.float64]:
     """p = min(alpha * ln(cluster_size + 1), beta), with the C library's log like a plain Python reference.
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from ..core.clustering import cluster_sizes
 from ..core.config import RunConfig
+from ..core.penalty import cluster_sizes
 from ..core.preprocess import features, unit_rows
 from ..core.records import KeyHead
 from ..core.types import Fit, Group, KeyDelta, MemoryKey, RolloutBatch
