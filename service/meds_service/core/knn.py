@@ -26,7 +26,12 @@ _MARGIN = 1e-12
 
 
 def float32_bound(dim: int, safety: float = 1.0) -> float:
-    """Bound on |float32 inner product of normalised vectors - scikit-learn's float64 cosine similarity|."""
+    """Bound on |float32 inner product of normalised vectors - scikit-learn's float64 cosine similarity|.
+
+    It holds for a float32 dot product summed in any order, with or without fused multiply-adds (the error of
+    any order is at most gamma_d = d*u/(1 - d*u) for unit vectors), so for FAISS's pairwise scan and its BLAS
+    matrix product alike; (dim + 3) also covers rounding each normalised vector to float32 and the result.
+    """
     return safety * ((dim + 3) * _U32 * 1.01 + 4 * (dim + 2) * _U64) + _MARGIN
 
 

@@ -65,8 +65,7 @@ def predict(
         spans.append((key, view.lo, view.hi, lo, hi))
     if not views:
         return predicted, sizes
-    k_search = k + 1 + EXTRA_NEIGHBOURS
-    scores, ids = index.search_many(spans, queries, k_search)
+    scores, ids = index.search_many(spans, queries, k + 1)
 
     # Per query row of the searched keys: its key (position in `views`), how many rows that key searched,
     # and where the key's labels and cluster sizes start in the concatenations below.
@@ -83,21 +82,30 @@ def predict(
 
     m = searchable[key_of]
     top = np.minimum(k, m)
-    found = ids[rows]
-    real = found >= 0
-    neighbours = np.where(
-        real,
-        all_labels[label_start[key_of][:, None] + np.where(real, found, 0)],
-        _NO_NEIGHBOUR - np.arange(k_search, dtype=np.int64)[None, :],
-    )
+    label_start_of = label_start[key_of]
+
+    def labels_of(found: NDArray[np.int64], starts: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Neighbour labels of rows of search ids (-1: no neighbour, distinct labels above any real one)."""
+        real = found >= 0
+        missing = _NO_NEIGHBOUR - np.arange(found.shape[1], dtype=np.int64)[None, :]
+        return np.where(real, all_labels[starts[:, None] + np.where(real, found, 0)], missing)
+
     bound = knn.float32_bound(index.dim, index.rounding_safety)
-    row_scores = scores[rows]
-    sure = knn.certain_top_k(row_scores, top, m, bound)
+    sure = knn.certain_top_k(scores[rows], top, m, bound)
     labels = np.empty(len(rows), dtype=np.int64)
-    labels[sure] = knn.vote(neighbours[sure, :k])
+    labels[sure] = knn.vote(labels_of(ids[rows[sure], :k], label_start_of[sure]))
     unsure = np.flatnonzero(~sure)
-    if len(unsure):  # tier 1b: near-ties whose band the search results cover (m > k for every unsure row)
-        band_labels, decided = knn.sorted_band_votes(row_scores[unsure], neighbours[unsure], k, bound)
+    if len(unsure):
+        # Tier 1b: search the near-ties again for a few more candidates; a band those results reach past and
+        # that carries one label decides the vote (every unsure row has more than k searchable vectors).
+        # `unsure` ascends, so each key's rows are contiguous in it: one span per key.
+        unsure_keys, first, count = np.unique(key_of[unsure], return_index=True, return_counts=True)
+        again = [
+            (*spans[v][:3], q_lo, q_lo + n)
+            for v, q_lo, n in zip(unsure_keys.tolist(), first.tolist(), count.tolist(), strict=True)
+        ]
+        more_scores, more_ids = index.search_many(again, queries[rows[unsure]], k + 1 + EXTRA_NEIGHBOURS)
+        band_labels, decided = knn.sorted_band_votes(more_scores, labels_of(more_ids, label_start_of[unsure]), k, bound)
         labels[unsure[decided]] = band_labels[decided]
         unsure = unsure[~decided]
     for view_index in np.unique(key_of[unsure]).tolist():
