@@ -12,6 +12,7 @@ results; the run stops otherwise.
     .venv/bin/python -m bench.bench_engine                          # 1, 20, 100 epochs against HEAD
     .venv/bin/python -m bench.bench_engine --epochs 1,20 --steps 7 --baseline c040f7f
     .venv/bin/python -m bench.bench_engine --baseline none          # this tree only
+    .venv/bin/python -m bench.bench_engine --quick                  # a smoke run (a minute)
 
 The baseline is extracted with `git archive` into a temporary folder and imported under another package
 name, so both versions live in one process.
@@ -287,8 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=512, help="prompts per step (16 rollouts each)")
     parser.add_argument("--baseline", default="HEAD", help="git revision to compare with, or 'none'")
     parser.add_argument("--seeds", type=Path, default=None, help="keep the seeded stores here, for later runs")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write engine.json into this folder")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 32 prompts, 1 and 3 epochs, 2 steps")
     opts = parser.parse_args(argv)
+    if opts.quick:
+        opts.epochs, opts.prompts, opts.steps = "1,3", 32, 2
     baseline = None if opts.baseline == "none" else opts.baseline
     print(f"machine: {describe()}", flush=True)
     results = []
@@ -296,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(measure(epochs, opts, baseline))
         report(results[-1])
     if opts.out:
-        opts.out.write_text(json.dumps({"machine": describe(), "results": results}, indent=2) + "\n")
+        opts.out.mkdir(parents=True, exist_ok=True)
+        (opts.out / "engine.json").write_text(json.dumps({"machine": describe(), "results": results}, indent=2) + "\n")
     return 0
 
 
