@@ -51,6 +51,23 @@ def test_index_search_is_a_descending_inner_product_search(indexes: VectorIndexe
     assert few.shape == (5, 2)  # never more neighbours than rows
 
 
+def test_index_search_many_equals_one_search_per_key(indexes: VectorIndexes) -> None:
+    index = indexes.new(8)
+    index.append(K, unit(40, 8, 5))
+    index.append("small", unit(2, 8, 6))
+    queries = unit(12, 8, 7)
+    spans = [(K, 5, 40, 0, 4), ("small", 0, 2, 4, 7), (K, 0, 3, 9, 12)]  # rows 7..8 in no span
+    scores, ids = index.search_many(spans, queries, 4)
+    assert scores.shape == ids.shape == (12, 4)
+    for key, lo, hi, q_lo, q_hi in spans:
+        one_scores, one_ids = index.search(key, lo, hi, queries[q_lo:q_hi], 4)
+        found = one_scores.shape[1]
+        assert np.array_equal(scores[q_lo:q_hi, :found], one_scores)
+        assert np.array_equal(ids[q_lo:q_hi, :found], one_ids)
+        assert np.all(scores[q_lo:q_hi, found:] == -np.inf) and np.all(ids[q_lo:q_hi, found:] == -1)
+    assert np.all(scores[7:9] == -np.inf) and np.all(ids[7:9] == -1)
+
+
 # ---- SnapshotStore ------------------------------------------------------------------------------------
 
 

@@ -12,8 +12,9 @@ import pytest
 
 from harness.reference import ReferenceMEDS, RefRollout
 from meds_service.core.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
-from meds_service.core.types import Fit, Group, RolloutBatch, RolloutStatus
+from meds_service.core.types import Fit, Group, MemoryKey, RolloutBatch, RolloutStatus
 from meds_service.engine import ErrorMemory, RefitScheduler
+from meds_service.engine.cache import group_rows
 from meds_service.storage.index import ShardIndexes
 from meds_service.storage.sqlite import SQLiteStore
 from meds_service.workers import LocalRefitter
@@ -117,13 +118,15 @@ def replay(engine: ErrorMemory, run: str, reference: ReferenceMEDS, steps: Itera
     return compared
 
 
-def test_tie_heavy_trace_matches_reference_and_uses_every_tier(engine: ErrorMemory) -> None:
+def test_tie_heavy_trace_matches_reference_and_reaches_the_reference_tier(engine: ErrorMemory) -> None:
     compared = replay(engine, "ties", ReferenceMEDS(), grid_trace(1, 14), 3)
     assert compared > 400
     recorder = engine.observer
     assert isinstance(recorder, Recorder)
-    # Exact ties with different labels do happen here and go to the reference computation.
-    assert recorder.fallbacks.get("float64", 0) > 0 and recorder.fallbacks.get("reference", 0) > 0
+    # Exact ties with different labels do happen here and go to the reference computation. (Exact ties
+    # never need the float64 tier: its band holds the same tied vectors as the float32 one; test_knn.py
+    # reaches that tier with near-ties closer than float32 rounding.)
+    assert recorder.fallbacks.get("reference", 0) > 0
 
 
 @pytest.mark.parametrize(
@@ -337,3 +340,22 @@ def test_target_change_schedules_fits_of_newly_visible_groups(engine: ErrorMemor
     assert engine.stats("t")["pending_refits"] == 1
     result = engine.score("t", to_batch([RefRollout("c9", "p", True, [1.0, 1.0, 0.0], 1.0)], 3))
     assert result[0].cluster is not None and result[0].shaped_reward is not None and result[0].shaped_reward < 1.0
+
+
+def test_group_rows_orders_keys_by_first_appearance_and_rows_stably() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        n = int(rng.integers(0, 40))
+        prompts = [f"p{i}" for i in rng.integers(0, 6, size=n)]
+        groups = rng.integers(0, 3, size=n)
+        batch = RolloutBatch(
+            [str(i) for i in range(n)], prompts, groups, np.zeros(n), np.zeros((n, 2), np.float32), np.ones(n, bool)
+        )
+        rows = np.flatnonzero(rng.random(n) < 0.7) if rng.random() < 0.5 else np.arange(n)
+        found = group_rows(batch, rows)
+        keys: dict[MemoryKey, list[int]] = {}
+        for position, row in enumerate(rows.tolist()):
+            keys.setdefault(MemoryKey(prompts[row], Group(int(groups[row]))), []).append(position)
+        assert found.keys == list(keys)
+        assert found.order.tolist() == [p for positions in keys.values() for p in positions]
+        assert found.starts == [0, *np.cumsum([len(p) for p in keys.values()]).tolist()]

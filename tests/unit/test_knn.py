@@ -13,6 +13,7 @@ from sklearn.neighbors import NearestNeighbors
 from meds_service.core import knn
 from meds_service.core.clustering import cluster_sizes
 from meds_service.core.config import RunConfig
+from meds_service.core.penalty import NO_CLUSTER
 from meds_service.core.preprocess import unit_rows
 from meds_service.core.types import Group, MemoryKey
 from meds_service.engine.assign import predict
@@ -129,6 +130,17 @@ def test_tiers_agree_with_sklearn_on_tie_heavy_grids(
     assert got == sklearn_vote(history, labels, query, k)
 
 
+def test_near_ties_closer_than_float32_rounding_are_decided_in_float64() -> None:
+    """Two neighbours of different labels whose similarities differ by 5e-7: inside the float32 band (whose
+    results show both labels), outside the float64 one."""
+    history = np.array([[1.0, 0.0, 0.0], [1.0, 1e-3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    labels = np.array([0, 1, 1, 1])
+    for query, expected in ((np.array([1.0, 0.0, 0.0]), 0), (np.array([1.0, 1.05e-3, 0.0]), 1)):
+        got, tier = engine_vote(history, labels, query, 1)
+        assert (got, tier) == (expected, "float64")
+        assert got == sklearn_vote(history, labels, query, 1)
+
+
 def test_tiers_agree_with_sklearn_on_random_data_mostly_in_float32() -> None:
     rng = np.random.default_rng(3)
     tiers = {"float32": 0, "float64": 0, "reference": 0}
@@ -140,3 +152,105 @@ def test_tiers_agree_with_sklearn_on_random_data_mostly_in_float32() -> None:
         tiers[tier] += 1
         assert got == sklearn_vote(history, labels, query, 3)
     assert tiers["float32"] > 490
+
+
+def band_vote_one_query(similarities: np.ndarray, labels: np.ndarray, k: int, bound: float) -> int | None:
+    """The band vote of one query written out plainly: sure neighbours, then the band's one label."""
+    k = min(k, len(similarities))
+    kth = np.sort(similarities)[::-1][k - 1]
+    sure = similarities > kth + 2 * bound
+    band = ~sure & (similarities >= kth - 2 * bound)
+    if len(np.unique(labels[band])) != 1:
+        return None
+    chosen = np.concatenate([labels[sure], np.full(k - int(sure.sum()), labels[band][0])])
+    return int(knn.vote(chosen[None, :])[0])
+
+
+def test_band_votes_equal_the_band_vote_of_each_query() -> None:
+    rng = np.random.default_rng(5)
+    decided = undecided = 0
+    for _ in range(300):
+        m, q, k = int(rng.integers(1, 25)), int(rng.integers(1, 8)), int(rng.integers(1, 6))
+        similarities = rng.integers(-3, 4, size=(m, q)) / 4 + rng.choice([0.0, 1e-12, 1e-3], size=(m, q))
+        labels = rng.integers(-1, 3, size=m)
+        votes, sure = knn.band_votes(similarities, labels, k, 1e-9)
+        for column in range(q):
+            expected = band_vote_one_query(similarities[:, column], labels, k, 1e-9)
+            assert sure[column] == (expected is not None)
+            assert knn.band_vote(similarities[:, column], labels, k, 1e-9) == expected
+            if expected is not None:
+                assert votes[column] == expected
+                decided += 1
+            else:
+                undecided += 1
+    assert decided > 100 and undecided > 100  # both outcomes exercised
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 5))
+def test_one_batched_prediction_of_many_keys_agrees_with_sklearn_per_query(seed: int, k: int) -> None:
+    """Several keys, several queries each (tie-heavy, so all three tiers occur), some keys unfitted or with
+    fewer rows than k: one `predict` call equals sklearn query by query."""
+    rng = np.random.default_rng(seed)
+    index = ShardIndex(3, "cpu")
+    keys: dict[MemoryKey, CachedKey] = {}
+    histories: dict[MemoryKey, np.ndarray] = {}
+    spans: list[tuple[MemoryKey, int]] = []
+    for p in range(int(rng.integers(1, 7))):
+        key = MemoryKey(f"p{p}", Group.WRONG)
+        n = int(rng.integers(1, 25))
+        history = rng.integers(-2, 3, size=(n, 3)).astype(np.float64)
+        history[~history.any(axis=1), 0] = 1.0
+        dropped = int(rng.integers(0, n)) if rng.random() < 0.3 else 0  # older rows forgotten
+        index.append(key, unit_rows(history[dropped:]).astype(np.float32))
+        fitted = 0 if rng.random() < 0.2 else n  # some keys have no fit yet
+        labels = rng.integers(-1, 3, size=fitted)
+        keys[key] = CachedKey(
+            start=dropped, n=n, fit_start=0, fitted_upto=fitted, labels=labels, sizes=cluster_sizes(labels)
+        )
+        histories[key] = history
+        spans.append((key, int(rng.integers(1, 6))))
+    queries = np.concatenate([rng.integers(-2, 3, size=(q, 3)) for _, q in spans]).astype(np.float64)
+    queries[~queries.any(axis=1), 1] = 1.0
+    starts = [0, *np.cumsum([q for _, q in spans]).tolist()]
+    predicted, sizes = predict(
+        index,
+        keys,
+        RunConfig(knn_k=k, dim=3),
+        Groups([key for key, _ in spans], np.arange(len(queries), dtype=np.intp), starts),
+        unit_rows(queries).astype(np.float32),
+        queries,
+        lambda view: histories[view.key][view.lo + keys[view.key].start : view.hi + keys[view.key].start],
+        Tiers(),
+    )
+    for (key, _), lo, hi in zip(spans, starts[:-1], starts[1:], strict=True):
+        cached = keys[key]
+        live = cached.labels[cached.start :]
+        for row in range(lo, hi):
+            if not cached.has_fit:
+                assert predicted[row] == NO_CLUSTER and sizes[row] == 0
+                continue
+            expected = sklearn_vote(histories[key][cached.start :], live, queries[row], k)
+            assert predicted[row] == expected
+            assert sizes[row] == cluster_sizes(live)[expected + 1]
+
+
+def test_sorted_band_votes_decide_only_complete_single_label_bands() -> None:
+    k, bound = 3, 1e-9
+    scores = np.array(
+        [
+            [0.9, 0.5, 0.5, 0.5, 0.1, -np.inf],  # band {0.5 x3} one label, reaches below it: decided
+            [0.9, 0.5, 0.5, 0.5, 0.5, 0.5],  # the last score is still in the band: an unseen vector may be too
+            [0.9, 0.5, 0.5, 0.5, 0.1, 0.0],  # band labels differ
+            [0.9, 0.8, 0.5, 0.5, -np.inf, -np.inf],  # fewer vectors than columns: complete
+        ],
+        dtype=np.float32,
+    )
+    labels = np.array([[4, 1, 1, 1, 0, 9], [4, 1, 1, 1, 1, 1], [4, 1, 2, 1, 0, 0], [2, 2, 7, 7, 9, 9]])
+    votes, decided = knn.sorted_band_votes(scores, labels, k, bound)
+    assert decided.tolist() == [True, False, False, True]
+    assert votes[0] == 1 and votes[3] == 2
+    # The same decisions as the band vote over every vector (unreturned ones lie far below).
+    for row in (0, 3):
+        finite = np.isfinite(scores[row])
+        assert knn.band_vote(scores[row][finite].astype(np.float64), labels[row][finite], k, bound) == votes[row]

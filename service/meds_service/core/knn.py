@@ -6,7 +6,9 @@ of their labels, ties toward the smallest label. We get candidates from a float3
 L2-normalised vectors (FAISS) and prove the neighbour set is the one scikit-learn would pick:
 
 1. float32 scores: the k-th and (k+1)-th similarities differ by more than twice the rounding bound → the set
-   of the first k candidates is certain (almost every query);
+   of the first k candidates is certain (almost every query); failing that, when the search returned a few
+   more candidates than k + 1 and they reach below the uncertainty band around the k-th, a band that
+   carries one label gives the same vote whichever of its vectors are picked (`sorted_band_votes`);
 2. float64 similarities of the key's normalised vectors, with a bound independent of the dimension; neighbours
    inside the uncertainty band that all carry one label give the same vote whichever are picked;
 3. otherwise (true near-ties with different labels) the reference computation itself, on the raw features.
@@ -23,7 +25,12 @@ _MARGIN = 1e-12
 
 
 def float32_bound(dim: int, safety: float = 1.0) -> float:
-    """Bound on |float32 inner product of normalised vectors - scikit-learn's float64 cosine similarity|."""
+    """Bound on |float32 inner product of normalised vectors - scikit-learn's float64 cosine similarity|.
+
+    It holds for a float32 dot product summed in any order, with or without fused multiply-adds (the error of
+    any order is at most gamma_d = d*u/(1 - d*u) for unit vectors), so for FAISS's pairwise scan and its BLAS
+    matrix product alike; (dim + 3) also covers rounding each normalised vector to float32 and the result.
+    """
     return safety * ((dim + 3) * _U32 * 1.01 + 4 * (dim + 2) * _U64) + _MARGIN
 
 
@@ -54,6 +61,29 @@ def certain_top_k(
     return np.asarray((searchable <= k) | (kth - after > 2 * bound))
 
 
+def sorted_band_votes(
+    scores: NDArray[np.float32], neighbour_labels: NDArray[np.int64], k: int, bound: float
+) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """The band vote on search results alone (tier 1b): rows of descending scores of a query's best
+    neighbours ([q, k_search], k_search > k, -inf where none) and those neighbours' labels; (votes, decided).
+
+    Each score is within `bound` of the exact similarity, so the k-th score is within `bound` of the exact
+    k-th similarity: neighbours more than 2*bound above it are certainly in the reference's set, those more
+    than 2*bound below certainly not. A row is decided when its results reach past the band (the last score
+    is below it, so no unreturned vector can be in it) and the band carries one label.
+    """
+    as64 = scores.astype(np.float64)
+    kth = as64[:, k - 1 : k]
+    sure = as64 > kth + 2 * bound
+    band = ~sure & (as64 >= kth - 2 * bound)
+    band_min = np.where(band, neighbour_labels, np.iinfo(np.int64).max).min(axis=1)
+    band_max = np.where(band, neighbour_labels, np.iinfo(np.int64).min).max(axis=1)
+    complete = as64[:, -1] < kth[:, 0] - 2 * bound
+    # Scores descend, so the sure neighbours are among the first k; the other places take the band's label.
+    chosen = np.where(sure[:, :k], neighbour_labels[:, :k], band_min[:, None])
+    return vote(chosen), np.asarray(complete & (band_min == band_max))
+
+
 def band_vote(similarities: NDArray[np.float64], labels: NDArray[np.int64], k: int, bound: float) -> int | None:
     """Vote from exact-enough similarities of one query to all searchable vectors, or None when ambiguous.
 
@@ -61,15 +91,30 @@ def band_vote(similarities: NDArray[np.float64], labels: NDArray[np.int64], k: i
     below certainly are not; the rest (the band) fill the remaining places. If the band carries one label,
     every choice gives the same vote.
     """
-    k = min(k, len(similarities))
-    kth = np.partition(similarities, len(similarities) - k)[len(similarities) - k]
+    votes, decided = band_votes(similarities[:, None], labels, k, bound)
+    return int(votes[0]) if decided[0] else None
+
+
+def band_votes(
+    similarities: NDArray[np.float64], labels: NDArray[np.int64], k: int, bound: float
+) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """`band_vote` of every column of a [vectors, queries] similarity matrix at once: (votes, decided);
+    a vote where `decided` is False is meaningless."""
+    m = len(similarities)
+    k = min(k, m)
+    top = np.argpartition(similarities, m - k, axis=0)[m - k :]  # the k largest of each column, in any order
+    top_similarities = np.take_along_axis(similarities, top, axis=0)
+    kth = top_similarities.min(axis=0)
     sure = similarities > kth + 2 * bound
     band = ~sure & (similarities >= kth - 2 * bound)
-    band_labels = np.unique(labels[band])
-    if len(band_labels) != 1:
-        return None
-    chosen = np.concatenate([labels[sure], np.full(k - int(sure.sum()), band_labels[0], dtype=np.int64)])
-    return int(vote(chosen[None, :])[0])
+    # The band always holds the k-th vector itself; it decides when its smallest and largest labels agree.
+    column_labels = np.broadcast_to(labels[:, None], similarities.shape)
+    band_min = np.where(band, column_labels, np.iinfo(np.int64).max).min(axis=0)
+    band_max = np.where(band, column_labels, np.iinfo(np.int64).min).max(axis=0)
+    # Every sure vector lies above the k-th similarity, so among the k largest: those keep their labels,
+    # the other places take the band's label.
+    chosen = np.where(top_similarities > kth + 2 * bound, labels[top], band_min[None, :])
+    return vote(chosen.T), np.asarray(band_min == band_max)
 
 
 def reference_vote(history: NDArray[np.float64], labels: NDArray[np.int64], query: NDArray[np.float64], k: int) -> int:

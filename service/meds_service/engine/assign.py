@@ -1,7 +1,8 @@
 """Predicting each new rollout's cluster: the kNN vote of core/knn.py over a run's index, in three tiers.
 
-One index search per key fills a [queries, k+1] table of similarities and neighbour labels; the certainty
-test (tier 1) and the vote then run on the whole table at once. The few queries whose float32 neighbour
+One batched index search (`search_many`: every key's queries against that key's rows) fills a [queries, k+1]
+table of similarities and neighbour labels; the certainty test (tier 1) and the vote then run on the whole
+table at once. The few queries whose float32 neighbour
 sets are not provably the reference's go to tier 2 (float64 similarities) and, for true near-ties, tier 3
 (the reference computation on the key's raw features, which `history` loads).
 """
@@ -24,6 +25,10 @@ from .ports import EngineObserver, VectorIndex
 # they never win a vote nor break a tie.
 _NO_NEIGHBOUR = np.int64(np.iinfo(np.int64).max)
 
+# Candidates searched beyond k + 1: enough to see past the float32 uncertainty band of most near-ties (near
+# duplicates in a key's memory), so that they are decided from the search results, without float64.
+EXTRA_NEIGHBOURS = 4
+
 History = Callable[[KeyView], NDArray[np.float64]]
 """The raw features of a key's fitted vectors (view.lo..view.hi), for the reference tier."""
 
@@ -40,50 +45,75 @@ def predict(
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Predicted label and cluster size of every query (NO_CLUSTER where its key has no fit yet).
 
-    Queries come sorted by key (`groups`): each key fills one contiguous block of the table.
+    Queries come sorted by key (`groups`): each key fills one contiguous block of the table. One call searches
+    every key; the per-key work left in Python is reading each key's fitted part.
     """
     n, k = len(queries), config.knn_k
     predicted = np.full(n, NO_CLUSTER, dtype=np.int64)
     sizes = np.zeros(n, dtype=np.int64)
     if index is None:
         return predicted, sizes
-    scores = np.full((n, k + 1), -np.inf, dtype=np.float32)
-    neighbours = np.repeat(_NO_NEIGHBOUR - np.arange(k, dtype=np.int64)[None, :], n, axis=0)
-    size_of = np.zeros(n, dtype=np.int64)  # offset of the row's key in `all_sizes`
-    k_eff = np.zeros(n, dtype=np.int64)
-    searchable = np.zeros(n, dtype=np.int64)
-    key_of = np.full(n, -1, dtype=np.int64)
-    views: list[KeyView] = []
-    size_parts: list[NDArray[np.int64]] = []
-    size_offset = 0
     fitted = config.fitted_groups()
+    views: list[KeyView] = []
+    spans: list[tuple[MemoryKey, int, int, int, int]] = []
     for key, lo, hi in groups.spans():
         cached = keys.get(key)
         if cached is None or key.group not in fitted or not cached.has_fit:
             continue
         view = KeyView.of(key, cached)
-        found, ids = index.search(key, view.lo, view.hi, queries[lo:hi], k + 1)
-        m = view.hi - view.lo
-        top = min(k, m)
-        scores[lo:hi, : found.shape[1]] = found
-        neighbours[lo:hi, :top] = view.labels[ids[:, :top]]
-        k_eff[lo:hi], searchable[lo:hi], key_of[lo:hi], size_of[lo:hi] = top, m, len(views), size_offset
         views.append(view)
-        size_parts.append(view.sizes)
-        size_offset += len(view.sizes)
-    rows = np.flatnonzero(key_of >= 0)
-    if not len(rows):
+        spans.append((key, view.lo, view.hi, lo, hi))
+    if not views:
         return predicted, sizes
+    scores, ids = index.search_many(spans, queries, k + 1)
+
+    # Per query row of the searched keys: its key (position in `views`), how many rows that key searched,
+    # and where the key's labels and cluster sizes start in the concatenations below.
+    q_los = np.array([span[3] for span in spans], dtype=np.int64)
+    per_key = np.array([span[4] for span in spans], dtype=np.int64) - q_los
+    key_of = np.repeat(np.arange(len(views)), per_key)
+    rows = np.arange(len(key_of)) + np.repeat(q_los - np.cumsum(per_key) + per_key, per_key)
+    searchable = np.array([view.hi - view.lo for view in views], dtype=np.int64)
+    label_start = np.cumsum(searchable) - searchable
+    size_count = np.array([len(view.sizes) for view in views], dtype=np.int64)
+    size_start = np.cumsum(size_count) - size_count
+    all_labels = np.concatenate([view.labels for view in views])
+    all_sizes = np.concatenate([view.sizes for view in views])
+
+    m = searchable[key_of]
+    top = np.minimum(k, m)
+    label_start_of = label_start[key_of]
+
+    def labels_of(found: NDArray[np.int64], starts: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Neighbour labels of rows of search ids (-1: no neighbour, distinct labels above any real one)."""
+        real = found >= 0
+        missing = _NO_NEIGHBOUR - np.arange(found.shape[1], dtype=np.int64)[None, :]
+        return np.where(real, all_labels[starts[:, None] + np.where(real, found, 0)], missing)
+
     bound = knn.float32_bound(index.dim, index.rounding_safety)
-    sure = knn.certain_top_k(scores[rows], k_eff[rows], searchable[rows], bound)
-    predicted[rows[sure]] = knn.vote(neighbours[rows[sure]])
-    unsure = rows[~sure]
+    sure = knn.certain_top_k(scores[rows], top, m, bound)
+    labels = np.empty(len(rows), dtype=np.int64)
+    labels[sure] = knn.vote(labels_of(ids[rows[sure], :k], label_start_of[sure]))
+    unsure = np.flatnonzero(~sure)
+    if len(unsure):
+        # Tier 1b: search the near-ties again for a few more candidates; a band those results reach past and
+        # that carries one label decides the vote (every unsure row has more than k searchable vectors).
+        # `unsure` ascends, so each key's rows are contiguous in it: one span per key.
+        unsure_keys, first, count = np.unique(key_of[unsure], return_index=True, return_counts=True)
+        again = [
+            (*spans[v][:3], q_lo, q_lo + n)
+            for v, q_lo, n in zip(unsure_keys.tolist(), first.tolist(), count.tolist(), strict=True)
+        ]
+        more_scores, more_ids = index.search_many(again, queries[rows[unsure]], k + 1 + EXTRA_NEIGHBOURS)
+        band_labels, decided = knn.sorted_band_votes(more_scores, labels_of(more_ids, label_start_of[unsure]), k, bound)
+        labels[unsure[decided]] = band_labels[decided]
+        unsure = unsure[~decided]
     for view_index in np.unique(key_of[unsure]).tolist():
         mine = unsure[key_of[unsure] == view_index]
-        view = views[view_index]
-        predicted[mine] = _near_ties(index, config, view, queries[mine], query_features[mine], history, observer)
-    all_sizes = np.concatenate(size_parts)
-    sizes[rows] = all_sizes[size_of[rows] + predicted[rows] + 1]
+        view, at = views[view_index], rows[mine]
+        labels[mine] = _near_ties(index, config, view, queries[at], query_features[at], history, observer)
+    predicted[rows] = labels
+    sizes[rows] = all_sizes[size_start[key_of] + labels + 1]
     return predicted, sizes
 
 
@@ -97,19 +127,16 @@ def _near_ties(
     observer: EngineObserver,
 ) -> NDArray[np.int64]:
     """Queries of one key whose float32 neighbour sets are not provably the reference's: decide them in
-    float64 (one matrix product for the key), and the true near-ties by the reference computation."""
+    float64 (one matrix product and one vectorised band vote for the key), and the true near-ties by the
+    reference computation."""
     similarities = index.rows(view.key, view.lo, view.hi).astype(np.float64) @ queries.astype(np.float64).T
-    bound = knn.float64_bound(index.dim)
-    labels = np.empty(len(queries), dtype=np.int64)
-    raw: NDArray[np.float64] | None = None
-    for q in range(len(queries)):
-        label = knn.band_vote(similarities[:, q], view.labels, config.knn_k, bound)
-        if label is not None:
-            observer.knn_fallback("float64")
-            labels[q] = label
-            continue
-        observer.knn_fallback("reference")
-        if raw is None:
-            raw = history(view)
-        labels[q] = knn.reference_vote(raw, view.labels, query_features[q], config.knn_k)
+    labels, decided = knn.band_votes(similarities, view.labels, config.knn_k, knn.float64_bound(index.dim))
+    for _ in range(int(decided.sum())):
+        observer.knn_fallback("float64")
+    undecided = np.flatnonzero(~decided).tolist()
+    if undecided:
+        raw = history(view)
+        for q in undecided:
+            observer.knn_fallback("reference")
+            labels[q] = knn.reference_vote(raw, view.labels, query_features[q], config.knn_k)
     return labels

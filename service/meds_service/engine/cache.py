@@ -81,11 +81,18 @@ class RunMemory:
         return cached.stale and key.group in self.config.fitted_groups()
 
     def refresh_pending(self, key: MemoryKey) -> None:
-        cached = self.keys.get(key)
-        if cached is not None and self.needs_fit(key, cached):
-            self.pending.add(key)
-        else:
-            self.pending.discard(key)
+        self.refresh_pending_keys((key,))
+
+    def refresh_pending_keys(self, keys: Iterable[MemoryKey]) -> None:
+        """Mark each key pending a refit, or not, as its counters now say (the run's fitted groups read once)."""
+        fitted = self.config.fitted_groups()
+        held, pending = self.keys, self.pending
+        for key in keys:
+            cached = held.get(key)
+            if cached is not None and cached.stale and key.group in fitted:
+                pending.add(key)
+            else:
+                pending.discard(key)
 
     def jobs(self) -> list[RefitJob]:
         """The distinct refit jobs in flight."""
@@ -123,17 +130,28 @@ class Groups:
         return zip(self.keys, self.starts[:-1], self.starts[1:], strict=True)
 
 
+_GROUPS = tuple(Group(value) for value in range(len(Group)))  # by value: _GROUPS[g] is Group(g)
+
+
 def group_rows(batch: RolloutBatch, rows: NDArray[np.intp]) -> Groups:
-    prompt_ids, groups = batch.prompt_ids, batch.groups.tolist()
-    first: dict[tuple[str, int], int] = {}
-    codes = np.fromiter(
-        (first.setdefault((prompt_ids[row], groups[row]), len(first)) for row in rows.tolist()),
-        dtype=np.intp,
-        count=len(rows),
-    )
+    if not len(rows):
+        return Groups([], np.zeros(0, dtype=np.intp), [0])
+    # Prompts get codes in order of first appearance through C-level dict and map calls (no Python loop per
+    # rollout); a key's code is prompt code * groups + group, renumbered by first appearance.
+    prompts = [batch.prompt_ids[row] for row in rows.tolist()] if len(rows) != len(batch) else batch.prompt_ids
+    firsts = list(dict.fromkeys(prompts))
+    code_of = dict(zip(firsts, range(len(firsts)), strict=True))
+    prompt_codes = np.fromiter(map(code_of.__getitem__, prompts), dtype=np.intp, count=len(rows))
+    key_codes = prompt_codes * len(_GROUPS) + batch.groups[rows]
+    unique, first_at, inverse = np.unique(key_codes, return_index=True, return_inverse=True)
+    appearance = np.argsort(first_at, kind="stable")
+    rank = np.empty(len(unique), dtype=np.intp)
+    rank[appearance] = np.arange(len(unique))
+    codes = rank[inverse.reshape(-1)]
     order = np.argsort(codes, kind="stable")
-    starts = [0, *np.cumsum(np.bincount(codes, minlength=len(first))).tolist()]
-    return Groups([MemoryKey(p, Group(g)) for p, g in first], order, starts)
+    starts = [0, *np.cumsum(np.bincount(codes, minlength=len(unique))).tolist()]
+    keys = [MemoryKey(firsts[c // len(_GROUPS)], _GROUPS[c % len(_GROUPS)]) for c in unique[appearance].tolist()]
+    return Groups(keys, order, starts)
 
 
 def normalised(stored: NDArray[np.float32], config: RunConfig) -> NDArray[np.float32]:

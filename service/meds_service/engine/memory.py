@@ -254,17 +254,20 @@ class ErrorMemory:
         """Mirror a committed batch into the cache and the index."""
         index = run.index_for(config, self.indexes)
         run.config = config
+        held = run.keys
         for append, vectors in zip(scored.appends, normed, strict=True):
-            cached = run.keys.setdefault(append.key, CachedKey())
-            index.append(append.key, vectors)
-            cached.n = append.first_seq + len(append.vectors)
+            key = append.key
+            cached = held.get(key)
+            if cached is None:
+                cached = held[key] = CachedKey()
+            index.append(key, vectors)
+            cached.n = append.first_seq + len(vectors)
             if append.new_start > cached.start:
-                index.drop_front(append.key, append.new_start - cached.start)
+                index.drop_front(key, append.new_start - cached.start)
                 cached.start = append.new_start
         for fit in scored.fits:
-            run.keys[fit.key].take_fit(fit)
-        for append in scored.appends:
-            run.refresh_pending(append.key)
+            held[fit.key].take_fit(fit)
+        run.refresh_pending_keys(append.key for append in scored.appends)
         run.rollouts += sum(len(a.rollout_ids) for a in scored.appends)
         run.version += 1
         if run.pending:

@@ -107,6 +107,9 @@ class VectorIndex(Protocol):
     def search(
         self, key: Hashable, lo: int, hi: int, queries: NDArray[np.float32], k: int
     ) -> tuple[NDArray[np.float32], NDArray[np.int64]]: ...
+    def search_many(
+        self, spans: Sequence[tuple[Hashable, int, int, int, int]], queries: NDArray[np.float32], k: int
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]: ...
 
 
 class VectorIndexes(Protocol):

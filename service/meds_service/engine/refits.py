@@ -106,10 +106,10 @@ class Refits:
         if not self.coordination.alive(run):
             return False
         self.store.save_fits(run.name, fits)
-        for fit in fits:
-            if fit.key in run.keys:
-                run.keys[fit.key].take_fit(fit)
-                run.refresh_pending(fit.key)
+        held = [fit for fit in fits if fit.key in run.keys]
+        for fit in held:
+            run.keys[fit.key].take_fit(fit)
+        run.refresh_pending_keys(fit.key for fit in held)
         return True
 
     def schedule(self, max_jobs: int, max_keys_per_job: int, max_vectors_per_job: int) -> int:

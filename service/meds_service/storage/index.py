@@ -9,7 +9,7 @@ CPU; results carry a rounding bound that the engine uses to prove the neighbour 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import faiss  # type: ignore[import-untyped]
@@ -34,10 +34,21 @@ def set_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
+# FAISS scans a search of fewer than this many query x row pairs one pair at a time (a dot product per
+# pair), otherwise with a BLAS matrix product and a heap per query. A key's queries (about 16) against its
+# rows (hundreds) are far below its default: the BLAS form costs half as much per pair at a few hundred rows.
+# Both are float32 dot products in some order of summation, which the engine's rounding bound (core/knn.py)
+# covers whatever the order.
+_BLAS_THRESHOLD = 0
+
+
 def _use_search_threads() -> None:
-    """Apply the configured OpenMP thread count in the calling thread (a new thread starts with every core)."""
+    """Apply the configured OpenMP thread count in the calling thread (a new thread starts with every core),
+    and the BLAS form of the scan (a process-wide FAISS setting, the same value for every search)."""
     if faiss.omp_get_max_threads() != _search_threads[0]:
         faiss.omp_set_num_threads(_search_threads[0])
+    if faiss.cvar.distance_compute_blas_threshold != _BLAS_THRESHOLD:
+        faiss.cvar.distance_compute_blas_threshold = _BLAS_THRESHOLD
 
 
 def gpu_count() -> int:
@@ -121,6 +132,43 @@ class ShardIndex:
                 self._gpu_resources = None
         _use_search_threads()
         scores, ids = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores, ids
+
+    def search_many(
+        self, spans: Sequence[tuple[Hashable, int, int, int, int]], queries: NDArray[np.float32], k: int
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """Many keys' searches in one call: span (key, lo, hi, q_lo, q_hi) searches the key's rows lo..hi for
+        queries[q_lo:q_hi]. Returns [len(queries), k] tables of similarities (descending) and row - lo; where
+        a key has fewer than k rows, and in the rows of queries no span covers, scores are -inf and ids -1.
+
+        Each key's results are written straight into its rows of the tables (no per-key arrays), and the
+        thread settings are applied once for the whole batch.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        if self._gpu_resources is not None:
+            for key, lo, hi, q_lo, q_hi in spans:
+                found, rows = self.search(key, lo, hi, queries[q_lo:q_hi], k)
+                scores[q_lo:q_hi, : found.shape[1]] = found
+                ids[q_lo:q_hi, : rows.shape[1]] = rows
+            return scores, ids
+        _use_search_threads()
+        dim, knn, ptr, shards = self.dim, faiss.knn_inner_product, faiss.swig_ptr, self._shards
+        for key, lo, hi, q_lo, q_hi in spans:
+            base = shards[key].rows[lo:hi]
+            # Rows q_lo..q_hi of a C-ordered table are one contiguous block: FAISS writes them in place.
+            knn(
+                ptr(queries[q_lo:q_hi]),
+                ptr(base),
+                dim,
+                q_hi - q_lo,
+                hi - lo,
+                k,
+                ptr(scores[q_lo:q_hi]),
+                ptr(ids[q_lo:q_hi]),
+            )
+        scores[ids < 0] = -np.inf  # FAISS marks missing neighbours with the lowest float, not -inf
         return scores, ids
 
 
