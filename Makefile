@@ -8,9 +8,10 @@ TORCH ?= torch==2.13.0
 # Installs go through uv (several times faster than pip), with pip's own configuration (indexes, find-links,
 # constraints): see .ci/uv_pip.py. `make PIP_INSTALL="$(BIN)/pip install" ...` installs with pip instead.
 PIP_INSTALL ?= $(BIN)/python .ci/uv_pip.py $(BIN)/python
-# Parallel test processes (pytest-xdist); each test file runs whole on one process.
+# Parallel test processes (pytest-xdist); each test file runs whole on one process, the slowest files first
+# (tests/conftest.py, SLOW_FILES).
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile --durations=10
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10
 
 .PHONY: serve test lint bench install install-test browser clean
 
