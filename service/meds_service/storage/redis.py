@@ -568,7 +568,7 @@ class RedisStore:
         found = {}
         for rollouts, values in zip(by_prompt.values(), pipe.execute(), strict=True):
             for rollout, value in zip(rollouts, values, strict=True):
-                if value is not None:
+                if value is not None and rollout:  # "" holds _TABLE_MARK
                     record = np.frombuffer(value, dtype=RESULT_DTYPE, offset=1)[0]
                     found[rollout] = RolloutResult.from_record(rollout, RolloutStatus.SCORED, record)
         return found
