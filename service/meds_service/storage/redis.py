@@ -284,17 +284,31 @@ class _AppendArgs:
     ids: bytes
 
     @classmethod
-    def of(cls, append: KeyAppend, fit: Fit | None, refit: bool) -> _AppendArgs:
-        records = np.empty(len(append.rollout_ids), dtype=_STORED_RECORD)
-        records["group"] = int(append.key.group)
-        records["result"] = append.results
-        ids = [rollout_id.encode() for rollout_id in append.rollout_ids]
-        step = NO_STEP if append.step is None else append.step
-        return cls(
-            append.first_seq, append.new_start, append.vectors.astype("<f4").tobytes(), _member(append.key),
-            append.key.prompt_id, refit, fit, np.full(len(ids), step, "<i8").tobytes(), records.tobytes(),
-            " ".join(map(str, map(len, ids))), b"".join(ids),
-        )  # fmt: skip
+    def of_batch(
+        cls, appends: Sequence[KeyAppend], fits: Mapping[MemoryKey, Fit], refits: set[MemoryKey]
+    ) -> list[_AppendArgs]:
+        """The arguments of every append, their arrays converted for the whole batch at once and then cut."""
+        sizes = [len(a.rollout_ids) for a in appends]
+        bounds = np.cumsum([0, *sizes]).tolist()
+        records = np.empty(bounds[-1], dtype=_STORED_RECORD)
+        records["group"] = np.repeat([int(a.key.group) for a in appends], sizes)
+        # Joined as bytes: np.concatenate of structured arrays promotes their dtypes one by one (slow).
+        results = b"".join(a.results.astype(RESULT_DTYPE, copy=False).tobytes() for a in appends)
+        records["result"] = np.frombuffer(results, dtype=RESULT_DTYPE)
+        rows = np.concatenate([a.vectors for a in appends]).astype("<f4", copy=False)
+        steps = np.repeat([NO_STEP if a.step is None else a.step for a in appends], sizes).astype("<i8")
+        record_blob, vector_blob, step_blob = records.tobytes(), rows.tobytes(), steps.tobytes()
+        rowbytes, recbytes = rows.itemsize * (rows.shape[1] if rows.ndim == 2 else 0), records.itemsize
+        if len(rows) != bounds[-1]:
+            raise ValueError("an append has not one vector per rollout id")
+        ids = [rollout_id.encode() for a in appends for rollout_id in a.rollout_ids]
+        lengths = list(map(str, map(len, ids)))
+        return [
+            cls(a.first_seq, a.new_start, vector_blob[lo * rowbytes : hi * rowbytes], _member(a.key),
+                a.key.prompt_id, a.key in refits, fits.get(a.key), step_blob[lo * 8 : hi * 8],
+                record_blob[lo * recbytes : hi * recbytes], " ".join(lengths[lo:hi]), b"".join(ids[lo:hi]))
+            for a, lo, hi in zip(appends, bounds, bounds[1:], strict=False)
+        ]  # fmt: skip
 
     def argv(self) -> list[str | int | bytes]:
         fit = self.fit
@@ -624,7 +638,7 @@ class RedisStore:
                 4 * config.stored_dim, len(appends), run, json.dumps(config.as_dict()), time.time(), token
             )
             keys = [name for a in appends for name in self._append_keys(run, a.key)]
-            args = [x for a in appends for x in _AppendArgs.of(a, fits.get(a.key), a.key in refits).argv()]
+            args = [x for a in _AppendArgs.of_batch(appends, fits, refits) for x in a.argv()]
             return keys, [*head.argv(), *args, _TABLE_MARK]
 
         faults.point("redis.commit.before_script")
@@ -658,9 +672,9 @@ class RedisStore:
         return [None if v is None else v.decode() for v in values]
 
     def _append_keys(self, run: str, key: MemoryKey) -> list[str]:
-        """The KEYS of one append in _COMMIT."""
-        return [self._meta(run, key), self._vec(run, key), self._prompt_key(run, key.prompt_id, "ids"),
-                self._steps(run, key), self._prompt_key(run, key.prompt_id, "lock")]  # fmt: skip
+        """The KEYS of one append in _COMMIT (the names that _meta, _vec, _steps and _prompt_key give)."""
+        prompt, group = self._prompt_key(run, key.prompt_id, ""), int(key.group)
+        return [f"{prompt}m{group}", f"{prompt}v{group}", f"{prompt}ids", f"{prompt}s{group}", f"{prompt}lock"]
 
     # ---- Redis Cluster ----------------------------------------------------------------------------
     # A cluster runs a script only on keys of one slot, and redis-py refuses EVALSHA in a cluster pipeline.
