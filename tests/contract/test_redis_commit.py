@@ -8,7 +8,7 @@ import pytest
 
 from meds_service.core.errors import StoreUnavailable
 from meds_service.core.types import Group, MemoryKey, ScoredBatch
-from meds_service.storage.redis import RedisStore
+from meds_service.storage.redis import _TABLE_MARK, RedisStore
 from tests.contract.test_store_contract import CONFIG, append, vectors
 from tests.support.queue import queue_length
 
@@ -32,3 +32,21 @@ def test_a_refused_prompt_refuses_the_batch_or_only_itself(redis_store: RedisSto
         assert (counts.keys, counts.vectors, counts.rollouts) == (1, 2, 2)
         assert redis_store.list_keys("r") == [A] and queue_length(redis_store) == 1
     assert redis_store.heads("r", [A])[A].n == 2
+
+
+def test_a_prompts_ids_hash_is_a_table_from_its_first_write(redis_store: RedisStore) -> None:
+    """A listpack (Redis's encoding of small hashes) is searched linearly by every HSET and HMGET; the mark
+    keeps a prompt's ids hash a table, and no reader takes it for a rollout."""
+    redis_store.commit("r", CONFIG, ScoredBatch([append(A, 0, vectors(2)), append(B, 0, vectors(1))]))
+    redis_store.commit(
+        "r",
+        CONFIG,
+        ScoredBatch([append(A, 2, vectors(1)), append(MemoryKey("prompt-a", Group.CORRECT), 0, vectors(1))]),
+    )
+    for prompt in ("prompt-a", "prompt-b"):
+        ids = redis_store._prompt_key("r", prompt, "ids")
+        assert redis_store._r.object("encoding", ids) == b"hashtable"
+        assert redis_store._r.hget(ids, "") == _TABLE_MARK and len(_TABLE_MARK) > 64
+    stored = redis_store.prompt_results("r", "prompt-a")
+    assert {group: len(records) for group, records in stored.items()} == {Group.WRONG: 3, Group.CORRECT: 1}
+    assert redis_store.find_results("r", ["prompt-a"], [""]) == {}

@@ -85,6 +85,20 @@ def test_many_results_lookup(store: MemoryStore) -> None:
     assert len(store.find_results("r", ["p1"] * 2501, [*ids, "missing"])) == 2500
 
 
+def test_ids_of_any_characters_keep_their_own_results(store: MemoryStore) -> None:
+    """Ids travel packed together (one blob per key with their byte lengths): each still finds its own result."""
+    ids = ["é", "a b", "7", "日本語", "x" * 512, "nul\x00byte", "12 3", "\U0001f600", "é" * 300]
+    results = [result(rid, size=i + 1, shaped=float(i)) for i, rid in enumerate(ids)]
+    store.commit("r", CONFIG, ScoredBatch([
+        KeyAppend(W, 0, vectors(len(ids)), 0, ids, result_records(results)), append(C, 0, vectors(1), ids=["é "])
+    ]))  # fmt: skip
+    found = store.find_results("r", ["p1"] * (len(ids) + 2), [*ids, "é ", "e"])
+    assert [found[rid] for rid in ids] == results and found["é "].rollout_id == "é " and "e" not in found
+    stored = store.prompt_results("r", "p1")
+    assert sorted(stored[Group.WRONG]["size"].tolist()) == list(range(1, len(ids) + 1))
+    assert len(stored[Group.CORRECT]) == 1
+
+
 def test_a_batch_out_of_sequence_is_refused_whole(store: MemoryStore) -> None:
     store.commit("r", CONFIG, ScoredBatch([append(W, 0, vectors(1))]))
     with pytest.raises(StoreUnavailable):

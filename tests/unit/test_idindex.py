@@ -34,3 +34,16 @@ def test_rollout_hashes_are_stable_and_scoped_by_prompt() -> None:
     a = rollout_hashes(["p", "p", "q"], ["r1", "r2", "r1"])
     assert len(set(a.tolist())) == 3 and (a != 0).all()
     assert rollout_hashes(["p"], ["r1"])[0] == a[0]
+
+
+def test_growth_places_hashes_crowded_at_the_end_of_the_table() -> None:
+    """Growth places entries in one pass in order of home slot; those pushed past the last slot wrap around."""
+    index = IdIndex()
+    size = 2 * 1024
+    # Homes in the last few slots of the grown table (and of the first one), all taken in a row on growth.
+    hashes = (np.arange(1, 1500, dtype=np.uint64) << np.uint64(12)) | np.uint64(size * 2 - 3)
+    for lo in range(0, len(hashes), 400):
+        index.insert(hashes[lo : lo + 400], np.arange(lo, min(lo + 400, len(hashes)), dtype=np.int64))
+    assert index.lookup(hashes).tolist() == list(range(len(hashes)))
+    assert index.lookup(np.array([np.uint64(size * 2 - 3), np.uint64(5)], dtype=np.uint64)).tolist() == [-1, -1]
+    assert len(index) == len(hashes) and index.nbytes >= 16 * 2 * len(hashes)

@@ -85,6 +85,7 @@ class IdIndex:
             pending, slots = pending[~placed], slots[~placed]
 
     def _grow(self, needed: int) -> None:
+        """Double the table until `needed` fit at most half full, and place every entry again in one pass."""
         keys, values = self._keys, self._values
         size = len(keys)
         while size < 2 * needed:
@@ -92,4 +93,20 @@ class IdIndex:
         self._keys = np.zeros(size, dtype=np.uint64)
         self._values = np.zeros(size, dtype=np.int64)
         live = keys != 0
-        self._place(keys[live], values[live])
+        self._rebuild(keys[live], values[live])
+
+    def _rebuild(self, hashes: NDArray[np.uint64], values: NDArray[np.int64]) -> None:
+        """Place distinct hashes into the empty table without probing: in order of home slot, each takes the
+        first slot after the previous one's, or its home when that is further on. Every slot between a hash's
+        home and its own is then taken, which is all linear probing asks. The few pushed past the end wrap
+        around through `_place`."""
+        home = (hashes & np.uint64(len(self._keys) - 1)).astype(np.int64)
+        order = np.argsort(home, kind="stable")
+        home, hashes, values = home[order], hashes[order], values[order]
+        rank = np.arange(len(home), dtype=np.int64)
+        slots = np.maximum.accumulate(home - rank) + rank if len(home) else home
+        inside = slots < len(self._keys)
+        self._keys[slots[inside]] = hashes[inside]
+        self._values[slots[inside]] = values[inside]
+        if not inside.all():
+            self._place(hashes[~inside], values[~inside])

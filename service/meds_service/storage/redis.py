@@ -13,6 +13,7 @@ Layout (every key prefixed `meds:`; `{...}` is a Redis Cluster hash tag):
                                `sbase` (int64, -1 = none); kept whole, like the ids, when vectors are
                                forgotten. Keys stored before steps were kept start at their n then.
     {p:RUN:H}:ids              hash: rollout_id -> group byte + result record (idempotent retries)
+                               (and "" -> _TABLE_MARK, which keeps the hash a table)
     {p:RUN:H}:lock             per-prompt lock held while a replica scores that prompt: a token fresh to each
                                acquisition, on a short lease renewed while held; the commit checks it
     refits                     stream of refit jobs, consumer group `workers`
@@ -81,68 +82,83 @@ _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError
 _CLUSTER_ERRORS = (redis.exceptions.RedisClusterException, redis.exceptions.ClusterError)
 
 # Commit of one batch. KEYS: run-level keys (5, or 0 on Redis Cluster) then meta, vec, ids, steps, lock per
-# append. ARGV: _CommitHead (rowbytes, appends, run, config json, created_at, lock token), then per append the
-# 11 values of _AppendArgs and its (id, record) pairs. Fencing: with a token, every append's prompt lock must
-# still hold it (the lease did not expire), else nothing is applied; an empty token commits unfenced.
+# append. ARGV: _CommitHead (rowbytes, recordbytes, appends, run, config json, created_at, lock token), then per
+# append the 13 values of _AppendArgs: its rollouts' stored records come as one blob of fixed-width records and
+# their ids as one blob with a list of byte lengths, split here, so that a batch is a few ARGV per key instead
+# of two per rollout. Fencing: with a token, every append's prompt lock must still hold it (the lease did not
+# expire), else nothing is applied; an empty token commits unfenced. The first loop only reads (and refuses the
+# whole batch before any write); the second writes each key's hash once. The last ARGV is _TABLE_MARK.
 _COMMIT = """
-local rowbytes, napp, run, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[6]
+local rowbytes, recbytes, napp, run, token = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[7]
 local runlevel = (#KEYS - 5 * napp) == 5
 local k0 = runlevel and 5 or 0
-local p = 7
+local heads, fenced = {}, {}
 for i = 1, napp do
+  local p = 8 + 13 * (i - 1)
   local meta, lock = KEYS[k0 + 5 * i - 4], KEYS[k0 + 5 * i]
-  if token ~= '' and redis.call('GET', lock) ~= token then return redis.error_reply('MEDSFENCED ' .. lock) end
-  local n = tonumber(redis.call('HGET', meta, 'n') or '0')
-  if n ~= tonumber(ARGV[p]) then return redis.error_reply('MEDSCONFLICT ' .. meta) end
-  local expected = ARGV[p + 4]
-  local prompt = redis.call('HGET', meta, 'prompt')
-  if prompt and prompt ~= expected then return redis.error_reply('MEDSHASH ' .. meta) end
-  p = p + 11 + 2 * tonumber(ARGV[p + 10])
+  if token ~= '' and not fenced[lock] then
+    if redis.call('GET', lock) ~= token then return redis.error_reply('MEDSFENCED ' .. lock) end
+    fenced[lock] = true
+  end
+  local head = redis.call('HMGET', meta, 'n', 'prompt', 'start', 'base', 'sbase')
+  if tonumber(head[1] or '0') ~= tonumber(ARGV[p]) then return redis.error_reply('MEDSCONFLICT ' .. meta) end
+  if head[2] and head[2] ~= ARGV[p + 4] then return redis.error_reply('MEDSHASH ' .. meta) end
+  heads[i] = head
 end
 local new_keys, new_vectors, new_rollouts = 0, 0, 0
-p = 7
 for i = 1, napp do
+  local p = 8 + 13 * (i - 1)
   local meta, vec, ids, steps = KEYS[k0 + 5 * i - 4], KEYS[k0 + 5 * i - 3], KEYS[k0 + 5 * i - 2], KEYS[k0 + 5 * i - 1]
   local first, newstart, vectors = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), ARGV[p + 2]
   local member, prompt, refit = ARGV[p + 3], ARGV[p + 4], ARGV[p + 5]
   local fs, fu, labels = ARGV[p + 6], ARGV[p + 7], ARGV[p + 8]
-  local stepbytes, npairs = ARGV[p + 9], tonumber(ARGV[p + 10])
+  local stepbytes, records, idlens, idblob = ARGV[p + 9], ARGV[p + 10], ARGV[p + 11], ARGV[p + 12]
+  local head = heads[i]
+  local npairs = #records / recbytes
+  local n = first + npairs
+  local oldstart, base = tonumber(head[3] or '0'), tonumber(head[4] or '0')
+  local fields = {'n', n, 'start', newstart}
   if first == 0 then
-    redis.call('HSET', meta, 'prompt', prompt, 'start', 0, 'base', 0, 'sbase', 0)
+    fields[#fields + 1] = 'prompt'; fields[#fields + 1] = prompt
+    fields[#fields + 1] = 'sbase'; fields[#fields + 1] = 0
     new_keys = new_keys + 1
     if runlevel then redis.call('SADD', KEYS[2], member) end
-  elseif not redis.call('HGET', meta, 'sbase') then
-    redis.call('HSET', meta, 'sbase', first)
+    redis.call('HSET', ids, '', ARGV[8 + 13 * napp])
+  elseif not head[5] then
+    fields[#fields + 1] = 'sbase'; fields[#fields + 1] = first
   end
   redis.call('APPEND', steps, stepbytes)
-  local oldstart = tonumber(redis.call('HGET', meta, 'start') or '0')
-  local n = first + npairs
   redis.call('APPEND', vec, vectors)
-  redis.call('HSET', meta, 'n', n, 'start', newstart)
-  local base = tonumber(redis.call('HGET', meta, 'base') or '0')
   if newstart > base and (newstart - base) >= (n - newstart) then
     redis.call('SET', vec, redis.call('GETRANGE', vec, (newstart - base) * rowbytes, -1))
-    redis.call('HSET', meta, 'base', newstart)
+    base = newstart
   end
-  if fu ~= '' then redis.call('HSET', meta, 'fit_start', fs, 'fitted_upto', fu, 'labels', labels) end
-  local fields = {}
-  for j = 0, npairs - 1 do
-    fields[#fields + 1] = ARGV[p + 11 + 2 * j]
-    fields[#fields + 1] = ARGV[p + 12 + 2 * j]
-    if #fields >= 4000 then redis.call('HSET', ids, unpack(fields)); fields = {} end
+  fields[#fields + 1] = 'base'; fields[#fields + 1] = base
+  if fu ~= '' then
+    fields[#fields + 1] = 'fit_start'; fields[#fields + 1] = fs
+    fields[#fields + 1] = 'fitted_upto'; fields[#fields + 1] = fu
+    fields[#fields + 1] = 'labels'; fields[#fields + 1] = labels
   end
-  if #fields > 0 then redis.call('HSET', ids, unpack(fields)) end
+  redis.call('HSET', meta, unpack(fields))
+  local kv, at, r = {}, 1, 1
+  for len in string.gmatch(idlens, '%d+') do
+    local after = at + tonumber(len)
+    kv[#kv + 1] = string.sub(idblob, at, after - 1)
+    kv[#kv + 1] = string.sub(records, r, r + recbytes - 1)
+    at, r = after, r + recbytes
+    if #kv >= 4000 then redis.call('HSET', ids, unpack(kv)); kv = {} end
+  end
+  if #kv > 0 then redis.call('HSET', ids, unpack(kv)) end
   if runlevel and refit == '1' then
     redis.call('SADD', KEYS[3], member)
     redis.call('XADD', KEYS[4], '*', 'run', run, 'key', member)
   end
   new_vectors = new_vectors + npairs - (newstart - oldstart)
   new_rollouts = new_rollouts + npairs
-  p = p + 11 + 2 * npairs
 end
 if runlevel then
-  redis.call('HSET', KEYS[1], 'config', ARGV[4])
-  redis.call('HSETNX', KEYS[1], 'created_at', ARGV[5])
+  redis.call('HSET', KEYS[1], 'config', ARGV[5])
+  redis.call('HSETNX', KEYS[1], 'created_at', ARGV[6])
   redis.call('SADD', KEYS[5], run)
   redis.call('HINCRBY', KEYS[1], 'keys', new_keys)
   redis.call('HINCRBY', KEYS[1], 'vectors', new_vectors)
@@ -226,7 +242,7 @@ def _key_of(member: bytes | str) -> MemoryKey:
 
 @dataclass(frozen=True)
 class _CommitHead:
-    """The first six ARGV of _COMMIT."""
+    """The first seven ARGV of _COMMIT."""
 
     rowbytes: int
     appends: int
@@ -236,12 +252,24 @@ class _CommitHead:
     token: str  # the prompt locks' token the commit is fenced by ("" = unfenced)
 
     def argv(self) -> list[str | int | bytes]:
-        return [self.rowbytes, self.appends, self.run, self.config, repr(self.created_at), self.token]
+        return [self.rowbytes, _STORED_RECORD.itemsize, self.appends, self.run, self.config, repr(self.created_at),
+                self.token]  # fmt: skip
+
+
+# A rollout's value in a prompt's `ids` hash: its group, then its result record.
+_STORED_RECORD = np.dtype([("group", "u1"), ("result", RESULT_DTYPE)])
+
+# The value of field "" (no rollout id is empty) that every new prompt's `ids` hash gets: longer than
+# `hash-max-listpack-value` (64 by default), it makes Redis keep that hash as a table from the start. A hash
+# under `hash-max-listpack-entries` (512 by default) is otherwise a listpack, searched linearly by every HSET and
+# HMGET: 16 ids a step into hundreds was half of the server's time per step at 20 epochs.
+_TABLE_MARK = b"meds: this field keeps the hash a table (a listpack is searched linearly)"
 
 
 @dataclass(frozen=True)
 class _AppendArgs:
-    """One append's ARGV of _COMMIT, in the script's order, then its (rollout id, stored record) pairs."""
+    """One append's ARGV of _COMMIT, in the script's order. Its rollouts travel as two blobs: their stored
+    records (fixed width) and their ids (with their byte lengths), which the script splits into hash fields."""
 
     first: int
     new_start: int
@@ -251,28 +279,44 @@ class _AppendArgs:
     refit: bool
     fit: Fit | None  # labels known without HDBSCAN, saved with the append
     steps: bytes
-    pairs: list[str | bytes]
+    records: bytes
+    id_lengths: str  # the byte length of each rollout id, space-separated
+    ids: bytes
 
     @classmethod
-    def of(cls, append: KeyAppend, fit: Fit | None, refit: bool) -> _AppendArgs:
-        group = bytes([int(append.key.group)])
-        records = append.results.astype(RESULT_DTYPE, copy=False)
-        pairs: list[str | bytes] = []
-        for rollout_id, record in zip(append.rollout_ids, records, strict=True):
-            pairs += [rollout_id, group + record.tobytes()]
-        step = NO_STEP if append.step is None else append.step
-        return cls(
-            append.first_seq, append.new_start, append.vectors.astype("<f4").tobytes(), _member(append.key),
-            append.key.prompt_id, refit, fit, np.full(len(append.rollout_ids), step, "<i8").tobytes(), pairs,
-        )  # fmt: skip
+    def of_batch(
+        cls, appends: Sequence[KeyAppend], fits: Mapping[MemoryKey, Fit], refits: set[MemoryKey]
+    ) -> list[_AppendArgs]:
+        """The arguments of every append, their arrays converted for the whole batch at once and then cut."""
+        sizes = [len(a.rollout_ids) for a in appends]
+        bounds = np.cumsum([0, *sizes]).tolist()
+        records = np.empty(bounds[-1], dtype=_STORED_RECORD)
+        records["group"] = np.repeat([int(a.key.group) for a in appends], sizes)
+        # Joined as bytes: np.concatenate of structured arrays promotes their dtypes one by one (slow).
+        results = b"".join(a.results.astype(RESULT_DTYPE, copy=False).tobytes() for a in appends)
+        records["result"] = np.frombuffer(results, dtype=RESULT_DTYPE)
+        rows = np.concatenate([a.vectors for a in appends]).astype("<f4", copy=False)
+        steps = np.repeat([NO_STEP if a.step is None else a.step for a in appends], sizes).astype("<i8")
+        record_blob, vector_blob, step_blob = records.tobytes(), rows.tobytes(), steps.tobytes()
+        rowbytes, recbytes = rows.itemsize * (rows.shape[1] if rows.ndim == 2 else 0), records.itemsize
+        if len(rows) != bounds[-1]:
+            raise ValueError("an append has not one vector per rollout id")
+        ids = [rollout_id.encode() for a in appends for rollout_id in a.rollout_ids]
+        lengths = list(map(str, map(len, ids)))
+        return [
+            cls(a.first_seq, a.new_start, vector_blob[lo * rowbytes : hi * rowbytes], _member(a.key),
+                a.key.prompt_id, a.key in refits, fits.get(a.key), step_blob[lo * 8 : hi * 8],
+                record_blob[lo * recbytes : hi * recbytes], " ".join(lengths[lo:hi]), b"".join(ids[lo:hi]))
+            for a, lo, hi in zip(appends, bounds, bounds[1:], strict=False)
+        ]  # fmt: skip
 
     def argv(self) -> list[str | int | bytes]:
         fit = self.fit
         return [
             self.first, self.new_start, self.vectors, self.member, self.prompt, "1" if self.refit else "0",
             "" if fit is None else fit.fit_start, "" if fit is None else fit.fitted_upto,
-            b"" if fit is None else fit.labels.astype("<i4").tobytes(), self.steps, len(self.pairs) // 2,
-            *self.pairs,
+            b"" if fit is None else fit.labels.astype("<i4").tobytes(), self.steps, self.records, self.id_lengths,
+            self.ids,
         ]  # fmt: skip
 
 
@@ -538,7 +582,7 @@ class RedisStore:
         found = {}
         for rollouts, values in zip(by_prompt.values(), pipe.execute(), strict=True):
             for rollout, value in zip(rollouts, values, strict=True):
-                if value is not None:
+                if value is not None and rollout:  # "" holds _TABLE_MARK
                     record = np.frombuffer(value, dtype=RESULT_DTYPE, offset=1)[0]
                     found[rollout] = RolloutResult.from_record(rollout, RolloutStatus.SCORED, record)
         return found
@@ -567,9 +611,11 @@ class RedisStore:
     @_translated
     def prompt_results(self, run: str, prompt_id: str) -> dict[Group, np.ndarray]:
         """The stored result of every rollout of one prompt ever scored, per group (RESULT_DTYPE)."""
-        values = self._r.hvals(self._prompt_key(run, prompt_id, "ids"))
+        stored = self._r.hgetall(self._prompt_key(run, prompt_id, "ids"))
         by_group: dict[Group, list[bytes]] = {}
-        for value in values:
+        for rollout_id, value in stored.items():
+            if not rollout_id:  # _TABLE_MARK
+                continue
             by_group.setdefault(Group(value[0]), []).append(value[1:])
         return {group: np.frombuffer(b"".join(parts), dtype=RESULT_DTYPE) for group, parts in by_group.items()}
 
@@ -592,8 +638,8 @@ class RedisStore:
                 4 * config.stored_dim, len(appends), run, json.dumps(config.as_dict()), time.time(), token
             )
             keys = [name for a in appends for name in self._append_keys(run, a.key)]
-            args = [x for a in appends for x in _AppendArgs.of(a, fits.get(a.key), a.key in refits).argv()]
-            return keys, [*head.argv(), *args]
+            args = [x for a in _AppendArgs.of_batch(appends, fits, refits) for x in a.argv()]
+            return keys, [*head.argv(), *args, _TABLE_MARK]
 
         faults.point("redis.commit.before_script")
         if not self.cluster:
@@ -626,9 +672,9 @@ class RedisStore:
         return [None if v is None else v.decode() for v in values]
 
     def _append_keys(self, run: str, key: MemoryKey) -> list[str]:
-        """The KEYS of one append in _COMMIT."""
-        return [self._meta(run, key), self._vec(run, key), self._prompt_key(run, key.prompt_id, "ids"),
-                self._steps(run, key), self._prompt_key(run, key.prompt_id, "lock")]  # fmt: skip
+        """The KEYS of one append in _COMMIT (the names that _meta, _vec, _steps and _prompt_key give)."""
+        prompt, group = self._prompt_key(run, key.prompt_id, ""), int(key.group)
+        return [f"{prompt}m{group}", f"{prompt}v{group}", f"{prompt}ids", f"{prompt}s{group}", f"{prompt}lock"]
 
     # ---- Redis Cluster ----------------------------------------------------------------------------
     # A cluster runs a script only on keys of one slot, and redis-py refuses EVALSHA in a cluster pipeline.

@@ -472,9 +472,15 @@ class SQLiteStore:
                     raise StoreUnavailable(f"key {a.key} changed under its only writer; nothing was stored")
             sizes = [len(a.rollout_ids) for a in batch.appends]
             bounds = np.cumsum([0, *sizes]).tolist()
+            spans = list(itertools.pairwise(bounds))
             all_hashes = self._hashes_of(batch)
-            hashes = [all_hashes[lo:hi] for lo, hi in itertools.pairwise(bounds)]
-            results = [_blob(a.results, RESULT_DTYPE) for a in batch.appends]
+            # Each column converted once for the whole batch, then cut into the rows' blobs.
+            hash_blob = all_hashes.astype("<u8", copy=False).tobytes()
+            results = b"".join(a.results.astype(RESULT_DTYPE, copy=False).tobytes() for a in batch.appends)
+            rows = np.concatenate([a.vectors for a in batch.appends] or [np.zeros((0, 0), np.float32)])
+            if len(rows) != bounds[-1]:
+                raise ValueError("an append has not one vector per rollout id")
+            vector_blob, rowbytes, recbytes = rows.astype("<f4").tobytes(), 4 * rows.shape[1], RESULT_DTYPE.itemsize
             db.executemany(
                 "INSERT INTO chunks(key_id, first_seq, start, count, vectors, hashes, ids, results, step, texts) "
                 "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -484,14 +490,14 @@ class SQLiteStore:
                         a.first_seq,
                         a.new_start,
                         len(a.rollout_ids),
-                        _blob(a.vectors, "<f4"),
-                        _blob(h, "<u8"),
+                        vector_blob[lo * rowbytes : hi * rowbytes],
+                        hash_blob[lo * 8 : hi * 8],
                         orjson.dumps(a.rollout_ids),
-                        result,
+                        results[lo * recbytes : hi * recbytes],
                         a.step,
                         None if a.texts is None else orjson.dumps(a.texts),
                     )
-                    for a, k, h, result in zip(batch.appends, keys, hashes, results, strict=True)
+                    for a, k, (lo, hi) in zip(batch.appends, keys, spans, strict=True)
                 ],
             )
             (last,) = db.execute("SELECT seq FROM sqlite_sequence WHERE name='chunks'").fetchone()
@@ -514,10 +520,10 @@ class SQLiteStore:
                 self._seen_key = max(self._seen_key, k.key_id)
             self._add_chunk(k, first + offset, a.first_seq, a.new_start, len(a.rollout_ids))
         self._seen_chunk = last
-        if hashes:
-            chunk_ids = np.repeat(np.arange(first, last + 1, dtype=np.int64), [len(h) for h in hashes])
-            positions = np.concatenate([np.arange(len(h), dtype=np.int64) for h in hashes])
-            entry.ids.insert(np.concatenate(hashes), (chunk_ids << _POS_BITS) | positions)
+        if sizes:
+            chunk_ids = np.repeat(np.arange(first, last + 1, dtype=np.int64), sizes)
+            positions = np.arange(bounds[-1], dtype=np.int64) - np.repeat(np.asarray(bounds[:-1], np.int64), sizes)
+            entry.ids.insert(all_hashes.astype(np.uint64, copy=False), (chunk_ids << _POS_BITS) | positions)
         for fit in batch.fits:
             self._adopt_fit(entry.keys[fit.key], fit)
 
@@ -620,11 +626,6 @@ class SQLiteStore:
                     text = orjson.loads(stored[c])[s - first]
             out.append(text)
         return out
-
-
-def _blob(array: np.ndarray, dtype: Any) -> memoryview:
-    """The bytes of an array for SQLite without a copy when it already has the stored layout."""
-    return np.ascontiguousarray(array, dtype=dtype).data
 
 
 def _save_fits(db: sqlite3.Connection, keys: dict[MemoryKey, _Key], fits: Sequence[Fit]) -> int:
