@@ -40,6 +40,10 @@ Checker = Callable[..., Any]
 _BORUVKA_MAX_DIM = 60
 _LEAF_SIZE = 40
 _CORE_DIST_N_JOBS = 4  # the estimator's default; the package parallelises only above 16,384 points
+# Nearest neighbours from a Gram matrix cost O(n^2 d) against the tree's O(n log n): cheaper up to a few
+# thousand points (and below the package's 16,384-point parallel query, which asks a different question).
+_DENSE_MAX_POINTS = 4096
+_DENSE_BLOCK_ROWS = 256
 
 CONDENSED = np.dtype([("parent", np.intp), ("child", np.intp), ("lambda_val", np.float64), ("child_size", np.intp)])
 """The package's condensed-tree record: one row per (cluster, child cluster or point leaving it)."""
@@ -120,10 +124,16 @@ def _fast_path_check(checker: Checker) -> Checker:
 
 def spanning_tree(x: NDArray[np.float64], min_samples: int) -> NDArray[np.float64]:
     """The mutual-reachability minimum spanning tree `[from, to, distance]`, sorted by distance as the
-    package sorts it, from the package's KD-tree Boruvka (`_hdbscan_boruvka_kdtree`'s own steps)."""
+    package sorts it, from the package's KD-tree Boruvka (`_hdbscan_boruvka_kdtree`'s own steps).
+
+    The Boruvka asks its first tree one question: every point's `min_samples + 1` nearest neighbours (core
+    distances and first edges). With `min_samples = 1` and a unique nearest neighbour per point, that answer
+    does not depend on how it is found, and `nearest_neighbours` gives it for far less than the tree's dual
+    traversal; otherwise the tree answers, as in the package."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tree = KDTree(x, metric="euclidean", leaf_size=_LEAF_SIZE)
+        known = nearest_neighbours(x) if min_samples == 1 and len(x) <= _DENSE_MAX_POINTS else None
+        tree = KDTree(x, metric="euclidean", leaf_size=_LEAF_SIZE) if known is None else AnsweredQuery(x, known)
         boruvka = KDTreeBoruvkaAlgorithm(
             tree,
             min_samples,
@@ -134,6 +144,76 @@ def spanning_tree(x: NDArray[np.float64], min_samples: int) -> NDArray[np.float6
         )
         edges = boruvka.spanning_tree()
     return np.asarray(edges[np.argsort(edges.T[2]), :], dtype=np.float64)
+
+
+class AnsweredQuery:
+    """Stands in for the KD-tree the package's Boruvka queries for core distances: holds its data and the
+    answer to its one `query(data, k=2, dualtree=True, breadth_first=True)`, computed beforehand."""
+
+    def __init__(self, x: NDArray[np.float64], answer: tuple[NDArray[np.float64], NDArray[np.intp]]) -> None:
+        self.data = x
+        self._answer = answer
+
+    def query(self, data: Any, k: int, **_: Any) -> tuple[NDArray[np.float64], NDArray[np.intp]]:
+        assert k == 2 and len(data) == len(self.data), "answers only the Boruvka's core-distance query"
+        return self._answer
+
+
+def nearest_neighbours(x: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.intp]] | None:
+    """Each row's two nearest rows (itself first) and their distances, bit for bit as scikit-learn's
+    KD-tree returns them, or None when some row's nearest other row is not unique (then the tree's order
+    among equals decides, and only the tree can answer).
+
+    Candidates come from a Gram-matrix distance (BLAS, in blocks of rows); every candidate within twice an
+    error bound of a row's smallest is then measured as the tree measures it (squared differences summed in
+    column order, `euclidean_rdist`), so the one with the smallest exact distance is the tree's answer when it
+    is alone there. The bound `4 (d + 4) eps max|x|^2` is many times the rounding error of either sum."""
+    n, d = x.shape
+    squares = np.einsum("ij,ij->i", x, x)
+    tol = 8.0 * (d + 4) * np.finfo(np.float64).eps * float(squares.max(initial=0.0))
+    if n < 2 or tol == 0.0:
+        return None
+    nearest = np.empty(n, dtype=np.intp)
+    for start in range(0, n, _DENSE_BLOCK_ROWS):
+        stop = min(n, start + _DENSE_BLOCK_ROWS)
+        rows = np.arange(stop - start)
+        # |x_i - x_j|^2 less the row's own |x_i|^2, which changes neither a row's order nor its gaps
+        block = (-2.0 * x[start:stop]) @ x.T
+        block += squares
+        block[rows, rows + start] = np.inf  # not itself
+        first = block.argmin(axis=1)
+        least = block[rows, first]
+        block[rows, first] = np.inf
+        second = block.min(axis=1)
+        nearest[start:stop] = first
+        for i in np.flatnonzero(second - least <= 2.0 * tol):
+            block[i, first[i]] = least[i]
+            candidates = np.flatnonzero(block[i] <= least[i] + 2.0 * tol)
+            exact = _rdist(x[candidates], x[start + i])
+            best = np.flatnonzero(exact == exact.min())
+            if len(best) > 1:
+                return None
+            nearest[start + i] = candidates[best[0]]
+    rdist = _rdist(x[nearest], x)
+    if not rdist.all():  # a duplicate row ties with the row itself at distance 0
+        return None
+    distances = np.zeros((n, 2), dtype=np.float64)
+    distances[:, 1] = np.sqrt(rdist)
+    indices = np.empty((n, 2), dtype=np.intp)
+    indices[:, 0], indices[:, 1] = np.arange(n), nearest
+    return distances, indices
+
+
+def _rdist(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Squared euclidean distances of rows of `a` and `b` (broadcast), summed in column order without fused
+    multiply-adds: scikit-learn's `euclidean_rdist`, bit for bit."""
+    a2, b2 = np.atleast_2d(a), np.atleast_2d(b)
+    total = np.zeros(np.broadcast_shapes(a2.shape[:1], b2.shape[:1]), dtype=np.float64)
+    for j in range(a2.shape[1]):
+        step = a2[:, j] - b2[:, j]
+        step *= step
+        total += step
+    return total
 
 
 def single_linkage_tree(x: NDArray[np.float64], min_samples: int) -> NDArray[np.float64]:
