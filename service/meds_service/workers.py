@@ -50,6 +50,12 @@ def _init_worker(owner: int) -> None:
     forkserver and the resource tracker then exit by themselves: they live while a worker holds their
     pipes.)"""
     _warm()
+    # One BLAS thread per worker: the pool already has a process per core, and refits' matrix products
+    # (core/clustering.py, nearest neighbours) are small. Only worker processes: in the service's own
+    # process the limit would be process-wide.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
     global _watching
     if not _watching:
         _watching = True
