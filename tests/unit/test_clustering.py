@@ -195,6 +195,26 @@ def test_nearest_neighbours_decline_ties_and_duplicates() -> None:
     assert single is not None and single[1][:, 1].tolist() == [2, 2, 1]
 
 
+def test_nearest_neighbours_resolve_near_ties_exactly() -> None:
+    """Two neighbours at distances a few ulps apart: too close for the Gram distance to order them, so the
+    exact distances decide (or the search declines when they are equal); the answer is still the tree's."""
+    rng = np.random.default_rng(31)
+    outcomes = {"answered": 0, "declined": 0}
+    for case in range(300):
+        x = rng.standard_normal((int(rng.integers(3, 40)), 5)) * 3
+        direction = rng.standard_normal(5)
+        step = rng.uniform(0.01, 0.1) * direction / np.linalg.norm(direction)
+        x[1] = x[0] + step
+        x[2] = x[0] - step * (1 + float(rng.integers(0, 4)) * np.finfo(np.float64).eps)
+        got = nearest_neighbours(x)
+        outcomes["declined" if got is None else "answered"] += 1
+        if got is not None:
+            want = KDTree(x, leaf_size=40).query(x, k=2, dualtree=True, breadth_first=True)
+            assert got[0].tobytes() == want[0].tobytes(), case
+            assert got[1].astype(want[1].dtype).tobytes() == want[1].tobytes(), case
+    assert outcomes["answered"] > 30 and outcomes["declined"] > 30
+
+
 def test_answered_query_only_answers_the_core_distance_query() -> None:
     x = np.eye(3)
     answer = (np.zeros((3, 2)), np.zeros((3, 2), dtype=np.intp))

@@ -164,36 +164,36 @@ def nearest_neighbours(x: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDA
     KD-tree returns them, or None when some row's nearest other row is not unique (then the tree's order
     among equals decides, and only the tree can answer).
 
-    Candidates come from a Gram-matrix distance (BLAS, in blocks of rows); every candidate within twice an
-    error bound of a row's smallest is then measured as the tree measures it (squared differences summed in
-    column order, `euclidean_rdist`), so the one with the smallest exact distance is the tree's answer when it
-    is alone there. The bound `4 (d + 4) eps max|x|^2` is many times the rounding error of either sum."""
+    Candidates come from a Gram-matrix distance (BLAS, in blocks of rows), in float32 first: a row whose
+    smallest distance is clear of its second by twice an error bound has its nearest row. The rows where it is
+    not are scanned again in float64, and those still unclear have every candidate within the margin measured
+    as the tree measures it (squared differences summed in column order, `euclidean_rdist`): the one alone at
+    the smallest exact distance is the answer. The bound `8 (d + 4) eps max|x|^2` is twice the rounding error
+    of the Gram distance and of the cast to float32 (float64 throughout where float32 would over- or
+    underflow)."""
     n, d = x.shape
-    squares = np.einsum("ij,ij->i", x, x)
-    tol = 8.0 * (d + 4) * np.finfo(np.float64).eps * float(squares.max(initial=0.0))
-    if n < 2 or tol == 0.0:
+    scale = float(np.einsum("ij,ij->i", x, x).max(initial=0.0))
+    if n < 2 or scale == 0.0:
         return None
+    coarse: NDArray[np.floating] = x.astype(np.float32) if 1e-20 < scale < 1e20 else x
+    levels: list[NDArray[np.floating]] = [coarse, x]
+    margins = [2.0 * 8.0 * (d + 4) * float(np.finfo(rows.dtype).eps) * scale for rows in levels]
+    squares = [np.einsum("ij,ij->i", rows, rows) for rows in levels]
     nearest = np.empty(n, dtype=np.intp)
     for start in range(0, n, _DENSE_BLOCK_ROWS):
-        stop = min(n, start + _DENSE_BLOCK_ROWS)
-        rows = np.arange(stop - start)
-        # |x_i - x_j|^2 less the row's own |x_i|^2, which changes neither a row's order nor its gaps
-        block = (-2.0 * x[start:stop]) @ x.T
-        block += squares
-        block[rows, rows + start] = np.inf  # not itself
-        first = block.argmin(axis=1)
-        least = block[rows, first]
-        block[rows, first] = np.inf
-        second = block.min(axis=1)
-        nearest[start:stop] = first
-        for i in np.flatnonzero(second - least <= 2.0 * tol):
-            block[i, first[i]] = least[i]
-            candidates = np.flatnonzero(block[i] <= least[i] + 2.0 * tol)
-            exact = _rdist(x[candidates], x[start + i])
-            best = np.flatnonzero(exact == exact.min())
-            if len(best) > 1:
+        unsure = np.arange(start, min(n, start + _DENSE_BLOCK_ROWS))
+        for rows, level_squares, margin in zip(levels, squares, margins, strict=True):
+            block, first, unclear = _gram_nearest(rows, level_squares, unsure, margin)
+            nearest[unsure] = first
+            if not len(unclear):
+                break
+            unsure = unsure[unclear]
+        else:
+            least = block[unclear, first[unclear]]
+            resolved = _closest_exactly(x, block[unclear] <= (least[:, None] + margin), unsure)
+            if resolved is None:
                 return None
-            nearest[start + i] = candidates[best[0]]
+            nearest[unsure] = resolved
     rdist = _rdist(x[nearest], x)
     if not rdist.all():  # a duplicate row ties with the row itself at distance 0
         return None
@@ -202,6 +202,39 @@ def nearest_neighbours(x: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDA
     indices = np.empty((n, 2), dtype=np.intp)
     indices[:, 0], indices[:, 1] = np.arange(n), nearest
     return distances, indices
+
+
+def _gram_nearest(
+    x: NDArray[np.floating], squares: NDArray[np.floating], rows: NDArray[np.intp], margin: float
+) -> tuple[NDArray[np.floating], NDArray[np.intp], NDArray[np.intp]]:
+    """For `rows` of `x`: their Gram distance to every row (`|x_j|^2 - 2 x_i.x_j`: a row's own `|x_i|^2`
+    changes neither its order nor its gaps; itself at infinity), the nearest other row by it, and the
+    positions (in `rows`) of the rows whose second nearest is within `margin` of the nearest."""
+    block = (x[rows] * x.dtype.type(-2.0)) @ x.T
+    block += squares
+    at = np.arange(len(rows))
+    block[at, rows] = np.inf
+    first = block.argmin(axis=1)
+    least = block[at, first]
+    block[at, first] = np.inf
+    unclear = np.flatnonzero(block.min(axis=1) - least <= margin)
+    block[at, first] = least
+    return block, first, unclear
+
+
+def _closest_exactly(
+    x: NDArray[np.float64], candidates: NDArray[np.bool_], rows: NDArray[np.intp]
+) -> NDArray[np.intp] | None:
+    """For each of `rows`, the candidate (a True in its row of `candidates`) at the smallest exact distance,
+    or None when two candidates of a row share it."""
+    which, points = np.nonzero(candidates)
+    exact = _rdist(x[rows[which]], x[points])
+    order = np.lexsort((exact, which))  # by row, then by exact distance
+    which, points, exact = which[order], points[order], exact[order]
+    heads = np.flatnonzero(np.r_[True, which[1:] != which[:-1]])  # each row's closest; each row has 2 or more
+    if np.any(exact[heads + 1] == exact[heads]):
+        return None
+    return points[heads]
 
 
 def _rdist(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
