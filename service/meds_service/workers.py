@@ -206,7 +206,7 @@ class QueueWorker:
         if not stale:
             return
         started = time.perf_counter()
-        jobs = split_keys(stale, self.refitter.workers)
+        jobs = split_keys(stale, self.refitter.workers, {key: heads[key].live for key in stale})
         futures = [self.refitter.submit(run, config, job) for job in jobs]
         for job, future in zip(jobs, futures, strict=True):
             self.flights.add(run, {key: heads[key].n for key in job}, future)
