@@ -8,7 +8,7 @@ of every prompt: 128 keys), without a server: this isolates the fit from the sto
 - tree query: `core.clustering.fit_labels` with the KD-tree answering the core-distance query (the previous
   release), serially and in `--processes` worker processes;
 - service: `fit_labels` as it is, serially and in `--processes` worker processes (the refit pool's workers:
-  `workers._init_worker`, keys dealt as `engine.refits.split_keys` deals them).
+  `workers._init_worker`, keys dealt by size as `engine.refits.split_keys` deals them).
 
 Every side's labels are compared with the reference's on every key. Each figure carries its load average and
 CPU seconds; a busy machine is flagged (bench/machine.py). Results: bench/results/refits.json and .csv.
@@ -83,7 +83,7 @@ def fit_keys(keys: list[np.ndarray], tree_query: bool) -> list[np.ndarray]:
 
 def in_pool(pool: ProcessPoolExecutor, processes: int, tree_query: bool) -> Callable[[list[np.ndarray]], list[Any]]:
     def fit(keys: list[np.ndarray]) -> list[Any]:
-        order = split_keys(list(range(len(keys))), processes)
+        order = split_keys(list(range(len(keys))), processes, {i: len(k) for i, k in enumerate(keys)})
         futures = [pool.submit(fit_keys, [keys[i] for i in part], tree_query) for part in order]
         labels: list[Any] = [None] * len(keys)
         for part, future in zip(order, futures, strict=True):
