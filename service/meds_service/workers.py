@@ -51,6 +51,12 @@ def _init_worker(owner: int) -> None:
     forkserver and the resource tracker then exit by themselves: they live while a worker holds their
     pipes.)"""
     _warm()
+    # One BLAS thread per worker: the pool already has a process per core, and refits' matrix products
+    # (core/clustering.py, nearest neighbours) are small. Only worker processes: in the service's own
+    # process the limit would be process-wide.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
     global _watching
     if not _watching:
         _watching = True
@@ -206,7 +212,7 @@ class QueueWorker:
         if not stale:
             return
         started = time.perf_counter()
-        jobs = split_keys(stale, self.refitter.workers)
+        jobs = split_keys(stale, self.refitter.workers, {key: heads[key].live for key in stale})
         futures = [self.refitter.submit(run, config, job) for job in jobs]
         for job, future in zip(jobs, futures, strict=True):
             self.flights.add(run, {key: heads[key].n for key in job}, future)

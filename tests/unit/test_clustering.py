@@ -11,13 +11,16 @@ from hdbscan._hdbscan_linkage import label as package_single_linkage
 from hdbscan._hdbscan_tree import compute_stability, get_clusters
 from hdbscan._hdbscan_tree import condense_tree as package_condense_tree
 from hdbscan.hdbscan_ import _hdbscan_boruvka_kdtree
+from sklearn.neighbors import KDTree
 from sklearn.preprocessing import normalize
 
 from meds_service.core.clustering import (
+    AnsweredQuery,
     cluster_sizes,
     condense_tree,
     eom_labels,
     fit_labels,
+    nearest_neighbours,
     single_linkage,
     single_linkage_tree,
     skip_tree_input_checks,
@@ -150,6 +153,91 @@ def test_each_half_of_a_fit_is_bit_identical_to_the_package() -> None:
         stability = compute_stability(condensed)
         want_labels = get_clusters(condensed, stability, "eom", False, False, 0.0, 0, float("inf"))[0]
         assert eom_labels(condensed, len(x)).tolist() == want_labels.tolist(), case
+
+
+def blobs(rng: np.random.Generator, n: int, dim: int = 14) -> np.ndarray:
+    """A key as the service holds it after many epochs: a few error modes, noise of three scales."""
+    centres = rng.standard_normal((int(rng.integers(1, 6)), dim)) * 4
+    x = centres[rng.integers(len(centres), size=n)]
+    return (x + rng.standard_normal((n, dim)) * rng.choice([0.1, 0.5, 1.5], size=(n, 1))).astype(np.float32)
+
+
+def test_nearest_neighbours_are_the_kd_trees_answer_bit_for_bit() -> None:
+    """Where it answers, the Gram-matrix search returns exactly what the Boruvka's core-distance query
+    returns (distances and indices, byte for byte); it declines ties, and answers untied sets of every size,
+    across row blocks."""
+    rng = np.random.default_rng(23)
+    answered = declined = 0
+    for case in range(700):
+        stored = varied_set(rng, case) if case % 4 else blobs(rng, int(rng.integers(4, 1300)))
+        x = unit_rows(features(stored, False))
+        if len(x) < 2:
+            continue
+        got = nearest_neighbours(x)
+        if got is None:
+            declined += 1
+            continue
+        answered += 1
+        want = KDTree(x, leaf_size=40).query(x, k=2, dualtree=True, breadth_first=True)
+        assert got[0].tobytes() == want[0].tobytes(), case
+        assert got[1].astype(want[1].dtype).tobytes() == want[1].tobytes(), case
+    assert answered > 300 and declined > 50
+
+
+def test_nearest_neighbours_decline_ties_and_duplicates() -> None:
+    equidistant = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # every neighbour at sqrt(2)
+    assert nearest_neighbours(equidistant) is None
+    duplicated = unit_rows(features(blobs(np.random.default_rng(3), 50), False))
+    duplicated[7] = duplicated[31]
+    assert nearest_neighbours(duplicated) is None
+    assert nearest_neighbours(np.zeros((5, 3))) is None
+    single = nearest_neighbours(np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]))
+    assert single is not None and single[1][:, 1].tolist() == [2, 2, 1]
+
+
+def test_nearest_neighbours_resolve_near_ties_exactly() -> None:
+    """Two neighbours at distances a few ulps apart: too close for the Gram distance to order them, so the
+    exact distances decide (or the search declines when they are equal); the answer is still the tree's."""
+    rng = np.random.default_rng(31)
+    outcomes = {"answered": 0, "declined": 0}
+    for case in range(300):
+        x = rng.standard_normal((int(rng.integers(3, 40)), 5)) * 3
+        direction = rng.standard_normal(5)
+        step = rng.uniform(0.01, 0.1) * direction / np.linalg.norm(direction)
+        x[1] = x[0] + step
+        x[2] = x[0] - step * (1 + float(rng.integers(0, 4)) * np.finfo(np.float64).eps)
+        got = nearest_neighbours(x)
+        outcomes["declined" if got is None else "answered"] += 1
+        if got is not None:
+            want = KDTree(x, leaf_size=40).query(x, k=2, dualtree=True, breadth_first=True)
+            assert got[0].tobytes() == want[0].tobytes(), case
+            assert got[1].astype(want[1].dtype).tobytes() == want[1].tobytes(), case
+    assert outcomes["answered"] > 30 and outcomes["declined"] > 30
+
+
+def test_answered_query_only_answers_the_core_distance_query() -> None:
+    x = np.eye(3)
+    answer = (np.zeros((3, 2)), np.zeros((3, 2), dtype=np.intp))
+    assert AnsweredQuery(x, answer).query(x, k=2, dualtree=True, breadth_first=True) is answer
+    with pytest.raises(AssertionError):
+        AnsweredQuery(x, answer).query(x, k=3)
+
+
+def test_large_keys_spanning_trees_and_labels_match_the_package() -> None:
+    """Keys of hundreds to thousands of vectors (100 epochs of 16 rollouts): the spanning tree is the
+    package's byte for byte and the labels the estimator's, with and without planted duplicates."""
+    rng = np.random.default_rng(29)
+    config = RunConfig()
+    for case in range(16):
+        stored = blobs(rng, 6000 if case == 0 else int(rng.integers(200, 1600)))
+        if case % 4 == 3:
+            stored[rng.integers(len(stored), size=5)] = stored[0]
+        x = unit_rows(features(stored, False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, want_edges = _hdbscan_boruvka_kdtree(x, 1, 1.0, "euclidean", None, 40, True, True, 4)
+        assert spanning_tree(x, 1).tobytes() == want_edges.tobytes(), case
+        assert np.array_equal(fit_labels(stored, config), reference_labels(stored, config)), case
 
 
 def test_skipping_tree_input_checks_keeps_labels_and_checks_other_inputs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,10 @@ refit waits for it first (`wait_for`). A key has at most one refit in flight in 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ..core.config import RunConfig
 from ..core.errors import StoreUnavailable
@@ -58,7 +59,7 @@ class Refits:
                 raise StoreUnavailable("refits of this batch's keys keep going stale; retry", retry_after=1)
             waits = {id(job): job for k in due if (job := run.inflight.get(k)) is not None}
             fresh = self._after_other_flights(run, [k for k in due if k not in run.inflight])
-            for part in split_keys(fresh, self.refitter.workers):
+            for part in split_keys(fresh, self.refitter.workers, {k: run.keys[k].live for k in fresh if k in run.keys}):
                 job = self.submit(run, config, part)
                 waits[id(job)] = job
             for job in waits.values():
@@ -118,7 +119,7 @@ class Refits:
         for run in self.coordination.cached():
             with run.lock:
                 todo = [k for k in run.pending if k not in run.inflight and self.flights.get(run.name, k) is None]
-                for job in _batches(todo, run, max_keys_per_job, max_vectors_per_job):
+                for job in _batches(todo, run, max_keys_per_job, max_vectors_per_job, max_jobs - submitted):
                     if submitted >= max_jobs:
                         return submitted
                     self.submit(run, run.config, job)
@@ -146,7 +147,8 @@ class Refits:
             for key in keys:
                 if key in run.inflight:
                     self.apply(run, run.inflight[key])
-            jobs = [self.submit(run, run.config, part) for part in split_keys(keys, self.refitter.workers)]
+            sizes = {key: run.keys[key].live for key in keys if key in run.keys}
+            jobs = [self.submit(run, run.config, part) for part in split_keys(keys, self.refitter.workers, sizes)]
             for job in jobs:
                 self.apply(run, job)
         return {
@@ -157,17 +159,45 @@ class Refits:
         }
 
 
-def split_keys(keys: list[MemoryKey], parts: int) -> list[list[MemoryKey]]:
-    """Keys dealt round-robin into at most `parts` jobs (none when there are no keys)."""
+def split_keys(
+    keys: list[MemoryKey], parts: int, sizes: Mapping[MemoryKey, int] | None = None, max_keys: int | None = None
+) -> list[list[MemoryKey]]:
+    """Keys dealt into at most `parts` jobs (none when there are no keys). With their `sizes` (vectors), the
+    largest key goes first, each to the job with the fewest vectors so far that holds under `max_keys` keys,
+    so that the jobs end together; without, round-robin."""
     parts = max(1, min(parts, len(keys)))
-    return [keys[i::parts] for i in range(parts)] if keys else []
+    if not keys:
+        return []
+    if sizes is None:
+        return [keys[i::parts] for i in range(parts)]
+    jobs: list[list[MemoryKey]] = [[] for _ in range(parts)]
+    lightest = [(0, i) for i in range(parts)]  # a heap of (vectors, job)
+    for key in sorted(keys, key=lambda k: -sizes.get(k, 0)):  # stable: equal sizes keep their order
+        full = []
+        vectors, i = heapq.heappop(lightest)
+        while max_keys is not None and len(jobs[i]) >= max_keys and lightest:
+            full.append((vectors, i))
+            vectors, i = heapq.heappop(lightest)
+        jobs[i].append(key)
+        heapq.heappush(lightest, (vectors + sizes.get(key, 0), i))
+        for job in full:
+            heapq.heappush(lightest, job)
+    return [job for job in jobs if job]
 
 
-def _batches(keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: int) -> Iterable[list[MemoryKey]]:
+def _batches(
+    keys: list[MemoryKey], run: RunMemory, max_keys: int, max_vectors: int, slots: int
+) -> Iterable[list[MemoryKey]]:
+    """Background jobs for pending keys. When they all fit in the `slots` jobs that may start now, they are
+    shared out evenly (every worker gets a part); otherwise jobs are filled in order up to the caps."""
+    sizes = {key: run.keys[key].live for key in keys}
+    if len(keys) <= slots * max_keys and sum(sizes.values()) <= slots * max_vectors:
+        yield from split_keys(keys, slots, sizes, max_keys)
+        return
     job: list[MemoryKey] = []
     vectors = 0
     for key in keys:
-        size = run.keys[key].live
+        size = sizes[key]
         if job and (len(job) >= max_keys or vectors + size > max_vectors):
             yield job
             job, vectors = [], 0
