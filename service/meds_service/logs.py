@@ -75,6 +75,7 @@ def configure(level: str = "info", fmt: LogFormat = "json") -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+        logger.setLevel(logging.NOTSET)  # the configured level, whatever an earlier configuration left
     if logging.getLevelName(level.upper()) <= logging.INFO:
         for name in QUIET_AT_INFO:
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -120,6 +120,8 @@ def test_probes_are_quiet_at_info(client: TestClient, caplog: pytest.LogCaptureF
 def test_configure_routes_uvicorn_and_quiets_library_loaders(capsys: pytest.CaptureFixture[str]) -> None:
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    uvicorn_error.setLevel(logging.WARNING)  # as an earlier uvicorn.Config(log_level="warning") leaves it
     try:
         logs.configure("info", "json")
         logging.getLogger("uvicorn.error").info("Started server process [1]")
@@ -133,6 +135,7 @@ def test_configure_routes_uvicorn_and_quiets_library_loaders(capsys: pytest.Capt
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+        uvicorn_error.setLevel(logging.NOTSET)
 
 
 def test_docs_assets_are_logged_by_their_mount(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
