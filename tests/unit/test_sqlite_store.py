@@ -97,3 +97,58 @@ def test_checkpoint_moves_the_wal_into_the_database_file(tmp_path: Path) -> None
     assert store.path.stat().st_size > before + x.nbytes // 2  # the vectors are now in the main file
     assert np.array_equal(store.load_keys("r", [key], 64)[key].vectors, x)
     store.close()
+
+
+class _CommitAfterKeyScan:
+    """A read-only view's connection that lets the writer commit a new key right after the view has listed the
+    keys it knows, and before it lists chunks: the moment a refit worker's catch-up can be overtaken."""
+
+    def __init__(self, db: sqlite3.Connection, commit: object) -> None:
+        self._db, self._commit, self.fired = db, commit, False
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        cursor = self._db.execute(sql, *args)
+        if sql.startswith("SELECT key_id, run_id, prompt_id, grp FROM keys") and not self.fired:
+            self.fired = True
+            rows = cursor.fetchall()
+            self._commit()  # type: ignore[operator]
+            return _rows(self._db, rows)
+        return cursor
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+def _rows(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> sqlite3.Cursor:
+    """A cursor over rows already fetched (4 columns)."""
+    if not rows:
+        return db.execute("SELECT 1, 2, 3, 4 WHERE 0")
+    values = ", ".join("(?, ?, ?, ?)" for _ in rows)
+    return db.execute(f"SELECT * FROM (VALUES {values})", [v for row in rows for v in row])
+
+
+def test_a_read_only_view_never_loses_a_chunk_committed_during_its_catch_up(tmp_path: Path) -> None:
+    """A worker's view lists keys, then chunks: a commit of a new key in between must not leave that key's
+    chunk skipped for good (a refit of it would then never cover its vectors, and the exact rule would
+    refuse every batch that reads it)."""
+    writer = SQLiteStore(tmp_path)
+    config = RunConfig(dim=3)
+    rng = np.random.default_rng(1)
+    old, new = MemoryKey("p", Group.WRONG), MemoryKey("q", Group.WRONG)
+
+    def append(key: MemoryKey, first: int, n: int) -> None:
+        ids = [f"{key.prompt_id}{first + i}" for i in range(n)]
+        x = rng.standard_normal((n, 3)).astype(np.float32)
+        records = result_records([result(i) for i in ids])
+        writer.commit("r", config, ScoredBatch([KeyAppend(key, first, x, 0, ids, records)]))
+
+    append(old, 0, 4)
+    reader = open_store(writer.spec(), read_only=True)
+    assert isinstance(reader, SQLiteStore)
+    assert reader.load_keys("r", [old], 3)[old].n == 4
+    append(old, 4, 2)
+    reader._db = _CommitAfterKeyScan(reader._db, lambda: append(new, 0, 5))  # type: ignore[assignment]
+    reader.load_keys("r", [old], 3)
+    assert reader._db.fired  # type: ignore[attr-defined]
+    assert reader.load_keys("r", [new], 3)[new].n == 5
+    writer.close()

@@ -210,9 +210,21 @@ class SQLiteStore:
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
-                if self.read_only:
+                if not self.read_only:
+                    yield self._db
+                    return
+                # A view (a refit worker) catches up and reads in one transaction, so one snapshot: read in
+                # separate statements, a commit between the list of keys and the list of chunks would show a
+                # chunk of a key the view does not know yet, which it would then skip for good.
+                began = not self._db.in_transaction
+                if began:
+                    self._db.execute("BEGIN")
+                try:
                     self._follow_log(with_ids=False)
-                yield self._db
+                    yield self._db
+                finally:
+                    if began and self._db.in_transaction:
+                        self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise _unavailable("SQLite read failed", exc) from exc
 
