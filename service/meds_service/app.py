@@ -29,6 +29,7 @@ from .api.explorer import explorer, page, ui_assets
 from .api.middleware import RequestContext
 from .api.routes import health, v1
 from .api.schemas import ReclusterRequest, ScoreColumnsRequest, ScoreColumnsResponse, ScoreRequest, publish_limits
+from .core import knn
 from .engine import ErrorMemory, RefitScheduler
 from .engine.ports import RefitQueue
 from .engine.summary import CollapseViews
@@ -168,6 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             background.start()
             snapshots.start()
             checkpoints.start()
+            # The kNN reference tier's library, off the start-up path but before a near-tie needs it.
+            threading.Thread(target=knn.load_reference, name="meds-load-reference", daemon=True).start()
             log.info("meds %s ready: store %s, %d runs", __version__, store.info(), len(engine.run_names()))
             yield
         finally:

@@ -121,6 +121,9 @@ def _serve(command: dict[str, Any]) -> None:
 
 def _zygote(commands: IO[str], replies: IO[str]) -> None:
     from meds_service import app, cli  # noqa: F401  (the slow imports, once: every child inherits them)
+    from meds_service.core.knn import load_reference
+
+    load_reference()  # what each child would import in the background, once
 
     child = 0
     for line in commands:

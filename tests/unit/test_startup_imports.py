@@ -28,3 +28,22 @@ def test_the_reference_tier_still_finds_scikit_learn() -> None:
     labels = np.array([0, 0, 1], dtype=np.int64)
     assert reference_vote(history, labels, np.array([1.0, 0.05]), 2) == 0
     assert reference_vote(history, labels, np.array([0.0, 1.0]), 1) == 1
+
+
+def test_a_ready_service_loads_the_reference_tier_in_the_background(tmp_path: object) -> None:
+    """Not inside the first request that meets a near-tie: that request would wait seconds for the import."""
+    code = (
+        "import sys, time\n"
+        "from fastapi.testclient import TestClient\n"
+        "from meds_service.app import create_app\n"
+        "from meds_service.settings import Settings\n"
+        f"settings = Settings(data_dir={str(tmp_path)!r}, refit_processes=False)\n"
+        "with TestClient(create_app(settings)) as client:\n"
+        "    assert client.get('/readyz').status_code == 200\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while 'sklearn.neighbors' not in sys.modules and time.monotonic() < deadline:\n"
+        "        time.sleep(0.05)\n"
+        "    print('sklearn.neighbors' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "True"

@@ -16,6 +16,8 @@ L2-normalised vectors (FAISS) and prove the neighbour set is the one scikit-lear
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -118,13 +120,18 @@ def band_votes(
 
 
 def reference_vote(history: NDArray[np.float64], labels: NDArray[np.int64], query: NDArray[np.float64], k: int) -> int:
-    """The reference computation verbatim: scikit-learn brute-force cosine kNN on raw features, then the vote.
-
-    scikit-learn is imported here, on the first true near-tie, not with the service: it is a third of the
-    service's start-up and most runs never need it."""
-    from sklearn.neighbors import NearestNeighbors
-
+    """The reference computation verbatim: scikit-learn brute-force cosine kNN on raw features, then the vote."""
+    NearestNeighbors = load_reference()
     model = NearestNeighbors(n_neighbors=min(k, len(history)), metric="cosine", algorithm="brute")
     model.fit(history)
     _, indices = model.kneighbors(query.reshape(1, -1))
     return int(vote(labels[indices[0]][None, :])[0])
+
+
+def load_reference() -> Any:
+    """scikit-learn's `NearestNeighbors`, imported on first use: it is a third of a service's start-up, so the
+    service imports it in a background thread once it is ready (app.py) rather than before; a near-tie that
+    comes first waits for that import (Python's import lock), never for a second one."""
+    from sklearn.neighbors import NearestNeighbors
+
+    return NearestNeighbors
