@@ -16,7 +16,6 @@ from sklearn.preprocessing import normalize
 
 from meds_service.core.clustering import (
     AnsweredQuery,
-    cluster_sizes,
     condense_tree,
     eom_labels,
     fit_labels,
@@ -27,6 +26,7 @@ from meds_service.core.clustering import (
     spanning_tree,
 )
 from meds_service.core.config import RunConfig
+from meds_service.core.penalty import cluster_sizes
 from meds_service.core.preprocess import features, unit_rows
 
 

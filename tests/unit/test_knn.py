@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 from sklearn.neighbors import NearestNeighbors
 
 from meds_service.core import knn
-from meds_service.core.clustering import cluster_sizes
 from meds_service.core.config import RunConfig
-from meds_service.core.penalty import NO_CLUSTER
+from meds_service.core.penalty import NO_CLUSTER, cluster_sizes
 from meds_service.core.preprocess import unit_rows
 from meds_service.core.types import Group, MemoryKey
 from meds_service.engine.assign import predict

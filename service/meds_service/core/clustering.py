@@ -32,7 +32,6 @@ from numpy.typing import NDArray
 from sklearn.neighbors import KDTree
 
 from .config import RunConfig
-from .penalty import cluster_sizes as cluster_sizes  # where the engine reads them; kept here for callers
 from .preprocess import features, unit_rows
 
 Checker = Callable[..., Any]

@@ -78,12 +78,11 @@ def sorted_band_votes(
     kth = as64[:, k - 1 : k]
     sure = as64 > kth + 2 * bound
     band = ~sure & (as64 >= kth - 2 * bound)
-    band_min = np.where(band, neighbour_labels, np.iinfo(np.int64).max).min(axis=1)
-    band_max = np.where(band, neighbour_labels, np.iinfo(np.int64).min).max(axis=1)
+    band_label, one_label = _band_label(band, neighbour_labels, axis=1)
     complete = as64[:, -1] < kth[:, 0] - 2 * bound
     # Scores descend, so the sure neighbours are among the first k; the other places take the band's label.
-    chosen = np.where(sure[:, :k], neighbour_labels[:, :k], band_min[:, None])
-    return vote(chosen), np.asarray(complete & (band_min == band_max))
+    chosen = np.where(sure[:, :k], neighbour_labels[:, :k], band_label[:, None])
+    return vote(chosen), complete & one_label
 
 
 def band_vote(similarities: NDArray[np.float64], labels: NDArray[np.int64], k: int, bound: float) -> int | None:
@@ -109,14 +108,21 @@ def band_votes(
     kth = top_similarities.min(axis=0)
     sure = similarities > kth + 2 * bound
     band = ~sure & (similarities >= kth - 2 * bound)
-    # The band always holds the k-th vector itself; it decides when its smallest and largest labels agree.
-    column_labels = np.broadcast_to(labels[:, None], similarities.shape)
-    band_min = np.where(band, column_labels, np.iinfo(np.int64).max).min(axis=0)
-    band_max = np.where(band, column_labels, np.iinfo(np.int64).min).max(axis=0)
+    band_label, one_label = _band_label(band, np.broadcast_to(labels[:, None], similarities.shape), axis=0)
     # Every sure vector lies above the k-th similarity, so among the k largest: those keep their labels,
     # the other places take the band's label.
-    chosen = np.where(top_similarities > kth + 2 * bound, labels[top], band_min[None, :])
-    return vote(chosen.T), np.asarray(band_min == band_max)
+    chosen = np.where(top_similarities > kth + 2 * bound, labels[top], band_label[None, :])
+    return vote(chosen.T), one_label
+
+
+def _band_label(
+    band: NDArray[np.bool_], labels: NDArray[np.int64], axis: int
+) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """Per query (along `axis`), the smallest label in its band and whether the band carries that label only.
+    A band always holds the k-th neighbour itself, so it is never empty."""
+    band_min = np.where(band, labels, np.iinfo(np.int64).max).min(axis=axis)
+    band_max = np.where(band, labels, np.iinfo(np.int64).min).max(axis=axis)
+    return band_min, np.asarray(band_min == band_max)
 
 
 def reference_vote(history: NDArray[np.float64], labels: NDArray[np.int64], query: NDArray[np.float64], k: int) -> int:
