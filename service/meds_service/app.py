@@ -53,6 +53,15 @@ class _Background:
         self.start, self.stop = start, stop
 
 
+def _load_reference() -> None:
+    """Import the kNN reference tier's library, then freeze what the import created, as start-up froze the
+    rest: scikit-learn, SciPy and pandas add hundreds of thousands of long-lived objects, which every full
+    collection of the cyclic GC would otherwise scan again (each one stalled a large request by tens of ms).
+    Freezing without collecting first keeps this thread from holding the GIL for a full collection."""
+    knn.load_reference()
+    gc.freeze()
+
+
 def _background_refits(
     settings: Settings, engine: ErrorMemory, refitter: LocalRefitter, metrics: Metrics
 ) -> _Background:
@@ -170,7 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             snapshots.start()
             checkpoints.start()
             # The kNN reference tier's library, off the start-up path but before a near-tie needs it.
-            threading.Thread(target=knn.load_reference, name="meds-load-reference", daemon=True).start()
+            threading.Thread(target=_load_reference, name="meds-load-reference", daemon=True).start()
             log.info("meds %s ready: store %s, %d runs", __version__, store.info(), len(engine.run_names()))
             yield
         finally:

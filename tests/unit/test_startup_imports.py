@@ -47,3 +47,28 @@ def test_a_ready_service_loads_the_reference_tier_in_the_background(tmp_path: ob
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "True"
+
+
+def test_what_the_background_import_creates_is_kept_from_the_cyclic_gc(tmp_path: object) -> None:
+    """scikit-learn, SciPy and pandas are ~100,000 long-lived objects: left tracked, every full collection scans
+    them again (tens of ms, inside whichever request triggered it). The service freezes them, as it froze
+    everything else at start-up."""
+    code = (
+        "import gc, threading, time\n"
+        "from fastapi.testclient import TestClient\n"
+        "from meds_service.app import create_app\n"
+        "from meds_service.settings import Settings\n"
+        f"settings = Settings(data_dir={str(tmp_path)!r}, refit_workers=1)\n"
+        "with TestClient(create_app(settings)) as client:\n"
+        "    assert client.get('/readyz').status_code == 200\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while time.monotonic() < deadline and any(\n"
+        "            t.name == 'meds-load-reference' for t in threading.enumerate()):\n"
+        "        time.sleep(0.05)\n"
+        "    import sklearn.neighbors\n"
+        "    print(len(gc.get_objects()), gc.get_freeze_count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    tracked, frozen = map(int, out.strip().splitlines()[-1].split())
+    assert frozen > 100_000
+    assert tracked < 20_000, f"{tracked} objects left to the cyclic GC after the background import"
