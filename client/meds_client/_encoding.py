@@ -4,6 +4,7 @@ wire codecs (`WIRE_CODECS`) that encode a chunk and read the answer in one wire 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import math
 import uuid
@@ -193,7 +194,8 @@ def coerce_rollouts(rollouts: Iterable[Rollout | Mapping[str, Any]]) -> list[Rol
 def check_ids(rollout_ids: Sequence[Any], prompt_ids: Sequence[Any]) -> None:
     """ValueError unless both are strings of 1 to MAX_ID_LENGTH characters and rollout ids do not repeat."""
     for name, values in (("rollout_id", rollout_ids), ("prompt_id", prompt_ids)):
-        if not all(type(v) is str for v in values) or (
+        # Whole-column checks in C loops (a set of the values' types, min and max of their lengths).
+        if set(map(type, values)) - {str} or (
             values and not 1 <= min(map(len, values)) <= max(map(len, values)) <= MAX_ID_LENGTH
         ):
             for value in values:  # say which one
@@ -400,7 +402,7 @@ def json_body(columns: RolloutColumns, step: int | None) -> dict[str, Any]:
     body: dict[str, Any] = {"rollouts": items}
     if step is not None:
         body["step"] = int(step)
-    rows = iter(columns.fingerprints.tolist() if columns.as_lists else range(len(columns.fingerprints)))
+    rows = iter(_json.fast_rows(columns.fingerprints) if columns.as_lists else range(len(columns.fingerprints)))
     field = "fingerprint" if columns.as_lists else "fingerprint_row"
     for item, present in zip(items, columns.present.tolist(), strict=True):
         item[field] = next(rows) if present else None
@@ -435,6 +437,12 @@ def _fingerprint_matrix(rollouts: Sequence[Rollout], present: list[int]) -> npt.
     # float32 arrays (what fingerprint extraction returns) stack as they are; anything else via float64,
     # so that values beyond float32's range are caught before they would turn into infinities.
     exact = all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in raw)
+    if not exact and raw and set(map(type, raw)) == {list}:
+        # Lists of one length stack in one C loop; ragged or odd ones fall through to the checks below.
+        with contextlib.suppress(ValueError, TypeError):
+            stacked = np.array(raw, dtype=np.float64)
+            if stacked.ndim == 2 and stacked.shape[1] > 0:
+                return _checked_matrix(stacked, rollouts, present)
     vectors = [np.asarray(v, dtype=np.float32 if exact else np.float64) for v in raw]
     if any(v.ndim != 1 or v.size == 0 for v in vectors):
         i = next(i for i, v in zip(present, vectors, strict=True) if v.ndim != 1 or v.size == 0)
@@ -444,7 +452,12 @@ def _fingerprint_matrix(rollouts: Sequence[Rollout], present: list[int]) -> npt.
         raise ValueError(f"fingerprints in one batch must have one dimension, got {sorted(dims)}")
     if not vectors:
         return np.zeros((0, 0), dtype=np.float32)
-    matrix = np.stack(vectors)
+    return _checked_matrix(np.stack(vectors), rollouts, present)
+
+
+def _checked_matrix(
+    matrix: npt.NDArray[np.floating[Any]], rollouts: Sequence[Rollout], present: list[int]
+) -> npt.NDArray[np.float32]:
     bad = ~np.isfinite(matrix).all(axis=1) | (np.abs(matrix) > np.finfo(np.float32).max).any(axis=1)
     if bad.any():
         rollout_id = rollouts[present[int(np.argmax(bad))]].rollout_id
@@ -487,7 +500,7 @@ def unpack_columns(content: bytes) -> ScoreResults:
     except (KeyError, TypeError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from exc
     lengths = {len(ids), len(status), len(cluster), len(size), len(penalty), len(shaped)}
-    if len(lengths) != 1 or not all(isinstance(i, str) for i in ids):
+    if len(lengths) != 1 or set(map(type, ids)) - {str}:
         raise ValueError("columns of different lengths or ids that are not strings")
     if ((status < 0) | (status > 2)).any():
         raise ValueError("unknown status codes")

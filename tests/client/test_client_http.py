@@ -120,6 +120,23 @@ def test_list_fingerprints_are_sent_as_json(service: FakeService, make_client: A
     assert body["rollouts"][1]["fingerprint"] == pytest.approx(batch[0].fingerprint)
 
 
+def test_json_fingerprint_lists_go_in_float32_shortest_form(service: FakeService, make_client: Any) -> None:
+    """The service keeps float32: each value is sent in the fewest digits that read back as the same float32
+    (0.1, not its float64 widening 0.10000000149011612), half the bytes of a 14-dim batch."""
+    values = np.float32([0.1, -2.5e-7, 3.4028235e38, 1 / 3])
+    rng = np.random.default_rng(3)
+    batch = [Rollout("a", "p", fingerprint=values.tolist())] + [
+        Rollout(f"r{i}", "p", fingerprint=rng.standard_normal(14).astype(np.float32).tolist()) for i in range(50)
+    ]
+    make_client(wire="json").score("run-1", [Rollout("a", "p", fingerprint=values.tolist())])
+    make_client(wire="json").score("run-1", batch[1:])
+    first, second = service.bodies()
+    assert np.array_equal(np.float32(first["rollouts"][0]["fingerprint"]), values)
+    assert b"[0.1,-2.5e-7,3.4028235e+38,0.33333334]" in service.requests[0].content
+    sent = np.float32([item["fingerprint"] for item in second["rollouts"]])
+    assert np.array_equal(sent, np.float32([r.fingerprint for r in batch[1:]]))
+
+
 @pytest.mark.parametrize(
     ("batch", "match"),
     [
@@ -308,6 +325,8 @@ def test_degraded_mode_covers_a_rejected_batch(service: FakeService, make_client
         {"wrong": 1},
         [1, 2],
         {"results": [{"rollout_id": "r0", "status": "weird", "cluster_size": 0, "penalty": 0}]},
+        {"results": [{"rollout_id": "r0", "status": "scored", "cluster": None, "cluster_size": 0}]},
+        {"results": [{"rollout_id": "r0", "status": "scored", "cluster": {"a": 1}, "cluster_size": 0, "penalty": 0}]},
     ],
 )
 def test_malformed_score_responses_raise(body: Any, service: FakeService, make_client: Any) -> None:

@@ -80,6 +80,17 @@ def test_binary_fingerprint_matrix_equals_json_lists(client: TestClient) -> None
         assert a == b
 
 
+def test_float32_values_in_their_shortest_decimal_form_are_taken(client: TestClient) -> None:
+    """Clients write float32 fingerprints in the fewest digits that read back as the same float32. For the
+    largest float32 that is 3.4028235e38, a little above it as a float64: still the largest float32."""
+    body = b'{"rollouts": [{"rollout_id": "a", "prompt_id": "p", "fingerprint": [3.4028235e38, -3.4028235e38, 0.1]}]}'
+    response = client.post("/v1/runs/edge/score", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    above = b'{"rollouts": [{"rollout_id": "a", "prompt_id": "p", "fingerprint": [3.4028236e38, 1.0, 0.1]}]}'
+    response = client.post("/v1/runs/edge/score", content=above, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "3.4028235e+38" in response.json()["error"]["message"]
+
+
 BAD_BODIES: list[tuple[str, Any, int]] = [
     ("nan", '{"rollouts": [{"rollout_id": "a", "prompt_id": "p", "fingerprint": [NaN, 1.0]}]}', 422),
     ("inf", '{"rollouts": [{"rollout_id": "a", "prompt_id": "p", "fingerprint": [Infinity, 1.0]}]}', 422),

@@ -110,7 +110,7 @@ def _as_float32(values: np.ndarray, what: str) -> np.ndarray:
     if not np.isfinite(values).all():
         raise InvalidInput(f"{what} values must be finite numbers")
     if (np.abs(values) > F32_MAX).any():
-        raise InvalidInput(f"{what} values must fit in float32 (|x| <= {F32_MAX:.7g})")
+        raise InvalidInput(f"{what} values must fit in float32 (|x| <= {F32_MAX:.8g})")
     return values.astype(np.float32)
 
 
@@ -193,9 +193,7 @@ def _strings(request: dict[str, Any], name: str) -> list[str]:
     if not isinstance(values, list):
         raise SchemaError(f"{name} must be a list of strings")
     # Checked in bulk (msgpack decodes strings as exact `str`): lengths by min/max over map, not per value.
-    if not all(type(value) is str for value in values) or (
-        values and not 1 <= min(map(len, values)) <= max(map(len, values)) <= 512
-    ):
+    if set(map(type, values)) - {str} or (values and not 1 <= min(map(len, values)) <= max(map(len, values)) <= 512):
         raise SchemaError(f"{name} values must be strings of 1 to 512 characters")
     return values
 
