@@ -29,8 +29,9 @@ def decode_score_request(body: bytes, *, max_batch: int, max_dim: int) -> Rollou
     ids = [r["rollout_id"] for r in rollouts]
     _check_ids(ids, max_batch)
     fingerprints, present = _fingerprints(request, max_dim)
-    rewards = np.array([_or_nan(r.get("reward")) for r in rollouts], dtype=np.float64)
-    groups = np.array([Group.of(r.get("correct")) for r in rollouts], dtype=np.int64)
+    # None becomes NaN in a float64 array; correctness maps through a table: no Python call per rollout.
+    rewards = np.array([r.get("reward") for r in rollouts], dtype=np.float64)
+    groups = np.array([_GROUP_OF[r.get("correct")] for r in rollouts], dtype=np.int64)
     prompts = [r["prompt_id"] for r in rollouts]
     texts = [r.get("text") for r in rollouts]
     has_text = any(t is not None for t in texts)
@@ -49,13 +50,14 @@ def _check_ids(ids: list[str], max_batch: int) -> None:
 def _fingerprints(request: ScoreRequest, max_dim: int) -> tuple[np.ndarray, np.ndarray]:
     rollouts = request.rollouts
     matrix = _matrix(request.fingerprint_matrix, max_dim) if request.fingerprint_matrix else None
-    lists = [i for i, r in enumerate(rollouts) if r.get("fingerprint") is not None]
+    given = [r.get("fingerprint") for r in rollouts]
+    lists = [i for i, v in enumerate(given) if v is not None]
     rows = [i for i, r in enumerate(rollouts) if r.get("fingerprint_row") is not None]
-    if any(rollouts[i].get("fingerprint") is not None for i in rows):
+    if any(given[i] is not None for i in rows):
         raise InvalidInput("a rollout has both fingerprint and fingerprint_row")
     if rows and matrix is None:
         raise InvalidInput("fingerprint_row given without fingerprint_matrix")
-    dims = {len(rollouts[i].get("fingerprint") or ()) for i in lists}
+    dims = set(map(len, [given[i] for i in lists]))
     if matrix is not None and rows:
         dims.add(matrix.shape[1])
     if len(dims) > 1:
@@ -68,7 +70,7 @@ def _fingerprints(request: ScoreRequest, max_dim: int) -> tuple[np.ndarray, np.n
     out = np.zeros((len(rollouts), dim), dtype=np.float32)
     present = np.zeros(len(rollouts), dtype=bool)
     if lists:
-        values = np.array([rollouts[i].get("fingerprint") for i in lists], dtype=np.float64)
+        values = np.array([given[i] for i in lists], dtype=np.float64)
         out[lists] = _as_float32(values, "fingerprint")
         present[lists] = True
     if rows:
@@ -81,8 +83,7 @@ def _fingerprints(request: ScoreRequest, max_dim: int) -> tuple[np.ndarray, np.n
     return out, present
 
 
-def _or_nan(value: float | None) -> float:
-    return np.nan if value is None else value
+_GROUP_OF = {value: int(Group.of(value)) for value in (True, False, None)}
 
 
 def _matrix(spec: FingerprintMatrix, max_dim: int) -> np.ndarray:
