@@ -57,7 +57,7 @@ def _fingerprints(request: ScoreRequest, max_dim: int) -> tuple[np.ndarray, np.n
         raise InvalidInput("a rollout has both fingerprint and fingerprint_row")
     if rows and matrix is None:
         raise InvalidInput("fingerprint_row given without fingerprint_matrix")
-    dims = set(map(len, [given[i] for i in lists]))
+    dims = {len(given[i] or ()) for i in lists}
     if matrix is not None and rows:
         dims.add(matrix.shape[1])
     if len(dims) > 1:
