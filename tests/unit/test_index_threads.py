@@ -1,4 +1,4 @@
-"""FAISS searches use the configured OpenMP thread count in the thread that searches.
+"""FAISS searches use the configured OpenMP thread count in the thread that searches, and FAISS's BLAS form.
 
 OpenMP keeps the thread count per thread: setting it once at start-up (in the main thread) left the API's
 worker threads with one OpenMP thread per core, which spin when the cores are busy (10-40x the CPU per step).
@@ -43,3 +43,14 @@ def test_a_search_in_a_new_thread_runs_with_the_configured_threads(threads: int)
 def test_thread_count_must_be_positive() -> None:
     with pytest.raises(ValueError):
         set_threads(0)
+
+
+def test_a_search_takes_the_blas_form_whatever_faiss_defaults_to() -> None:
+    """The BLAS form is 1.3-2.6x faster than FAISS's pair scan on a key's searches (bench/bench_search.py),
+    which FAISS's own threshold would pick for 16 queries at up to 8,000 dims."""
+    faiss.cvar.distance_compute_blas_threshold = 128_000
+    index = ShardIndex(8, "cpu")
+    rows = np.eye(8, dtype=np.float32)
+    index.append("key", rows)
+    index.search_many([("key", 0, 8, 0, 2)], rows[:2], 3)
+    assert faiss.cvar.distance_compute_blas_threshold == 0

@@ -34,11 +34,12 @@ def set_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
-# FAISS scans a search of fewer than this many query x row pairs one pair at a time (a dot product per
-# pair), otherwise with a BLAS matrix product and a heap per query. A key's queries (about 16) against its
-# rows (hundreds) are far below its default: the BLAS form costs half as much per pair at a few hundred rows.
-# Both are float32 dot products in some order of summation, which the engine's rounding bound (core/knn.py)
-# covers whatever the order.
+# Below this threshold FAISS scans a search one query-row pair at a time (a dot product per pair), otherwise
+# with a BLAS matrix product. FAISS before 1.14.2 counts queries (default 20), later versions queries x dims
+# (default 128,000), so a key's 16 or so queries take the pair scan up to 8,000 dims; yet on a key's few
+# hundred rows the BLAS form is faster at every dim measured, 1.3-2.6x at dims 14, 512 and 4,096
+# (bench/bench_search.py), and 0 picks it on every version. Both are float32 dot products in some order of
+# summation, which the engine's rounding bound (core/knn.py) covers whatever the order.
 _BLAS_THRESHOLD = 0
 
 
