@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from meds_client import IdCollisionError, MedsClient, Rollout
+from meds_service.engine import memory
 from meds_service.storage import sqlite
 
 
@@ -19,12 +20,14 @@ def rollouts(ids: Sequence[str]) -> list[Rollout]:
 
 @pytest.fixture
 def colliding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rollout id "b" hashes like "a" in the embedded store (a real 64-bit collision cannot be found)."""
+    """Rollout id "b" hashes like "a" (a real 64-bit collision cannot be found): where the engine hashes a
+    request's ids, and where the embedded store hashes ids it was not given."""
     real = sqlite.rollout_hashes
 
     def hashes(prompt_ids: Sequence[str], rollout_ids: Sequence[str]) -> np.ndarray:
         return real(prompt_ids, ["a" if r == "b" else r for r in rollout_ids])
 
+    monkeypatch.setattr(memory, "rollout_hashes", hashes)
     monkeypatch.setattr(sqlite, "rollout_hashes", hashes)
 
 

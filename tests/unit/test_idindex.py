@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from meds_service.storage.idindex import IdIndex, rollout_hashes
+from meds_service.core.types import rollout_hashes
+from meds_service.storage.idindex import IdIndex
 
 
 def test_matches_a_dict_through_growth() -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+import xxhash
 from numpy.typing import NDArray
 
 from .collapse import CollapseMetrics
@@ -155,6 +156,22 @@ class ScoredBatch:
     appends: list[KeyAppend]  # only scored rollouts: skipped ones are not remembered
     fits: list[Fit] = field(default_factory=list)  # labels known without HDBSCAN (keys of < 2 vectors)
     refits: list[MemoryKey] = field(default_factory=list)  # keys that need an HDBSCAN refit afterwards
+    # `rollout_hashes` of the appends' rollouts, in append order, when the engine has them (computed once per
+    # request, for the duplicate lookup): a store that indexes ids by hash takes them instead of hashing again.
+    id_hashes: NDArray[np.uint64] | None = None
+
+
+def rollout_hashes(prompt_ids: Sequence[str], rollout_ids: Sequence[str]) -> NDArray[np.uint64]:
+    """Stable 64-bit hashes (XXH3) of (prompt_id, rollout_id): a rollout's identity in its run, by which a
+    store finds a retried rollout's result. Never 0 (0 marks an empty slot of storage/idindex.py)."""
+    digest = xxhash.xxh3_64_intdigest
+    out = np.fromiter(
+        (digest(f"{p}\x00{r}".encode()) for p, r in zip(prompt_ids, rollout_ids, strict=True)),
+        dtype=np.uint64,
+        count=len(rollout_ids),
+    )
+    out[out == 0] = 1
+    return out
 
 
 @dataclass(frozen=True, slots=True)

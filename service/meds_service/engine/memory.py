@@ -38,6 +38,7 @@ from ..core.types import (
     ScoredBatch,
     ScoreOutcome,
     Snapshot,
+    rollout_hashes,
 )
 from .assign import predict
 from .cache import CachedKey, Groups, KeyView, RunMemory, group_rows
@@ -182,12 +183,13 @@ class ErrorMemory:
             config = self._config_for(run, batch)
             with self.coordination.locked(name, batch.prompt_ids):
                 self.coordination.refresh(run, config, _touched(batch))
-                known = self.store.find_results(name, batch.prompt_ids, batch.rollout_ids)
+                hashes = rollout_hashes(batch.prompt_ids, batch.rollout_ids)
+                known = self.store.find_results(name, batch.prompt_ids, batch.rollout_ids, hashes)
                 fresh = np.array([rid not in known for rid in batch.rollout_ids], dtype=bool)
                 rows = np.flatnonzero(fresh & batch.has_fingerprint)
                 records = np.empty(len(rows), dtype=RESULT_DTYPE)
                 if len(rows):
-                    scored, normed = self._score_rows(run, config, batch, rows, records)
+                    scored, normed = self._score_rows(run, config, batch, rows, records, hashes)
                     self.store.commit(name, config, scored)
                     self._remember(run, config, scored, normed)
         outcome = _assemble(batch, known, rows, records)
@@ -215,6 +217,7 @@ class ErrorMemory:
         batch: RolloutBatch,
         rows: NDArray[np.intp],
         records: NDArray[np.void],
+        hashes: NDArray[np.uint64],
     ) -> tuple[ScoredBatch, list[NDArray[np.float32]]]:
         """Fill `records` for the rollouts at `rows`; return the batch to commit and each append's
         normalised vectors (for the index once committed).
@@ -246,7 +249,8 @@ class ErrorMemory:
         appends, fits = _appends(run, config, groups, stored, ids, sorted_records, batch.step, texts)
         fitted = config.fitted_groups()
         refits = [a.key for a in appends if a.key.group in fitted and len(a.vectors) + a.first_seq - a.new_start >= 2]
-        return ScoredBatch(appends, fits, refits), [normed[lo:hi] for _, lo, hi in groups.spans()]
+        scored = ScoredBatch(appends, fits, refits, hashes[by_key])
+        return scored, [normed[lo:hi] for _, lo, hi in groups.spans()]
 
     def _remember(
         self, run: RunMemory, config: RunConfig, scored: ScoredBatch, normed: list[NDArray[np.float32]]

@@ -6,25 +6,10 @@ batch of thousands of ids is looked up or inserted in a few numpy operations. Ha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-import xxhash
 from numpy.typing import NDArray
 
 _MIN_CAPACITY = 1024
-
-
-def rollout_hashes(prompt_ids: Sequence[str], rollout_ids: Sequence[str]) -> NDArray[np.uint64]:
-    """Stable 64-bit hashes (XXH3) of (prompt_id, rollout_id); never 0 (0 marks an empty slot)."""
-    digest = xxhash.xxh3_64_intdigest
-    out = np.fromiter(
-        (digest(f"{p}\x00{r}".encode()) for p, r in zip(prompt_ids, rollout_ids, strict=True)),
-        dtype=np.uint64,
-        count=len(rollout_ids),
-    )
-    out[out == 0] = 1
-    return out
 
 
 class IdIndex:

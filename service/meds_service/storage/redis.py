@@ -572,7 +572,13 @@ class RedisStore:
         return states
 
     @_translated
-    def find_results(self, run: str, prompt_ids: Sequence[str], rollout_ids: Sequence[str]) -> dict[str, RolloutResult]:
+    def find_results(
+        self,
+        run: str,
+        prompt_ids: Sequence[str],
+        rollout_ids: Sequence[str],
+        id_hashes: np.ndarray | None = None,  # unused: ids are looked up per prompt by name
+    ) -> dict[str, RolloutResult]:
         by_prompt: dict[str, list[str]] = {}
         for prompt, rollout in zip(prompt_ids, rollout_ids, strict=True):
             by_prompt.setdefault(prompt, []).append(rollout)

@@ -49,8 +49,9 @@ from ..core.types import (
     RolloutResult,
     RolloutStatus,
     ScoredBatch,
+    rollout_hashes,
 )
-from .idindex import IdIndex, rollout_hashes
+from .idindex import IdIndex
 
 log = logging.getLogger(__name__)
 DB_FILE = "meds.sqlite3"
@@ -133,7 +134,6 @@ class SQLiteStore:
         self._run_names: dict[int, str] = {}
         self._keys: dict[int, _Key] = {}
         self._seen_key = self._seen_chunk = 0
-        self._recent_hashes: dict[str, tuple[str, int]] = {}  # rollout id -> (prompt id, hash) of the last lookup
         self._checkpointer: sqlite3.Connection | None = None
         self._last_write = 0.0
         try:
@@ -445,15 +445,19 @@ class SQLiteStore:
             fits.setdefault(k.key_id, Fit(k.key, np.zeros(0, np.int64), 0, 0))
         return vectors, fits
 
-    def find_results(self, run: str, prompt_ids: Sequence[str], rollout_ids: Sequence[str]) -> dict[str, RolloutResult]:
+    def find_results(
+        self,
+        run: str,
+        prompt_ids: Sequence[str],
+        rollout_ids: Sequence[str],
+        id_hashes: np.ndarray | None = None,
+    ) -> dict[str, RolloutResult]:
         """Stored results of those rollouts (by prompt and rollout id) that this run has already scored."""
         with self._read() as db:
             entry = self._runs.get(run)
             if entry is None or not len(entry.ids):
                 return {}
-            hashes = rollout_hashes(prompt_ids, rollout_ids)
-            # The commit that usually follows stores these same rollouts: keep their hashes for it.
-            self._recent_hashes = dict(zip(rollout_ids, zip(prompt_ids, hashes.tolist(), strict=True), strict=True))
+            hashes = rollout_hashes(prompt_ids, rollout_ids) if id_hashes is None else id_hashes
             found = entry.ids.lookup(hashes)
             hits = np.flatnonzero(found >= 0)
             if not len(hits):
@@ -485,7 +489,7 @@ class SQLiteStore:
             sizes = [len(a.rollout_ids) for a in batch.appends]
             bounds = np.cumsum([0, *sizes]).tolist()
             spans = list(itertools.pairwise(bounds))
-            all_hashes = self._hashes_of(batch)
+            all_hashes = self._hashes_of(batch, bounds[-1])
             # Each column converted once for the whole batch, then cut into the rows' blobs.
             hash_blob = all_hashes.astype("<u8", copy=False).tobytes()
             results = b"".join(a.results.astype(RESULT_DTYPE, copy=False).tobytes() for a in batch.appends)
@@ -539,21 +543,15 @@ class SQLiteStore:
         for fit in batch.fits:
             self._adopt_fit(entry.keys[fit.key], fit)
 
-    def _hashes_of(self, batch: ScoredBatch) -> np.ndarray:
-        """Id hashes of a batch's rollouts: from the lookup that preceded it when it saw them all."""
-        recent = self._recent_hashes
-        known = []
-        for append in batch.appends:
-            prompt = append.key.prompt_id
-            for rollout in append.rollout_ids:
-                seen = recent.get(rollout)
-                if seen is None or seen[0] != prompt:
-                    return rollout_hashes(
-                        [a.key.prompt_id for a in batch.appends for _ in a.rollout_ids],
-                        [r for a in batch.appends for r in a.rollout_ids],
-                    )
-                known.append(seen[1])
-        return np.array(known, dtype=np.uint64)
+    @staticmethod
+    def _hashes_of(batch: ScoredBatch, n: int) -> np.ndarray:
+        """Id hashes of a batch's rollouts, in append order: those the engine computed, else computed here."""
+        if batch.id_hashes is not None and len(batch.id_hashes) == n:
+            return batch.id_hashes
+        return rollout_hashes(
+            [a.key.prompt_id for a in batch.appends for _ in a.rollout_ids],
+            [r for a in batch.appends for r in a.rollout_ids],
+        )
 
     def _key_entry(self, db: sqlite3.Connection, run: _Run, key: MemoryKey) -> _Key:
         entry = run.keys.get(key)
