@@ -57,7 +57,8 @@ def _load_reference() -> None:
     """Import the kNN reference tier's library, then freeze what the import created, as start-up froze the
     rest: scikit-learn, SciPy and pandas add hundreds of thousands of long-lived objects, which every full
     collection of the cyclic GC would otherwise scan again (each one stalled a large request by tens of ms).
-    Freezing without collecting first keeps this thread from holding the GIL for a full collection."""
+    Freezing without collecting first keeps this thread from holding the GIL for a full collection; what a
+    request in flight then holds is frozen with it (at worst one request's cyclic garbage is never freed)."""
     knn.load_reference()
     gc.freeze()
 
