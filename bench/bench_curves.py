@@ -47,7 +47,7 @@ from bench.bench_score import counters, drain, score
 from bench.machine import describe, measured
 from bench.output import line_chart, write_csv
 from bench.workload import Workload
-from harness.server import ProcessServer
+from harness.server import ProcessServer, wait_warm
 from meds_client import MedsClient
 
 RESULTS = Path(__file__).resolve().parent / "results" / "curves"
@@ -98,6 +98,7 @@ def service(data_dir: Path, workers: int) -> Iterator[ProcessServer]:
     env = {"MEDS_LOG_LEVEL": "warning", "MEDS_REFIT_INTERVAL_S": "0.05", "MEDS_REFIT_WORKERS": str(workers)}
     server = ProcessServer(data_dir, env=env)
     server.start(timeout=180)
+    wait_warm(server.base_url)
     try:
         yield server
     finally:

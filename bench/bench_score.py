@@ -55,7 +55,7 @@ from bench.machine import Sides, describe, measured, warn_busy
 from bench.output import line_chart, write_csv
 from bench.workload import Workload
 from harness.reference import ReferenceMEDS, RefRollout
-from harness.server import ProcessServer
+from harness.server import ProcessServer, wait_warm
 from meds_client import MedsClient, Rollout, ScoreResults
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,6 +120,7 @@ def reference_rollouts(step: dict[str, Any]) -> list[RefRollout]:
 def service(data_dir: Path) -> Iterator[ProcessServer]:
     server = ProcessServer(data_dir, env={"MEDS_LOG_LEVEL": "warning", "MEDS_REFIT_INTERVAL_S": "0.05"})
     server.start(timeout=120)
+    wait_warm(server.base_url)  # steady-state steps: not the first seconds, while the reference tier loads
     try:
         yield server
     finally:

@@ -63,6 +63,18 @@ def wait_ready(
     raise TimeoutError(f"{base_url} not ready after {timeout}s")
 
 
+def wait_warm(base_url: str, timeout: float = READY_TIMEOUT_S) -> None:
+    """Wait until a ready service has also loaded its kNN reference tier in the background
+    (`meds_knn_reference_loaded`): before that, a step that meets a true near-tie waits seconds for the import,
+    which a benchmark of steady-state steps must not time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "meds_knn_reference_loaded 1.0" in httpx.get(f"{base_url}/metrics", timeout=5).text:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{base_url} did not load its kNN reference tier within {timeout}s")
+
+
 @contextmanager
 def thread_server(settings: Settings, **options: Any) -> Iterator[str]:
     """A real uvicorn server in a background thread of this process; yields its base URL. `options` go to

@@ -53,7 +53,7 @@ class _Background:
         self.start, self.stop = start, stop
 
 
-def _load_reference() -> None:
+def _load_reference(metrics: Metrics) -> None:
     """Import the kNN reference tier's library, then freeze what the import created, as start-up froze the
     rest: scikit-learn, SciPy and pandas add hundreds of thousands of long-lived objects, which every full
     collection of the cyclic GC would otherwise scan again (each one stalled a large request by tens of ms).
@@ -61,6 +61,7 @@ def _load_reference() -> None:
     request in flight then holds is frozen with it (at worst one request's cyclic garbage is never freed)."""
     knn.load_reference()
     gc.freeze()
+    metrics.knn_reference_loaded.set(1)
 
 
 def _background_refits(
@@ -180,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             snapshots.start()
             checkpoints.start()
             # The kNN reference tier's library, off the start-up path but before a near-tie needs it.
-            threading.Thread(target=_load_reference, name="meds-load-reference", daemon=True).start()
+            threading.Thread(target=_load_reference, args=(metrics,), name="meds-load-reference", daemon=True).start()
             log.info("meds %s ready: store %s, %d runs", __version__, store.info(), len(engine.run_names()))
             yield
         finally:

@@ -160,6 +160,11 @@ class Metrics:
         self.score_in_flight = Gauge(
             "meds_score_in_flight", "Score requests admitted and not yet answered.", registry=self.registry
         )
+        self.knn_reference_loaded = Gauge(
+            "meds_knn_reference_loaded",
+            "1 once the kNN reference tier's library is loaded (a true near-tie before that waits seconds for it).",
+            registry=self.registry,
+        )
 
     def score_refused(self, bound: str) -> None:
         self.score_refusals.labels(bound).inc()
