@@ -180,22 +180,34 @@ if KEYS[2] then redis.call('SREM', KEYS[2], ARGV[4]) end
 return 2
 """
 
-# Take a lock for one lease, or keep it when it already holds this token (a reply lost to a retried
-# connection: tokens are fresh per acquisition, so no one else has it). ARGV: token, lease in ms.
+# Take the locks KEYS for one lease, all or none (returns 1 or 0): one script for a whole batch on a single Redis,
+# one per prompt on a cluster (a script's keys share a slot). A lock that already holds this token counts as
+# free (a reply lost to a retried connection: tokens are fresh per acquisition, so no one else has it).
+# ARGV: token, lease in ms.
 _LOCK = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-return 0
+for _, lock in ipairs(KEYS) do
+  local holder = redis.call('GET', lock)
+  if holder and holder ~= ARGV[1] then return 0 end
+end
+for _, lock in ipairs(KEYS) do redis.call('SET', lock, ARGV[1], 'PX', ARGV[2]) end
+return 1
 """
 
-# Extend a lease, only while the lock still holds this token. ARGV: token, lease in ms. Returns 1 or 0 (lost).
+# Extend the lease of the locks KEYS that still hold this token. ARGV: token, lease in ms. Returns how many did
+# (the others were lost).
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+local held = 0
+for _, lock in ipairs(KEYS) do
+  if redis.call('GET', lock) == ARGV[1] then held = held + redis.call('PEXPIRE', lock, ARGV[2]) end
+end
+return held
 """
 
+# Release the locks KEYS that still hold this token. ARGV: token.
 _UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+for _, lock in ipairs(KEYS) do
+  if redis.call('GET', lock) == ARGV[1] then redis.call('DEL', lock) end
+end
 return 0
 """
 
@@ -755,10 +767,8 @@ class RedisStore:
         deadline = time.monotonic() + self.lock_wait_s
         delay = 0.005
         while True:
-            got = self._acquire(names, token)
-            if len(got) == len(names):
+            if self._acquire(names, token):
                 break
-            self._release(got, token)
             if time.monotonic() > deadline:
                 raise StoreUnavailable("prompts of this batch are being scored by another replica", retry_after=1)
             time.sleep(delay * (1 + random.random()))
@@ -775,29 +785,36 @@ class RedisStore:
             except StoreUnavailable as exc:  # harmless: the locks expire within a lease
                 log.warning("prompt locks not released (%s); they expire within %d ms", exc, self.lock_lease_ms)
 
-    @_translated
-    def _acquire(self, names: list[str], token: str) -> list[str]:
+    def _per_slot(self, script: Script, names: list[str], args: Sequence[Any]) -> list[tuple[list[str], Any]]:
+        """Run a lock script over these locks: once for all of them on a single Redis (one round trip, atomic),
+        once per lock on a cluster (a script's keys must share a slot), in one pipeline. Replies by group."""
+        if not self.cluster:
+            return [(names, script(keys=names, args=args))]
+        groups = [[name] for name in names]
         pipe = self._r.pipeline(transaction=False)
-        for name in names:
-            self._queue_script(pipe, self._lock, [name], [token, self.lock_lease_ms])
-        return [name for name, ok in zip(names, pipe.execute(), strict=True) if ok]
+        for group in groups:
+            self._queue_script(pipe, script, group, args)
+        return list(zip(groups, pipe.execute(), strict=True))
+
+    @_translated
+    def _acquire(self, names: list[str], token: str) -> bool:
+        """Take all these locks or none. On a cluster the locks taken before a busy one are given back."""
+        replies = self._per_slot(self._lock, names, [token, self.lock_lease_ms])
+        if all(int(ok) for _, ok in replies):
+            return True
+        if self.cluster:
+            self._release([name for group, ok in replies if int(ok) for name in group], token)
+        return False
 
     @_translated
     def _renew_locks(self, names: list[str], token: str) -> int:
         """Extend the lease of the locks still under this token; returns how many were."""
-        pipe = self._r.pipeline(transaction=False)
-        for name in names:
-            self._queue_script(pipe, self._renew, [name], [token, self.lock_lease_ms])
-        return sum(int(reply) for reply in pipe.execute())
+        return sum(int(held) for _, held in self._per_slot(self._renew, names, [token, self.lock_lease_ms]))
 
     @_translated
     def _release(self, names: list[str], token: str) -> None:
-        if not names:
-            return
-        pipe = self._r.pipeline(transaction=False)
-        for name in names:
-            self._queue_script(pipe, self._unlock, [name], [token])
-        pipe.execute()
+        if names:
+            self._per_slot(self._unlock, names, [token])
 
     # ---- refit queue ------------------------------------------------------------------------------
 
