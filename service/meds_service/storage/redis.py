@@ -180,6 +180,32 @@ if KEYS[2] then redis.call('SREM', KEYS[2], ARGV[4]) end
 return 2
 """
 
+# What keys gained since a cached view of them (read only). KEYS: meta, vec per key. ARGV: rowbytes, then per key
+# the view's n, fit_start, fitted_upto. Returns per key seven values: start, n, fit_start, fitted_upto, prompt
+# (nil when not stored), the rows after the view's n (nil when none) and the labels (nil when the view's fit is
+# the stored one's). One script reads a chunk of keys on a single Redis; one key per script on a cluster.
+_CHANGES = """
+local rowbytes, out = tonumber(ARGV[1]), {}
+for i = 1, #KEYS / 2 do
+  local meta, vec, p = KEYS[2 * i - 1], KEYS[2 * i], 3 * i - 1
+  local h = redis.call('HMGET', meta, 'start', 'n', 'fit_start', 'fitted_upto', 'base', 'prompt')
+  local start, n = tonumber(h[1] or '0'), tonumber(h[2] or '0')
+  local fs, fu, base = tonumber(h[3] or '0'), tonumber(h[4] or '0'), tonumber(h[5] or '0')
+  local first = math.max(tonumber(ARGV[p]), start)
+  local rows, labels = false, false
+  if first < n then rows = redis.call('GETRANGE', vec, (first - base) * rowbytes, (n - base) * rowbytes - 1) end
+  if fs ~= tonumber(ARGV[p + 1]) or fu ~= tonumber(ARGV[p + 2]) then
+    labels = redis.call('HGET', meta, 'labels') or ''
+  end
+  out[#out + 1] = start; out[#out + 1] = n; out[#out + 1] = fs; out[#out + 1] = fu
+  out[#out + 1] = h[6] or false; out[#out + 1] = rows; out[#out + 1] = labels
+end
+return out
+"""
+
+# Keys one _CHANGES script reads on a single Redis: a step's keys in a few scripts, a whole run's in bounded ones.
+_CHANGES_CHUNK = 1024
+
 # Take the locks KEYS for one lease, all or none (returns 1 or 0): one script for a whole batch on a single Redis,
 # one per prompt on a cluster (a script's keys share a slot). A lock that already holds this token counts as
 # free (a reply lost to a retried connection: tokens are fresh per acquisition, so no one else has it).
@@ -405,6 +431,7 @@ class RedisStore:
             self._r = redis.Redis.from_url(url, health_check_interval=10, **options)
         self._commit = self._r.register_script(_COMMIT)
         self._save_fit = self._r.register_script(_SAVE_FIT)
+        self._changes = self._r.register_script(_CHANGES)
         self._lock = self._r.register_script(_LOCK)
         self._unlock = self._r.register_script(_UNLOCK)
         self._renew = self._r.register_script(_RENEW)
@@ -542,32 +569,29 @@ class RedisStore:
 
     @_translated
     def load_changes(self, run: str, since: Mapping[MemoryKey, KeyHead], dim: int) -> dict[MemoryKey, KeyDelta]:
-        """For each key, the vectors appended after since[key].n and its fit when it is not since's."""
+        """For each key, the vectors appended after since[key].n and its fit when it is not since's: one
+        script per chunk of keys (per key on a cluster), instead of a pipelined command or two per key."""
         keys = list(since)
-        heads = self._heads(run, keys)
-        rowbytes = 4 * dim
-        pipe = self._r.pipeline(transaction=False)
-        plan = []
-        for key, (start, n, fit_start, fitted_upto, base, _) in zip(keys, heads, strict=True):
-            seen = since[key]
-            first = max(seen.n, start)
-            if first < n:
-                pipe.getrange(self._vec(run, key), (first - base) * rowbytes, (n - base) * rowbytes - 1)
-            fit_changed = not seen.same_fit(KeyHead(start, n, fit_start, fitted_upto))
-            if fit_changed:
-                pipe.hmget(self._meta(run, key), "fit_start", "fitted_upto", "labels")
-            plan.append((key, start, n, first, first < n, fit_changed))
-        replies = iter(pipe.execute())
+        step = 1 if self.cluster else _CHANGES_CHUNK
+        chunks = [keys[lo : lo + step] for lo in range(0, len(keys), step)]
+        calls = [
+            ([name for key in chunk for name in (self._meta(run, key), self._vec(run, key))],
+             [4 * dim, *(x for key in chunk for x in (since[key].n, since[key].fit_start, since[key].fitted_upto))])
+            for chunk in chunks
+        ]  # fmt: skip
         changes = {}
-        for key, start, n, first, has_rows, fit_changed in plan:
-            vectors = np.zeros((0, dim), dtype=np.float32)
-            if has_rows:
-                vectors = np.frombuffer(next(replies), dtype="<f4").reshape(-1, dim).astype(np.float32)
-            fit = None
-            if fit_changed:
-                fs, fu, labels = next(replies)
-                fit = Fit(key, np.frombuffer(labels or b"", dtype="<i4").astype(np.int64), int(fs or 0), int(fu or 0))
-            changes[key] = KeyDelta(start, n, first, vectors, fit)
+        for chunk, reply in zip(chunks, self._scripts(self._changes, calls), strict=True):
+            for key, lo in zip(chunk, range(0, len(reply), 7), strict=True):
+                start, n, fit_start, fitted_upto, prompt, rows, labels = reply[lo : lo + 7]
+                if prompt is not None and prompt.decode() != key.prompt_id:
+                    raise IdCollision(f"prompt ids {key.prompt_id!r} and {prompt.decode()!r} share a hash; rename one")
+                vectors = np.zeros((0, dim), dtype=np.float32)
+                if rows is not None:
+                    vectors = np.frombuffer(rows, dtype="<f4").reshape(-1, dim).astype(np.float32)
+                fit = None
+                if labels is not None:
+                    fit = Fit(key, np.frombuffer(labels, dtype="<i4").astype(np.int64), fit_start, fitted_upto)
+                changes[key] = KeyDelta(start, n, max(since[key].n, start), vectors, fit)
         return changes
 
     @_translated
@@ -785,16 +809,21 @@ class RedisStore:
             except StoreUnavailable as exc:  # harmless: the locks expire within a lease
                 log.warning("prompt locks not released (%s); they expire within %d ms", exc, self.lock_lease_ms)
 
+    def _scripts(self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run a script once per (keys, args): a lone call directly (one round trip), more in one pipeline."""
+        if len(calls) == 1 and not self.cluster:
+            keys, args = calls[0]
+            return [script(keys=keys, args=args)]
+        pipe = self._r.pipeline(transaction=False)
+        for keys, args in calls:
+            self._queue_script(pipe, script, keys, args)
+        return list(pipe.execute())
+
     def _per_slot(self, script: Script, names: list[str], args: Sequence[Any]) -> list[tuple[list[str], Any]]:
         """Run a lock script over these locks: once for all of them on a single Redis (one round trip, atomic),
-        once per lock on a cluster (a script's keys must share a slot), in one pipeline. Replies by group."""
-        if not self.cluster:
-            return [(names, script(keys=names, args=args))]
-        groups = [[name] for name in names]
-        pipe = self._r.pipeline(transaction=False)
-        for group in groups:
-            self._queue_script(pipe, script, group, args)
-        return list(zip(groups, pipe.execute(), strict=True))
+        once per lock on a cluster (a script's keys must share a slot). Replies by group of locks."""
+        groups = [[name] for name in names] if self.cluster else [names]
+        return list(zip(groups, self._scripts(script, [(group, args) for group in groups]), strict=True))
 
     @_translated
     def _acquire(self, names: list[str], token: str) -> bool:
