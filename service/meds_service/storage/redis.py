@@ -786,7 +786,7 @@ class RedisStore:
     @contextmanager
     def locked(self, run: str, prompt_ids: Sequence[str]) -> Iterator[None]:
         """Hold the locks of these prompts (all or none at a time, so two replicas never deadlock)."""
-        names = sorted({self._prompt_key(run, p, "lock") for p in prompt_ids})
+        names = sorted({self._prompt_key(run, p, "lock") for p in set(prompt_ids)})  # hashed once per prompt
         token = uuid.uuid4().hex
         deadline = time.monotonic() + self.lock_wait_s
         delay = 0.005
