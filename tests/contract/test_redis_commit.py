@@ -4,6 +4,7 @@ matching what was stored."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from meds_service.core.errors import IdCollision, StoreUnavailable
@@ -88,3 +89,17 @@ def test_two_prompts_sharing_a_hash_are_refused_when_read(
     monkeypatch.setattr(redis_store, "_prompt_key", lambda run, prompt, what: named(run, "prompt-a", what))
     with pytest.raises(IdCollision, match="share a hash"):
         redis_store.load_changes("r", {MemoryKey("prompt-z", Group.WRONG): KeyHead()}, CONFIG.stored_dim)
+
+
+def test_rows_past_the_scripts_budget_are_read_apart(redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script returns rows up to a budget (it holds Redis while it runs); the rest come by plain commands,
+    and what is read is the same."""
+    keys = [MemoryKey(f"p{i}", Group.WRONG) for i in range(4)]
+    redis_store.commit("r", CONFIG, ScoredBatch([append(key, 0, vectors(3)) for key in keys]))
+    since = {key: KeyHead(0, 1, 0, 0) for key in keys}
+    whole = redis_store.load_changes("r", since, CONFIG.stored_dim)
+    monkeypatch.setattr("meds_service.storage.redis._CHANGES_BUDGET", 2 * 4 * CONFIG.stored_dim + 1)  # one key's
+    parted = redis_store.load_changes("r", since, CONFIG.stored_dim)
+    assert all(len(whole[key].vectors) == 2 for key in keys)
+    assert all(np.array_equal(whole[key].vectors, parted[key].vectors) for key in keys)
+    assert [(d.start, d.n, d.first) for d in whole.values()] == [(d.start, d.n, d.first) for d in parted.values()]

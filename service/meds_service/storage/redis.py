@@ -180,31 +180,38 @@ if KEYS[2] then redis.call('SREM', KEYS[2], ARGV[4]) end
 return 2
 """
 
-# What keys gained since a cached view of them (read only). KEYS: meta, vec per key. ARGV: rowbytes, then per key
-# the view's n, fit_start, fitted_upto. Returns per key seven values: start, n, fit_start, fitted_upto, prompt
-# (nil when not stored), the rows after the view's n (nil when none) and the labels (nil when the view's fit is
-# the stored one's). One script reads a chunk of keys on a single Redis; one key per script on a cluster.
+# What keys gained since a cached view of them (read only). KEYS: meta, vec per key. ARGV: rowbytes, a budget of
+# row bytes, then per key the view's n, fit_start, fitted_upto. Returns per key eight values: start, n, base,
+# fit_start, fitted_upto, prompt (nil when not stored), the rows after the view's n (nil when none, or when they
+# are past the budget: the caller reads those apart, so a script never holds Redis for a large read) and the
+# labels (nil when the view's fit is the stored one's). One script reads a chunk of keys on a single Redis; one
+# key per script on a cluster.
 _CHANGES = """
-local rowbytes, out = tonumber(ARGV[1]), {}
+local rowbytes, budget, out = tonumber(ARGV[1]), tonumber(ARGV[2]), {}
 for i = 1, #KEYS / 2 do
-  local meta, vec, p = KEYS[2 * i - 1], KEYS[2 * i], 3 * i - 1
-  local h = redis.call('HMGET', meta, 'start', 'n', 'fit_start', 'fitted_upto', 'base', 'prompt')
-  local start, n = tonumber(h[1] or '0'), tonumber(h[2] or '0')
-  local fs, fu, base = tonumber(h[3] or '0'), tonumber(h[4] or '0'), tonumber(h[5] or '0')
+  local meta, vec, p = KEYS[2 * i - 1], KEYS[2 * i], 3 * i
+  local h = redis.call('HMGET', meta, 'start', 'n', 'base', 'fit_start', 'fitted_upto', 'prompt')
+  local start, n, base = tonumber(h[1] or '0'), tonumber(h[2] or '0'), tonumber(h[3] or '0')
+  local fs, fu = tonumber(h[4] or '0'), tonumber(h[5] or '0')
   local first = math.max(tonumber(ARGV[p]), start)
   local rows, labels = false, false
-  if first < n then rows = redis.call('GETRANGE', vec, (first - base) * rowbytes, (n - base) * rowbytes - 1) end
+  if first < n and (n - first) * rowbytes <= budget then
+    budget = budget - (n - first) * rowbytes
+    rows = redis.call('GETRANGE', vec, (first - base) * rowbytes, (n - base) * rowbytes - 1)
+  end
   if fs ~= tonumber(ARGV[p + 1]) or fu ~= tonumber(ARGV[p + 2]) then
     labels = redis.call('HGET', meta, 'labels') or ''
   end
-  out[#out + 1] = start; out[#out + 1] = n; out[#out + 1] = fs; out[#out + 1] = fu
+  out[#out + 1] = start; out[#out + 1] = n; out[#out + 1] = base; out[#out + 1] = fs; out[#out + 1] = fu
   out[#out + 1] = h[6] or false; out[#out + 1] = rows; out[#out + 1] = labels
 end
 return out
 """
 
-# Keys one _CHANGES script reads on a single Redis: a step's keys in a few scripts, a whole run's in bounded ones.
+# Keys one _CHANGES script reads on a single Redis (a step's keys in a script or two), and the row bytes it
+# returns at most (a step's new rows fit; a whole key's history is read with plain commands).
 _CHANGES_CHUNK = 1024
+_CHANGES_BUDGET = 4 << 20
 
 # Take the locks KEYS for one lease, all or none (returns 1 or 0): one script for a whole batch on a single Redis,
 # one per prompt on a cluster (a script's keys share a slot). A lock that already holds this token counts as
@@ -570,28 +577,42 @@ class RedisStore:
     @_translated
     def load_changes(self, run: str, since: Mapping[MemoryKey, KeyHead], dim: int) -> dict[MemoryKey, KeyDelta]:
         """For each key, the vectors appended after since[key].n and its fit when it is not since's: one
-        script per chunk of keys (per key on a cluster), instead of a pipelined command or two per key."""
-        keys = list(since)
+        script per chunk of keys (per key on a cluster), instead of a pipelined command or two per key; rows
+        past the script's budget are read after it, in one pipeline."""
+        keys, rowbytes = list(since), 4 * dim
         step = 1 if self.cluster else _CHANGES_CHUNK
         chunks = [keys[lo : lo + step] for lo in range(0, len(keys), step)]
         calls = [
             ([name for key in chunk for name in (self._meta(run, key), self._vec(run, key))],
-             [4 * dim, *(x for key in chunk for x in (since[key].n, since[key].fit_start, since[key].fitted_upto))])
+             [rowbytes, _CHANGES_BUDGET,
+              *(x for key in chunk for x in (since[key].n, since[key].fit_start, since[key].fitted_upto))])
             for chunk in chunks
         ]  # fmt: skip
-        changes = {}
+        heads, rows, later = {}, {}, []
         for chunk, reply in zip(chunks, self._scripts(self._changes, calls), strict=True):
-            for key, lo in zip(chunk, range(0, len(reply), 7), strict=True):
-                start, n, fit_start, fitted_upto, prompt, rows, labels = reply[lo : lo + 7]
+            for key, lo in zip(chunk, range(0, len(reply), 8), strict=True):
+                start, n, base, fit_start, fitted_upto, prompt, rows[key], labels = reply[lo : lo + 8]
                 if prompt is not None and prompt.decode() != key.prompt_id:
                     raise IdCollision(f"prompt ids {key.prompt_id!r} and {prompt.decode()!r} share a hash; rename one")
-                vectors = np.zeros((0, dim), dtype=np.float32)
-                if rows is not None:
-                    vectors = np.frombuffer(rows, dtype="<f4").reshape(-1, dim).astype(np.float32)
+                first = max(since[key].n, start)
+                if first < n and rows[key] is None:
+                    later.append((key, (first - base) * rowbytes, (n - base) * rowbytes - 1))
                 fit = None
                 if labels is not None:
                     fit = Fit(key, np.frombuffer(labels, dtype="<i4").astype(np.int64), fit_start, fitted_upto)
-                changes[key] = KeyDelta(start, n, max(since[key].n, start), vectors, fit)
+                heads[key] = (start, n, first, fit)
+        if later:
+            pipe = self._r.pipeline(transaction=False)
+            for key, lo, hi in later:
+                pipe.getrange(self._vec(run, key), lo, hi)
+            rows.update((key, blob) for (key, _, _), blob in zip(later, pipe.execute(), strict=True))
+        changes = {}
+        for key, (start, n, first, fit) in heads.items():
+            blob = rows[key]
+            vectors = np.zeros((0, dim), dtype=np.float32)
+            if blob is not None:
+                vectors = np.frombuffer(blob, dtype="<f4").reshape(-1, dim).astype(np.float32)
+            changes[key] = KeyDelta(start, n, first, vectors, fit)
         return changes
 
     @_translated
