@@ -63,12 +63,39 @@ def test_a_leftover_lock_expires_within_its_lease(redis_target: tuple[str, bool]
     url, cluster = redis_target
     store = RedisStore(url, cluster=cluster, lock_wait_s=10, lock_lease_s=0.5)
     try:
-        assert store._acquire([lock_name(store, "p9")], "an-earlier-acquisition") == [lock_name(store, "p9")]
+        assert store._acquire([lock_name(store, "p9")], "an-earlier-acquisition")
         assert 0 < store._r.pttl(lock_name(store, "p9")) <= 500
         with store.locked("r", ["p9"]):
             assert store._r.get(lock_name(store, "p9")) != b"an-earlier-acquisition"
     finally:
         store.close()
+
+
+def scripts_run(store: RedisStore) -> int:
+    """How many scripts the (single) Redis ran since its statistics were last reset."""
+    stats = store._r.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha"))
+
+
+def test_a_batch_takes_renews_and_releases_its_locks_in_one_script_each(redis_url: str) -> None:
+    """On a single Redis a batch's locks are one round trip each way, however many prompts it has (they
+    were one script per prompt: 1,024 a step of 512 prompts)."""
+    first, second = (RedisStore(redis_url, lock_wait_s=0.3) for _ in range(2))
+    prompts = [f"p{i}" for i in range(64)]
+    try:
+        first._r.config_resetstat()
+        with first.locked("r", prompts):
+            assert scripts_run(first) == 1
+            assert all(first._r.get(lock_name(first, p)) for p in prompts)
+            assert first._renew_locks(sorted(lock_name(first, p) for p in prompts), first._held.token("r")) == 64
+            assert scripts_run(first) == 2
+            with pytest.raises(StoreUnavailable, match="another replica"), second.locked("r", ["q", prompts[-1]]):
+                pass
+            assert first._r.get(lock_name(first, "q")) is None  # all or none: the free prompt was not taken
+        assert not any(first._r.get(lock_name(first, p)) for p in prompts)
+    finally:
+        first.close()
+        second.close()
 
 
 def test_a_live_owner_keeps_its_locks_past_many_leases(stores: tuple[RedisStore, RedisStore]) -> None:

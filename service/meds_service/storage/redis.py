@@ -180,22 +180,67 @@ if KEYS[2] then redis.call('SREM', KEYS[2], ARGV[4]) end
 return 2
 """
 
-# Take a lock for one lease, or keep it when it already holds this token (a reply lost to a retried
-# connection: tokens are fresh per acquisition, so no one else has it). ARGV: token, lease in ms.
+# What keys gained since a cached view of them (read only). KEYS: meta, vec per key. ARGV: rowbytes, a budget of
+# row bytes, then per key the view's n, fit_start, fitted_upto. Returns per key eight values: start, n, base,
+# fit_start, fitted_upto, prompt (nil when not stored), the rows after the view's n (nil when none, or when they
+# are past the budget: the caller reads those apart, so a script never holds Redis for a large read) and the
+# labels (nil when the view's fit is the stored one's). One script reads a chunk of keys on a single Redis; one
+# key per script on a cluster.
+_CHANGES = """
+local rowbytes, budget, out = tonumber(ARGV[1]), tonumber(ARGV[2]), {}
+for i = 1, #KEYS / 2 do
+  local meta, vec, p = KEYS[2 * i - 1], KEYS[2 * i], 3 * i
+  local h = redis.call('HMGET', meta, 'start', 'n', 'base', 'fit_start', 'fitted_upto', 'prompt')
+  local start, n, base = tonumber(h[1] or '0'), tonumber(h[2] or '0'), tonumber(h[3] or '0')
+  local fs, fu = tonumber(h[4] or '0'), tonumber(h[5] or '0')
+  local first = math.max(tonumber(ARGV[p]), start)
+  local rows, labels = false, false
+  if first < n and (n - first) * rowbytes <= budget then
+    budget = budget - (n - first) * rowbytes
+    rows = redis.call('GETRANGE', vec, (first - base) * rowbytes, (n - base) * rowbytes - 1)
+  end
+  if fs ~= tonumber(ARGV[p + 1]) or fu ~= tonumber(ARGV[p + 2]) then
+    labels = redis.call('HGET', meta, 'labels') or ''
+  end
+  out[#out + 1] = start; out[#out + 1] = n; out[#out + 1] = base; out[#out + 1] = fs; out[#out + 1] = fu
+  out[#out + 1] = h[6] or false; out[#out + 1] = rows; out[#out + 1] = labels
+end
+return out
+"""
+
+# Keys one _CHANGES script reads on a single Redis (a step's keys in a script or two), and the row bytes it
+# returns at most (a step's new rows fit; a whole key's history is read with plain commands).
+_CHANGES_CHUNK = 1024
+_CHANGES_BUDGET = 4 << 20
+
+# Take the locks KEYS for one lease, all or none (returns 1 or 0): one script for a whole batch on a single Redis,
+# one per prompt on a cluster (a script's keys share a slot). A lock that already holds this token counts as
+# free (a reply lost to a retried connection: tokens are fresh per acquisition, so no one else has it).
+# ARGV: token, lease in ms.
 _LOCK = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-return 0
+for _, lock in ipairs(KEYS) do
+  local holder = redis.call('GET', lock)
+  if holder and holder ~= ARGV[1] then return 0 end
+end
+for _, lock in ipairs(KEYS) do redis.call('SET', lock, ARGV[1], 'PX', ARGV[2]) end
+return 1
 """
 
-# Extend a lease, only while the lock still holds this token. ARGV: token, lease in ms. Returns 1 or 0 (lost).
+# Extend the lease of the locks KEYS that still hold this token. ARGV: token, lease in ms. Returns how many did
+# (the others were lost).
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+local held = 0
+for _, lock in ipairs(KEYS) do
+  if redis.call('GET', lock) == ARGV[1] then held = held + redis.call('PEXPIRE', lock, ARGV[2]) end
+end
+return held
 """
 
+# Release the locks KEYS that still hold this token. ARGV: token.
 _UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+for _, lock in ipairs(KEYS) do
+  if redis.call('GET', lock) == ARGV[1] then redis.call('DEL', lock) end
+end
 return 0
 """
 
@@ -393,6 +438,7 @@ class RedisStore:
             self._r = redis.Redis.from_url(url, health_check_interval=10, **options)
         self._commit = self._r.register_script(_COMMIT)
         self._save_fit = self._r.register_script(_SAVE_FIT)
+        self._changes = self._r.register_script(_CHANGES)
         self._lock = self._r.register_script(_LOCK)
         self._unlock = self._r.register_script(_UNLOCK)
         self._renew = self._r.register_script(_RENEW)
@@ -530,31 +576,42 @@ class RedisStore:
 
     @_translated
     def load_changes(self, run: str, since: Mapping[MemoryKey, KeyHead], dim: int) -> dict[MemoryKey, KeyDelta]:
-        """For each key, the vectors appended after since[key].n and its fit when it is not since's."""
-        keys = list(since)
-        heads = self._heads(run, keys)
-        rowbytes = 4 * dim
-        pipe = self._r.pipeline(transaction=False)
-        plan = []
-        for key, (start, n, fit_start, fitted_upto, base, _) in zip(keys, heads, strict=True):
-            seen = since[key]
-            first = max(seen.n, start)
-            if first < n:
-                pipe.getrange(self._vec(run, key), (first - base) * rowbytes, (n - base) * rowbytes - 1)
-            fit_changed = not seen.same_fit(KeyHead(start, n, fit_start, fitted_upto))
-            if fit_changed:
-                pipe.hmget(self._meta(run, key), "fit_start", "fitted_upto", "labels")
-            plan.append((key, start, n, first, first < n, fit_changed))
-        replies = iter(pipe.execute())
+        """For each key, the vectors appended after since[key].n and its fit when it is not since's: one
+        script per chunk of keys (per key on a cluster), instead of a pipelined command or two per key; rows
+        past the script's budget are read after it, in one pipeline."""
+        keys, rowbytes = list(since), 4 * dim
+        step = 1 if self.cluster else _CHANGES_CHUNK
+        chunks = [keys[lo : lo + step] for lo in range(0, len(keys), step)]
+        calls = [
+            ([name for key in chunk for name in (self._meta(run, key), self._vec(run, key))],
+             [rowbytes, _CHANGES_BUDGET,
+              *(x for key in chunk for x in (since[key].n, since[key].fit_start, since[key].fitted_upto))])
+            for chunk in chunks
+        ]  # fmt: skip
+        heads, rows, later = {}, {}, []
+        for chunk, reply in zip(chunks, self._scripts(self._changes, calls), strict=True):
+            for key, lo in zip(chunk, range(0, len(reply), 8), strict=True):
+                start, n, base, fit_start, fitted_upto, prompt, rows[key], labels = reply[lo : lo + 8]
+                if prompt is not None and prompt.decode() != key.prompt_id:
+                    raise IdCollision(f"prompt ids {key.prompt_id!r} and {prompt.decode()!r} share a hash; rename one")
+                first = max(since[key].n, start)
+                if first < n and rows[key] is None:
+                    later.append((key, (first - base) * rowbytes, (n - base) * rowbytes - 1))
+                fit = None
+                if labels is not None:
+                    fit = Fit(key, np.frombuffer(labels, dtype="<i4").astype(np.int64), fit_start, fitted_upto)
+                heads[key] = (start, n, first, fit)
+        if later:
+            pipe = self._r.pipeline(transaction=False)
+            for key, lo, hi in later:
+                pipe.getrange(self._vec(run, key), lo, hi)
+            rows.update((key, blob) for (key, _, _), blob in zip(later, pipe.execute(), strict=True))
         changes = {}
-        for key, start, n, first, has_rows, fit_changed in plan:
+        for key, (start, n, first, fit) in heads.items():
+            blob = rows[key]
             vectors = np.zeros((0, dim), dtype=np.float32)
-            if has_rows:
-                vectors = np.frombuffer(next(replies), dtype="<f4").reshape(-1, dim).astype(np.float32)
-            fit = None
-            if fit_changed:
-                fs, fu, labels = next(replies)
-                fit = Fit(key, np.frombuffer(labels or b"", dtype="<i4").astype(np.int64), int(fs or 0), int(fu or 0))
+            if blob is not None:
+                vectors = np.frombuffer(blob, dtype="<f4").reshape(-1, dim).astype(np.float32)
             changes[key] = KeyDelta(start, n, first, vectors, fit)
         return changes
 
@@ -756,15 +813,13 @@ class RedisStore:
     @contextmanager
     def locked(self, run: str, prompt_ids: Sequence[str]) -> Iterator[None]:
         """Hold the locks of these prompts (all or none at a time, so two replicas never deadlock)."""
-        names = sorted({self._prompt_key(run, p, "lock") for p in prompt_ids})
+        names = sorted({self._prompt_key(run, p, "lock") for p in set(prompt_ids)})  # hashed once per prompt
         token = uuid.uuid4().hex
         deadline = time.monotonic() + self.lock_wait_s
         delay = 0.005
         while True:
-            got = self._acquire(names, token)
-            if len(got) == len(names):
+            if self._acquire(names, token):
                 break
-            self._release(got, token)
             if time.monotonic() > deadline:
                 raise StoreUnavailable("prompts of this batch are being scored by another replica", retry_after=1)
             time.sleep(delay * (1 + random.random()))
@@ -781,29 +836,41 @@ class RedisStore:
             except StoreUnavailable as exc:  # harmless: the locks expire within a lease
                 log.warning("prompt locks not released (%s); they expire within %d ms", exc, self.lock_lease_ms)
 
-    @_translated
-    def _acquire(self, names: list[str], token: str) -> list[str]:
+    def _scripts(self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run a script once per (keys, args): a lone call directly (one round trip), more in one pipeline."""
+        if len(calls) == 1 and not self.cluster:
+            keys, args = calls[0]
+            return [script(keys=keys, args=args)]
         pipe = self._r.pipeline(transaction=False)
-        for name in names:
-            self._queue_script(pipe, self._lock, [name], [token, self.lock_lease_ms])
-        return [name for name, ok in zip(names, pipe.execute(), strict=True) if ok]
+        for keys, args in calls:
+            self._queue_script(pipe, script, keys, args)
+        return list(pipe.execute())
+
+    def _per_slot(self, script: Script, names: list[str], args: Sequence[Any]) -> list[tuple[list[str], Any]]:
+        """Run a lock script over these locks: once for all of them on a single Redis (one round trip, atomic),
+        once per lock on a cluster (a script's keys must share a slot). Replies by group of locks."""
+        groups = [[name] for name in names] if self.cluster else [names]
+        return list(zip(groups, self._scripts(script, [(group, args) for group in groups]), strict=True))
+
+    @_translated
+    def _acquire(self, names: list[str], token: str) -> bool:
+        """Take all these locks or none. On a cluster the locks taken before a busy one are given back."""
+        replies = self._per_slot(self._lock, names, [token, self.lock_lease_ms])
+        if all(int(ok) for _, ok in replies):
+            return True
+        if self.cluster:
+            self._release([name for group, ok in replies if int(ok) for name in group], token)
+        return False
 
     @_translated
     def _renew_locks(self, names: list[str], token: str) -> int:
         """Extend the lease of the locks still under this token; returns how many were."""
-        pipe = self._r.pipeline(transaction=False)
-        for name in names:
-            self._queue_script(pipe, self._renew, [name], [token, self.lock_lease_ms])
-        return sum(int(reply) for reply in pipe.execute())
+        return sum(int(held) for _, held in self._per_slot(self._renew, names, [token, self.lock_lease_ms]))
 
     @_translated
     def _release(self, names: list[str], token: str) -> None:
-        if not names:
-            return
-        pipe = self._r.pipeline(transaction=False)
-        for name in names:
-            self._queue_script(pipe, self._unlock, [name], [token])
-        pipe.execute()
+        if names:
+            self._per_slot(self._unlock, names, [token])
 
     # ---- refit queue ------------------------------------------------------------------------------
 
