@@ -42,14 +42,29 @@ def set_threads(threads: int) -> None:
 # summation, which the engine's rounding bound (core/knn.py) covers whatever the order.
 _BLAS_THRESHOLD = 0
 
+# The BLAS form multiplies blocks of QUERY_BLOCK queries by DATABASE_BLOCK rows into a buffer it allocates on
+# every call: 4096 x 1024 floats (16 MiB) by default. glibc serves blocks that large with mmap and munmap, per
+# call, unless an earlier free in the process happened to raise its mmap threshold: a service whose memory
+# grew step by step made ~500 mmap/munmap pairs a step, and its searches took 2x as long as those of one
+# whose memory came in one large request. 16 x 1024 floats (64 KiB) stay under glibc's default threshold
+# (128 KiB), whatever the process did before; a key's queries (16 or so) still make one block, and the
+# results are the same products (tests/unit/test_index_threads.py).
+QUERY_BLOCK = 16
+DATABASE_BLOCK = 1024
+
 
 def _use_search_threads() -> None:
     """Apply the configured OpenMP thread count in the calling thread (a new thread starts with every core),
-    and the BLAS form of the scan (a process-wide FAISS setting, the same value for every search)."""
+    and the BLAS form of the scan with its block sizes (process-wide FAISS settings, the same for every search)."""
     if faiss.omp_get_max_threads() != _search_threads[0]:
         faiss.omp_set_num_threads(_search_threads[0])
-    if faiss.cvar.distance_compute_blas_threshold != _BLAS_THRESHOLD:
-        faiss.cvar.distance_compute_blas_threshold = _BLAS_THRESHOLD
+    settings = faiss.cvar
+    if settings.distance_compute_blas_threshold != _BLAS_THRESHOLD:
+        settings.distance_compute_blas_threshold = _BLAS_THRESHOLD
+    if settings.distance_compute_blas_query_bs != QUERY_BLOCK:
+        settings.distance_compute_blas_query_bs = QUERY_BLOCK
+    if settings.distance_compute_blas_database_bs != DATABASE_BLOCK:
+        settings.distance_compute_blas_database_bs = DATABASE_BLOCK
 
 
 def gpu_count() -> int:
