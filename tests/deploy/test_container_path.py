@@ -132,5 +132,3 @@ def test_the_images_install_and_start_commands_serve_in_a_clean_venv(tmp_path: P
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output[-3000:]
-
-

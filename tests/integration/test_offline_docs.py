@@ -38,9 +38,7 @@ def _references(html: str) -> list[str]:
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
-def test_every_asset_of_the_docs_page_comes_from_the_service(
-    page: str, start_server: Callable[..., str]
-) -> None:
+def test_every_asset_of_the_docs_page_comes_from_the_service(page: str, start_server: Callable[..., str]) -> None:
     base = start_server(refit_processes=False, refit_workers=1)
     response = httpx.get(base + page, timeout=10)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
