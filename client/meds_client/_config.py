@@ -66,7 +66,8 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt + 1`, without any Retry-After."""
-        delay = min(self.initial_delay * 2.0**attempt, self.max_delay)
+        # The exponent is capped: 2.0 ** 1024 overflows a float, and a client with many retries gets there.
+        delay = min(self.initial_delay * 2.0 ** min(attempt, 64), self.max_delay)
         return delay * (1.0 - self.jitter * random.random())
 
     def delay(self, attempt: int, response: httpx.Response | None = None) -> float:

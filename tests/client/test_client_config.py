@@ -22,6 +22,13 @@ def test_backoff_doubles_from_half_a_second_to_eight_with_jitter() -> None:
         assert len(set(delays)) > 1  # jittered
 
 
+def test_backoff_stays_at_its_cap_however_many_retries_came_before() -> None:
+    """A client with retries=10000 against a service that stays down reached attempt 1024, where 2.0 ** 1024
+    overflowed (OverflowError out of `score`, instead of the next retry or the degraded answer)."""
+    policy = RetryPolicy(max_retries=10_000, initial_delay=0.05, max_delay=0.5, jitter=0.0)
+    assert [policy.backoff(attempt) for attempt in (0, 3, 1023, 1024, 10_000)] == [0.05, 0.4, 0.5, 0.5, 0.5]
+
+
 def test_retry_after_up_to_sixty_seconds_replaces_backoff() -> None:
     policy = RetryPolicy(jitter=0.0)
     assert policy.delay(0, httpx.Response(503, headers={"Retry-After": "7"})) == 7.0

@@ -4,6 +4,7 @@ refit workers (which get them from their forkserver's preload) and the kNN refer
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -75,3 +76,19 @@ def test_what_the_background_import_creates_is_kept_from_the_cyclic_gc(tmp_path:
     tracked, frozen = int(tracked), int(frozen)
     assert frozen > 100_000
     assert tracked < 20_000, f"{tracked} objects left to the cyclic GC after the background import"
+
+
+def test_the_forked_processes_parent_runs_no_allocator_thread() -> None:
+    """The refit forkserver imports the fitting libraries and then forks: no thread may run in it then (pyarrow's
+    jemalloc starts one unless told not to, and a fork during its locks hangs the child)."""
+    code = (
+        "import os, time\n"
+        "import meds_service.workers\n"
+        "from meds_service.core import clustering\n"
+        "from meds_service.core.knn import load_reference\n"
+        "load_reference(); time.sleep(0.3)\n"
+        "print(sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JE_ARROW_MALLOC_CONF"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert "jemalloc_bg_thd" not in out, out
