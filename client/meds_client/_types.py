@@ -199,14 +199,11 @@ class ScoreResults(Sequence[ScoreResult]):
 
     def put(self, positions: Sequence[int], part: ScoreResults) -> None:
         """Write a chunk's results at their positions in this batch's order."""
-        if len(part._ids) == len(self._ids) and list(positions) == list(range(len(self._ids))):  # one chunk: all
-            self._ids = list(part._ids)
-            self._status, self._cluster, self._size = part._status.copy(), part._cluster.copy(), part._size.copy()
-            self._penalty, self._shaped = part._penalty.copy(), part._shaped.copy()
-            self._metric_parts += part._metric_parts
-            return
-        for position, rollout_id in zip(positions, part._ids, strict=True):
-            self._ids[position] = rollout_id
+        if len(part._ids) == len(self._ids) and list(positions) == list(range(len(self._ids))):
+            self._ids = list(part._ids)  # the usual single chunk: no Python loop over its ids
+        else:
+            for position, rollout_id in zip(positions, part._ids, strict=True):
+                self._ids[position] = rollout_id
         index = np.asarray(positions, dtype=np.intp)
         self._status[index], self._cluster[index], self._size[index] = part._status, part._cluster, part._size
         self._penalty[index], self._shaped[index] = part._penalty, part._shaped

@@ -245,6 +245,12 @@ return 0
 """
 
 
+def _check_prompt(key: MemoryKey, stored: bytes | None) -> None:
+    """IdCollision when the prompt id stored under a key's hash tag is another prompt's (None: nothing stored)."""
+    if stored is not None and stored.decode() != key.prompt_id:
+        raise IdCollision(f"prompt ids {key.prompt_id!r} and {stored.decode()!r} share a hash; rename one")
+
+
 def _translated(method: Callable[P, T]) -> Callable[P, T]:
     """Redis outages become StoreUnavailable (503 + Retry-After), never a 500."""
 
@@ -569,8 +575,7 @@ class RedisStore:
             pipe.hmget(self._meta(run, key), "start", "n", "fit_start", "fitted_upto", "base", "prompt")
         heads = []
         for key, row in zip(keys, pipe.execute(), strict=True):
-            if row[5] is not None and row[5].decode() != key.prompt_id:
-                raise IdCollision(f"prompt ids {key.prompt_id!r} and {row[5].decode()!r} share a hash; rename one")
+            _check_prompt(key, row[5])
             heads.append((*(int(v or 0) for v in row[:5]), row[5]))
         return heads
 
@@ -592,8 +597,7 @@ class RedisStore:
         for chunk, reply in zip(chunks, self._scripts(self._changes, calls), strict=True):
             for key, lo in zip(chunk, range(0, len(reply), 8), strict=True):
                 start, n, base, fit_start, fitted_upto, prompt, rows[key], labels = reply[lo : lo + 8]
-                if prompt is not None and prompt.decode() != key.prompt_id:
-                    raise IdCollision(f"prompt ids {key.prompt_id!r} and {prompt.decode()!r} share a hash; rename one")
+                _check_prompt(key, prompt)
                 first = max(since[key].n, start)
                 if first < n and rows[key] is None:
                     later.append((key, (first - base) * rowbytes, (n - base) * rowbytes - 1))
