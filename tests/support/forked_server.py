@@ -69,7 +69,7 @@ class ForkedServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        raise TimeoutError(f"{self.base_url} not ready after {timeout}s (log: {self.log})")
+        raise TimeoutError(f"{self.base_url} not ready after {timeout}s (log: {self.log}){_stacks(self.pid)}")
 
     def wait(self) -> int:
         """Block until the service ends: the number of the signal that killed it, 0 if it exited."""
@@ -95,6 +95,18 @@ class ForkedServer:
             self.zygote.wait(30)
         if self.zygote.stdout is not None:
             self.zygote.stdout.close()
+
+
+def _stacks(pid: int) -> str:
+    """Where a service that never became ready is stuck (py-spy's dump of its threads), for the failure message:
+    a restart in the crash-loop test has hung before its first log line, rarely, and not yet been explained."""
+    spy = Path(sys.executable).with_name("py-spy")
+    try:
+        command = [str(spy), "dump", "--native", "--pid", str(pid)]
+        dump = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"; no stack dump ({exc})"
+    return f"; its threads:\n{dump.stdout}{dump.stderr}"
 
 
 def _serve(command: dict[str, Any]) -> None:
