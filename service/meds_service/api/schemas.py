@@ -10,7 +10,8 @@ from typing_extensions import TypedDict
 from ..core.config import MAX_INT, MAX_KNN_K, MAX_TEXT_CHARS, RunConfig
 
 RUN_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
-Id = Annotated[str, Field(min_length=1, max_length=512)]
+MAX_ID_CHARS = 512
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 MAX_STEP = 2**63 - 1
 # The largest float32 in its shortest decimal form, as clients write float32 values: as a float64 it is a little
 # above that float32 (3.4028234663852886e38), and every value up to it reads back as a finite float32.
