@@ -179,3 +179,13 @@ def test_both_paths_give_the_same_batch() -> None:
     assert slow.rollout_ids[0] == "r:0" and fast.rollout_ids[1:] == slow.rollout_ids[1:]
     for name in ("prompt_ids", "groups", "rewards", "fingerprints", "has_fingerprint", "step", "texts"):
         assert np.array_equal(np.asarray(getattr(fast, name)), np.asarray(getattr(slow, name))), name
+
+
+@pytest.mark.parametrize("row", [1, 2**63, 2**70])
+def test_a_fingerprint_row_beyond_the_matrix_is_refused_however_large(row: int) -> None:
+    body = (
+        b'{"rollouts": [{"rollout_id": "a", "prompt_id": "p", "fingerprint_row": %d}], '
+        b'"fingerprint_matrix": {"shape": [1, 2], "data": "AACAPwAAAEA="}}' % row
+    )
+    with pytest.raises(MedsError, match=f"fingerprint_row {row} is outside fingerprint_matrix"):
+        codec.decode_score_request(body, max_batch=10, max_dim=10)

@@ -124,3 +124,18 @@ def test_a_rollout_is_identified_by_prompt_and_rollout_id(client: TestClient) ->
     same_request = {"rollouts": [rollout(0, prompt_id="x"), rollout(0, prompt_id="y")]}
     error = assert_error(client.post("/v1/runs/i/score", json=same_request), 400, "invalid_input")
     assert "repeat within the request" in error["message"]
+
+
+@pytest.mark.parametrize("row", [2**63, 2**70])
+def test_a_fingerprint_row_beyond_int64_is_400_and_stores_nothing(client: TestClient, row: int) -> None:
+    """It was compared after conversion to int64, which overflowed: a 500."""
+    body = orjson.dumps(
+        {
+            "rollouts": [{"rollout_id": "a", "prompt_id": "p", "fingerprint_row": 0}],
+            "fingerprint_matrix": {"shape": [1, 2], "data": "AACAPwAAAEA="},
+        }
+    ).replace(b'"fingerprint_row":0', b'"fingerprint_row":%d' % row)
+    response = client.post("/v1/runs/big/score", content=body, headers={"content-type": "application/json"})
+    error = assert_error(response, 400, "invalid_input")
+    assert error["message"] == f"fingerprint_row {row} is outside fingerprint_matrix"
+    assert stored(client, "big") == 0

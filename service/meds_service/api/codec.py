@@ -199,10 +199,10 @@ def _fingerprints(fields: _Fields, max_dim: int) -> tuple[np.ndarray, np.ndarray
         present[lists] = True
     if rows:
         assert matrix is not None
-        picks = np.array([fields.rows[i] for i in rows], dtype=np.int64)
-        if picks.max() >= len(matrix):
-            raise InvalidInput(f"fingerprint_row {int(picks.max())} is outside fingerprint_matrix")
-        out[rows] = matrix[picks]
+        picks = [fields.rows[i] for i in rows]
+        if max(picks) >= len(matrix):  # compared as Python ints: a row beyond int64 is refused, not an overflow
+            raise InvalidInput(f"fingerprint_row {max(picks)} is outside fingerprint_matrix")
+        out[rows] = matrix[np.array(picks, dtype=np.int64)]
         present[rows] = True
     return out, present
 
