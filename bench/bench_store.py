@@ -145,7 +145,7 @@ def summarise(timed: dict[str, list[Sides]]) -> dict[str, Any]:
 def service_level(epochs: int, samples: int, wl: Workload) -> dict[str, Any]:
     """The whole step through a real server and the client (msgpack columns), on each store in turn."""
     from bench.bench_score import drain, score_step
-    from harness.server import ProcessServer
+    from harness.server import ProcessServer, wait_warm
     from meds_client import MedsClient
 
     memory = [wl.step() for _ in range(epochs)]
@@ -163,6 +163,7 @@ def service_level(epochs: int, samples: int, wl: Workload) -> dict[str, Any]:
                                                               "MEDS_REFIT_INTERVAL_S": "0.05", **env})  # fmt: skip
                 server.start(timeout=180)
                 try:
+                    wait_warm(server.base_url)  # steady-state steps, as bench_score and bench_curves time them
                     client = MedsClient(server.base_url, timeout=600)
                     score_step(client, RUN, merged)
                     drain(client, server.base_url, RUN)
