@@ -28,6 +28,8 @@ from harness.server import READY_TIMEOUT_S, free_port
 
 # The zygote forks: keep the numeric libraries from starting thread pools in it before that.
 SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# A restart takes seconds, 30 s at most on a loaded CI machine: one not ready after this has hung.
+HUNG_START_S = 90.0
 
 
 class ForkedServer:
@@ -39,15 +41,18 @@ class ForkedServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = log
         root = Path(__file__).resolve().parents[2]
-        self.zygote = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.forked_server"],
-            cwd=root,
-            env={**os.environ, **SINGLE_THREADED, "MEDS_DATA_DIR": str(data_dir), **(env or {})},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        with open(log, "ab") as stderr:  # what a child writes before its own redirection lands in the log too
+            self.zygote = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.forked_server"],
+                cwd=root,
+                env={**os.environ, **SINGLE_THREADED, "MEDS_DATA_DIR": str(data_dir), **(env or {})},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         self.pid: int | None = None
+        self.failed_starts: list[str] = []  # what became of each start that was not ready, and was forked again
 
     def _ask(self, command: dict[str, Any]) -> dict[str, Any]:
         assert self.zygote.stdin is not None and self.zygote.stdout is not None
@@ -59,17 +64,40 @@ class ForkedServer:
         return dict(json.loads(line))
 
     def start(self, env: dict[str, str] | None = None, timeout: float = READY_TIMEOUT_S) -> None:
-        """Fork a service with these extra variables and wait until it is ready."""
-        self.pid = int(self._ask({"op": "start", "port": self.port, "log": str(self.log), "env": env or {}})["pid"])
+        """Fork a service with these extra variables and wait until it is ready.
+
+        A forked service has, rarely and only on a busy machine, never become ready: it ended (or hung) before
+        its first log line. Such a start is killed after `HUNG_START_S` and forked once more, and what became of
+        it (its exit status, or its threads) is kept in `failed_starts` for the test to report. A second
+        failure in a row fails the start.
+        """
+        for attempt in range(2):
+            self.pid = int(self._ask({"op": "start", "port": self.port, "log": str(self.log), "env": env or {}})["pid"])
+            failure = self._ready(min(timeout, HUNG_START_S) if attempt == 0 else timeout)
+            if failure is None:
+                return
+            if attempt == 1:
+                raise TimeoutError(f"{self.base_url} not ready (log: {self.log}): {failure}")
+            self.failed_starts.append(failure)
+            for kill in (os.killpg, os.kill):  # its session, and itself should it have hung before setsid()
+                with contextlib.suppress(ProcessLookupError):
+                    kill(self.pid, signal.SIGKILL)
+            self._ask({"op": "wait"})
+
+    def _ready(self, timeout: float) -> str | None:
+        """None once the service answers /readyz; else what became of it (it ended, or hung: its threads)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return
+                    return None
             except httpx.HTTPError:
                 pass
+            ended = self._ask({"op": "poll"})
+            if not ended["running"]:
+                return f"the service process ended before it was ready: {ended}"
             time.sleep(0.05)
-        raise TimeoutError(f"{self.base_url} not ready after {timeout}s (log: {self.log}){_stacks(self.pid)}")
+        return f"not ready after {timeout:.0f} s; its threads:\n{_stacks(self.pid or 0)}"
 
     def wait(self) -> int:
         """Block until the service ends: the number of the signal that killed it, 0 if it exited."""
@@ -105,8 +133,8 @@ def _stacks(pid: int) -> str:
         command = [str(spy), "dump", "--native", "--pid", str(pid)]
         dump = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"; no stack dump ({exc})"
-    return f"; its threads:\n{dump.stdout}{dump.stderr}"
+        return f"no stack dump ({exc})"
+    return f"{dump.stdout}{dump.stderr}"
 
 
 def _serve(command: dict[str, Any]) -> None:
@@ -137,18 +165,22 @@ def _zygote(commands: IO[str], replies: IO[str]) -> None:
 
     load_reference()  # what each child would import in the background, once
 
-    child = 0
+    child, ended = 0, None  # the last child, and how it ended once reaped
     for line in commands:
         command = json.loads(line)
         if command["op"] == "start":
             replies.flush()
-            child = os.fork()
+            child, ended = os.fork(), None
             if child == 0:
                 _serve(command)
             reply: dict[str, Any] = {"pid": child}
-        else:
-            _, status = os.waitpid(child, 0)
-            reply = {"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0}
+        else:  # "wait" blocks until the child ends, "poll" answers at once
+            if ended is None:
+                pid, status = os.waitpid(child, 0 if command["op"] == "wait" else os.WNOHANG)
+                if pid:
+                    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+                    ended = {"signal": 0 if code is not None else os.WTERMSIG(status), "code": code}
+            reply = {"running": True} if ended is None else {"running": False, **ended}
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
 
