@@ -199,7 +199,7 @@ def _fingerprints(fields: _Fields, max_dim: int) -> tuple[np.ndarray, np.ndarray
         present[lists] = True
     if rows:
         assert matrix is not None
-        picks = [fields.rows[i] for i in rows]
+        picks = [row for row in fields.rows if row is not None]  # those of `rows`, in order
         if max(picks) >= len(matrix):  # compared as Python ints: a row beyond int64 is refused, not an overflow
             raise InvalidInput(f"fingerprint_row {max(picks)} is outside fingerprint_matrix")
         out[rows] = matrix[np.array(picks, dtype=np.int64)]
