@@ -4,6 +4,7 @@ bodies do take it."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from typing import Any
@@ -17,6 +18,7 @@ from meds_service.api import codec
 from meds_service.api.errors import validated
 from meds_service.api.schemas import ScoreRequest
 from meds_service.core.errors import MedsError
+from meds_service.core.types import RESULT_DTYPE, ScoreOutcome
 
 FIELDS = ["rollout_id", "prompt_id", "correct", "fingerprint", "fingerprint_row", "reward", "text"]
 
@@ -189,3 +191,23 @@ def test_a_fingerprint_row_beyond_the_matrix_is_refused_however_large(row: int) 
     )
     with pytest.raises(MedsError, match=f"fingerprint_row {row} is outside fingerprint_matrix"):
         codec.decode_score_request(body, max_batch=10, max_dim=10)
+
+
+def test_a_request_and_its_answer_make_no_object_per_rollout_that_the_cyclic_gc_tracks() -> None:
+    """10^4 tracked objects per request set off collections that scan every live object of the process: a
+    request of 8,192 rollouts triggered 31 young and 0.2 full collections on the decode and the answer, 10 and
+    0.05 with untracked structs."""
+    body = json.dumps({"rollouts": [{"rollout_id": f"r{i}", "prompt_id": "p", "reward": 1.0} for i in range(3)]})
+    request = codec._FAST_DECODER.decode(body.encode())
+    assert not gc.is_tracked(request) and not any(gc.is_tracked(r) for r in request.rollouts)
+    outcome = ScoreOutcome(["a", "b"], np.zeros(2, np.int8), np.zeros(2, dtype=RESULT_DTYPE))
+    assert not any(gc.is_tracked(r) for r in codec.results_json(outcome))
+    answer = json.loads(codec.JSON.encode(outcome))
+    assert [r["rollout_id"] for r in answer["results"]] == ["a", "b"] and set(answer["results"][0]) == {
+        "rollout_id",
+        "status",
+        "cluster",
+        "cluster_size",
+        "penalty",
+        "shaped_reward",
+    }

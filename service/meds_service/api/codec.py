@@ -16,7 +16,6 @@ from typing import Any, NamedTuple, Protocol
 import msgpack
 import msgspec
 import numpy as np
-import orjson
 from msgspec import UNSET, UnsetType
 
 from ..core.errors import InvalidInput, SchemaError
@@ -83,16 +82,17 @@ def _model_fields(request: ScoreRequest) -> _Fields:
 # (pydantic). Its types below accept a subset of what `ScoreRequest` accepts (no 85.0 for 85, no NaN, no
 # number out of float64's range), and `_fast_fields` checks the rest of the model's constraints in bulk.
 # Whatever either refuses goes to `ScoreRequest`, so the answers to bad bodies, and their messages, are the
-# model's own.
+# model's own. The structs are not tracked by the cyclic GC (they hold no containers but lists of numbers):
+# 10^4 tracked objects per request would set off collections that scan every live object of the process.
 
 
-class _FastMatrix(msgspec.Struct, forbid_unknown_fields=True):
+class _FastMatrix(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     shape: list[int]
     data: str
     dtype: str | UnsetType = UNSET
 
 
-class _FastRollout(msgspec.Struct, forbid_unknown_fields=True):
+class _FastRollout(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     rollout_id: str
     prompt_id: str
     correct: bool | UnsetType | None = UNSET
@@ -102,7 +102,7 @@ class _FastRollout(msgspec.Struct, forbid_unknown_fields=True):
     text: str | UnsetType | None = UNSET
 
 
-class _FastRequest(msgspec.Struct, forbid_unknown_fields=True):
+class _FastRequest(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     rollouts: list[_FastRollout]
     step: int | UnsetType | None = UNSET
     fingerprint_matrix: _FastMatrix | UnsetType | None = UNSET
@@ -384,7 +384,7 @@ class JsonCodec:
 
     def encode(self, outcome: ScoreOutcome) -> bytes:
         metrics = outcome.metrics
-        return orjson.dumps(
+        return _JSON_ENCODER.encode(
             {"results": results_json(outcome), "metrics": metrics.metrics(), "metric_counts": metrics.counts()}
         )
 
@@ -418,21 +418,36 @@ def response_codec(accept: str) -> WireCodec:
     return JSON
 
 
-def results_json(outcome: ScoreOutcome) -> list[dict[str, Any]]:
+class _Result(msgspec.Struct, gc=False):
+    """One entry of a JSON score answer's `results` (the wire model is `RolloutOut`). A struct, not a dict:
+    built and encoded faster, and not tracked by the cyclic GC."""
+
+    rollout_id: str
+    status: str
+    cluster: int | None
+    cluster_size: int
+    penalty: float
+    shaped_reward: float | None
+
+
+_JSON_ENCODER = msgspec.json.Encoder()
+
+
+def results_json(outcome: ScoreOutcome) -> list[_Result]:
     """The `results` list of a JSON score answer, built from columns (fast for 10^4 rollouts)."""
     names = [s.value for s in STATUSES]
     records = outcome.records
     clusters = [None if c == NO_CLUSTER32 else c for c in records["cluster"].tolist()]
     shaped = [None if math.isnan(x) else x for x in records["shaped"].tolist()]
-    return [
-        {"rollout_id": rid, "status": names[st], "cluster": c, "cluster_size": z, "penalty": p, "shaped_reward": sh}
-        for rid, st, c, z, p, sh in zip(
+    statuses = [names[st] for st in outcome.status.tolist()]
+    return list(
+        map(
+            _Result,
             outcome.rollout_ids,
-            outcome.status.tolist(),
+            statuses,
             clusters,
             records["size"].tolist(),
             records["penalty"].tolist(),
             shaped,
-            strict=True,
         )
-    ]
+    )
