@@ -126,8 +126,8 @@ class ForkedServer:
 
 
 def _stacks(pid: int) -> str:
-    """Where a service that never became ready is stuck (py-spy's dump of its threads), for the failure message:
-    a restart in the crash-loop test has hung before its first log line, rarely, and not yet been explained."""
+    """Where a service that never became ready is stuck (py-spy's dump of its threads), for `failed_starts`: a
+    restart in the crash-loop test has, rarely, not become ready; once seen, it had ended rather than hung."""
     spy = Path(sys.executable).with_name("py-spy")
     try:
         command = [str(spy), "dump", "--native", "--pid", str(pid)]
