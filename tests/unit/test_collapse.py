@@ -127,3 +127,27 @@ def test_cluster_shape_per_group() -> None:
     assert shape.noise.tolist() == [1, 0, 0]
     assert shape.largest_share.tolist() == pytest.approx([2 / 3, 0, 0.5])
     assert shape.entropy.tolist() == pytest.approx([-(2 / 3 * math.log(2 / 3)) + math.log(3) / 3, 0, math.log(2)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_prompts_are_taken_in_sorted_order_bit_for_bit(seed: int) -> None:
+    """The per-prompt values are averaged in sorted prompt order (as np.unique codes them), so the metrics are
+    the same to the last bit whatever order the prompts arrive in (in order of arrival, seeds 2 and 4 differ
+    in the last bit)."""
+    rng = np.random.default_rng(seed)
+    n = 4000
+    prompts = [f"prompt-{int(i)}" for i in rng.integers(0, 300, n)]
+    wrong, kept = rng.random(n) < 0.6, np.ones(n, dtype=bool)
+    clusters = rng.integers(-1, 6, n)
+    penalties = rng.random(n) * 0.2
+    got = metrics_of(prompts, wrong.tolist(), kept.tolist(), clusters.tolist(), penalties.tolist())
+    rows = np.flatnonzero(wrong)
+    _, codes = np.unique(np.asarray(prompts, dtype=object)[rows], return_inverse=True)
+    shape = cluster_shape(codes.astype(np.int64), clusters[rows], int(codes.max()) + 1)
+    assert got.largest_cluster_share == float(np.mean(shape.largest_share))
+    assert got.cluster_entropy == float(np.mean(shape.entropy))
+    assert got.distinct_error_clusters == float(np.mean(shape.distinct))
+    reversed_rows = metrics_of(
+        prompts[::-1], wrong[::-1].tolist(), kept.tolist(), clusters[::-1].tolist(), penalties[::-1].tolist()
+    )
+    assert reversed_rows.cluster_entropy == got.cluster_entropy

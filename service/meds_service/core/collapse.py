@@ -113,9 +113,13 @@ def batch_metrics(
     kept = np.asarray(penalties, dtype=np.float64)[remembered]
     judged = wrong & (clusters != no_cluster)
     rows = np.flatnonzero(judged)
-    _, codes = np.unique(np.asarray(prompt_ids, dtype=object)[rows], return_inverse=True) if len(rows) else (0, rows)
-    n_prompts = int(codes.max()) + 1 if len(rows) else 0
-    shape = cluster_shape(codes.astype(np.int64), clusters[rows], n_prompts)
+    # Prompts coded in sorted order, as np.unique would, through dict and map calls: np.unique sorts every
+    # rollout's id with Python comparisons, ~3 ms of an 8,192-rollout answer; this sorts each prompt once.
+    judged_prompts = [prompt_ids[row] for row in rows.tolist()]
+    code_of = {prompt: code for code, prompt in enumerate(sorted(dict.fromkeys(judged_prompts)))}
+    codes = np.fromiter(map(code_of.__getitem__, judged_prompts), dtype=np.int64, count=len(rows))
+    n_prompts = len(code_of)
+    shape = cluster_shape(codes, clusters[rows], n_prompts)
     return CollapseMetrics(
         repeat_rate=_ratio(int((wrong & (clusters >= 0)).sum()), n_wrong),
         distinct_error_clusters=_mean(shape.distinct),
