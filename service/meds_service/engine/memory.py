@@ -183,7 +183,7 @@ class ErrorMemory:
             config = self._config_for(run, batch)
             with self.coordination.locked(name, batch.prompt_ids):
                 self.coordination.refresh(run, config, _touched(batch))
-                hashes = rollout_hashes(batch.prompt_ids, batch.rollout_ids)
+                hashes = rollout_hashes(batch.prompt_ids, batch.rollout_ids) if self.store.finds_ids_by_hash else None
                 known = self.store.find_results(name, batch.prompt_ids, batch.rollout_ids, hashes)
                 fresh = np.array([rid not in known for rid in batch.rollout_ids], dtype=bool)
                 rows = np.flatnonzero(fresh & batch.has_fingerprint)
@@ -217,7 +217,7 @@ class ErrorMemory:
         batch: RolloutBatch,
         rows: NDArray[np.intp],
         records: NDArray[np.void],
-        hashes: NDArray[np.uint64],
+        hashes: NDArray[np.uint64] | None,
     ) -> tuple[ScoredBatch, list[NDArray[np.float32]]]:
         """Fill `records` for the rollouts at `rows`; return the batch to commit and each append's
         normalised vectors (for the index once committed).
@@ -249,7 +249,7 @@ class ErrorMemory:
         appends, fits = _appends(run, config, groups, stored, ids, sorted_records, batch.step, texts)
         fitted = config.fitted_groups()
         refits = [a.key for a in appends if a.key.group in fitted and len(a.vectors) + a.first_seq - a.new_start >= 2]
-        scored = ScoredBatch(appends, fits, refits, hashes[by_key])
+        scored = ScoredBatch(appends, fits, refits, None if hashes is None else hashes[by_key])
         return scored, [normed[lo:hi] for _, lo, hi in groups.spans()]
 
     def _remember(

@@ -44,6 +44,10 @@ from ..core.types import (
 class MemoryStore(Protocol):
     """The durable record of every run: configs, vectors, fits, steps and rollout results."""
 
+    # Whether the store finds rollouts by their `rollout_hashes` (find_results' `id_hashes`, ScoredBatch's
+    # `id_hashes`): the engine computes them only for a store that uses them.
+    finds_ids_by_hash: bool
+
     def ping(self) -> None: ...
     def close(self) -> None: ...
     def checkpoint(self, idle_s: float = ..., force_bytes: int = ...) -> None: ...

@@ -474,6 +474,8 @@ class RedisStore:
 
     # ---- housekeeping -----------------------------------------------------------------------------
 
+    finds_ids_by_hash = False  # a prompt's results are a hash of rollout ids, looked up by name
+
     def spec(self) -> StoreSpec:
         return StoreSpec("redis-cluster" if self.cluster else "redis", self.url)
 

@@ -159,6 +159,8 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
 
+    finds_ids_by_hash = True  # the rollout-id index (storage/idindex.py) is keyed by rollout_hashes
+
     def spec(self) -> StoreSpec:
         """A picklable description from which a worker process opens its own read-only view."""
         return StoreSpec("sqlite", str(self.data_dir))
