@@ -147,6 +147,53 @@ def test_the_fast_path_takes_only_what_the_model_accepts(body: bytes) -> None:
         assert same(list(fast), list(model)), body
 
 
+def _one(top: dict[str, Any] | None = None, **rollout: Any) -> bytes:
+    """A body of one rollout ("a" of prompt "p", with these fields) and these top-level fields, in UTF-8."""
+    body = {"rollouts": [{"rollout_id": "a", "prompt_id": "p", **rollout}], **(top or {})}
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+def _matrix(**fields: Any) -> dict[str, Any]:
+    return {"fingerprint_matrix": {"shape": [1, 2], "data": "AACAPwAAAEA=", **fields}}
+
+
+# Each bound of the model next to the value just inside it: hypothesis draws them only now and then.
+OUT_OF_BOUNDS = [
+    b'{"rollouts": []}',
+    _one({"step": 2**63}),
+    _one({"step": 2**64}),
+    _one({"step": -1}),
+    _one(rollout_id="x" * 513),
+    _one(prompt_id="é" * 513),
+    _one(rollout_id=""),
+    _one(prompt_id=""),
+    _one(_matrix(), fingerprint_row=-1),
+    _one(_matrix(dtype="f4"), fingerprint_row=0),
+    _one(_matrix(shape=[2]), fingerprint_row=0),
+    _one(_matrix(shape=[1, 2, 1]), fingerprint_row=0),
+    _one(_matrix(shape=[-1, 2]), fingerprint_row=0),
+]
+IN_BOUNDS = [
+    _one({"step": 2**63 - 1}),
+    _one({"step": 0}),
+    _one(rollout_id="x" * 512, prompt_id="é" * 512),
+    _one(_matrix(dtype="float32"), fingerprint_row=0),
+]
+
+
+@pytest.mark.parametrize("body", OUT_OF_BOUNDS)
+def test_a_value_just_out_of_the_models_bounds_is_left_to_the_model_which_refuses_it(body: bytes) -> None:
+    assert model_fields(body) is None
+    assert codec._fast_fields(body) is None
+
+
+@pytest.mark.parametrize("body", IN_BOUNDS)
+def test_a_value_at_the_models_bounds_takes_the_fast_path(body: bytes) -> None:
+    fast = codec._fast_fields(body)
+    assert fast is not None
+    assert same(list(fast), list(model_fields(body) or ()))
+
+
 @pytest.mark.parametrize(
     "body",
     [
