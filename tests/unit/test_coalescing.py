@@ -14,7 +14,7 @@ from harness.reference import ReferenceMEDS, RefRollout
 from meds_service.core.config import RunConfig
 from meds_service.core.types import Fit, Group, MemoryKey
 from meds_service.engine import ErrorMemory
-from meds_service.engine.flights import RefitFlights
+from meds_service.engine.flights import Flight, RefitFlights
 from meds_service.storage.index import ShardIndexes
 from meds_service.storage.sqlite import SQLiteStore
 from meds_service.workers import LocalRefitter
@@ -88,13 +88,25 @@ def test_a_refit_in_flight_elsewhere_in_the_process_is_reused_not_repeated(
     check(engine, reference, rollouts(0, 2))
     run = engine.coordination.run("r")
     keys = [MemoryKey("p0", Group.WRONG), MemoryKey("p1", Group.WRONG)]
-    # Another consumer of this process is refitting p0 (covering its 4 vectors); its fit lands in 0.2 s.
+    # Another consumer of this process is refitting p0 (covering its 4 vectors); its fit lands 0.2 s after the
+    # engine first finds it in the air (a fixed delay from here lost the race on a busy machine: the flight
+    # had landed, unsaved, before the engine looked, and the engine refitted p0 itself).
     fits = other.submit("r", run.config, keys[:1]).result()
     future: Future[list[Fit]] = Future()
-    engine.refits.flights.add("r", {keys[0]: run.keys[keys[0]].n}, future)
+    flights = engine.refits.flights
+    flights.add("r", {keys[0]: run.keys[keys[0]].n}, future)
     timer = threading.Timer(0.2, future.set_result, args=(fits,))
-    timer.start()
+    real_get = flights.get
+
+    def get(name: str, key: MemoryKey) -> Flight | None:
+        flight = real_get(name, key)
+        if key == keys[0] and flight is not None and not timer.is_alive() and not future.done():
+            timer.start()
+        return flight
+
+    flights.get = get  # type: ignore[method-assign]
     check(engine, reference, rollouts(1, 2))  # exact: p0 waits for that fit, only p1 is refitted here
+    assert timer.is_alive() or future.done()  # the engine did find the flight
     timer.join()
     assert counting.jobs == [[keys[1]]]
     assert run.keys[keys[0]].fitted_upto == 4 and run.keys[keys[1]].fitted_upto == 4
