@@ -71,6 +71,12 @@ PENALTIES = np.minimum(0.1 * np.log1p(np.arange(1, 64)), 0.2)  # the only values
 # -- fixtures and veRL-shaped data --------------------------------------------------------------
 
 
+# The module's Ray and TransferQueue start three processes that each import torch and tensordict (about 70 s of
+# CPU in all, 64 s of wall time on 2 idle cores); in CI, beside the other tests, the first test's setup took
+# 257-437 s, near the default 600 s limit, which counts module fixtures in the first test's setup.
+pytestmark = pytest.mark.timeout(1200)
+
+
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     return tiny_tokenizer()
