@@ -137,7 +137,7 @@ def test_plain_bodies_take_the_fast_path_with_the_models_columns(body: bytes) ->
     assert same(list(fast), list(model_fields(body) or ()))
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=odd_body())
 def test_the_fast_path_takes_only_what_the_model_accepts(body: bytes) -> None:
     fast = codec._fast_fields(body)
