@@ -152,3 +152,40 @@ def test_a_read_only_view_never_loses_a_chunk_committed_during_its_catch_up(tmp_
     assert reader._db.fired  # type: ignore[attr-defined]
     assert reader.load_keys("r", [new], 3)[new].n == 5
     writer.close()
+
+
+def test_a_view_opened_while_a_new_key_commits_never_loses_its_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same moment at the view's first catch-up, when it opens: a refit worker opens its view on its first
+    job, while the service keeps committing. A chunk skipped there left the key's refits short for good, and
+    every batch that read the key was refused with 503 ("refits of this batch's keys keep going stale")."""
+    writer = SQLiteStore(tmp_path)
+    config = RunConfig(dim=3)
+    rng = np.random.default_rng(2)
+    old, new = MemoryKey("p", Group.WRONG), MemoryKey("q", Group.WRONG)
+
+    def append(key: MemoryKey, first: int, n: int) -> None:
+        ids = [f"{key.prompt_id}{first + i}" for i in range(n)]
+        x = rng.standard_normal((n, 3)).astype(np.float32)
+        records = result_records([result(i) for i in ids])
+        writer.commit("r", config, ScoredBatch([KeyAppend(key, first, x, 0, ids, records)]))
+
+    append(old, 0, 4)
+    connect, views = sqlite3.connect, []
+
+    def connect_view(*args: object, **kwargs: object) -> _CommitAfterKeyScan:
+        view = _CommitAfterKeyScan(connect(*args, **kwargs), lambda: append(new, 0, 5))  # type: ignore[arg-type]
+        views.append(view)
+        return view
+
+    monkeypatch.setattr(sqlite3, "connect", connect_view)
+    reader = open_store(writer.spec(), read_only=True)
+    monkeypatch.undo()
+    assert [view.fired for view in views] == [True]
+    states = reader.load_keys("r", [old, new], 3)
+    assert (states[old].n, states[new].n) == (4, 5)
+    fits = refit_job(writer.spec(), "r", config, [new])  # a worker's refit covers the whole key
+    assert [fit.fitted_upto for fit in fits] == [5]
+    reader.close()
+    writer.close()

@@ -154,8 +154,8 @@ class SQLiteStore:
                 _add_texts_column(self._db)
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB
-            with self._lock:
-                self._follow_log(with_ids=not read_only)
+            with self._lock, self._caught_up():
+                pass
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
 
@@ -215,20 +215,29 @@ class SQLiteStore:
                 if not self.read_only:
                     yield self._db
                     return
-                # A view (a refit worker) catches up and reads in one transaction, so one snapshot: read in
-                # separate statements, a commit between the list of keys and the list of chunks would show a
-                # chunk of a key the view does not know yet, which it would then skip for good.
-                began = not self._db.in_transaction
-                if began:
-                    self._db.execute("BEGIN")
-                try:
-                    self._follow_log(with_ids=False)
+                with self._caught_up():
                     yield self._db
-                finally:
-                    if began and self._db.in_transaction:
-                        self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise _unavailable("SQLite read failed", exc) from exc
+
+    @contextmanager
+    def _caught_up(self) -> Iterator[None]:
+        """Catch the catalog up with the log, then read, in one transaction (one snapshot of the file).
+
+        A view (a refit worker) follows a file that the writer keeps committing to. Read in separate
+        statements, a commit between the list of keys and the list of chunks would show a chunk of a key the
+        view does not know yet, which it would then skip for good: its refits would never cover that key's
+        vectors. This holds for the first catch-up, when the view opens, as for every later one. The writer
+        catches up once, at open, before anything else can write."""
+        began = not self._db.in_transaction
+        if began:
+            self._db.execute("BEGIN")
+        try:
+            self._follow_log(with_ids=not self.read_only)
+            yield
+        finally:
+            if began and self._db.in_transaction:
+                self._db.execute("COMMIT")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
