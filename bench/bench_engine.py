@@ -3,11 +3,12 @@ revision, side by side in one run (A/B), at several epochs of memory.
 
 Both sides open copies of one seeded SQLite store (a run grown by `epochs` steps of the 512 x 16 workload and
 refitted), then score the same steps, interleaved A B B A..., each timed in CPU time of the scoring thread
-(`time.thread_time`). No refit runs meanwhile: the run is switched to the `fast` rule, so steps are scored
-against the seeded fits (a drained service has its keys fitted before each step; here the newest steps stay
-unfitted, which changes no cost of the score path). Phases are timed by wrapping the engine's functions; nested
-phases (the index search inside `predict`) are counted in their parent too. Both sides must return identical
-results; the run stops otherwise.
+(`time.thread_time`), and in wall time and CPU time of the whole process (work that the engine hands to other
+threads, such as searches dealt over helper threads, shows only there). No refit runs meanwhile: the run is
+switched to the `fast` rule, so steps are scored against the seeded fits (a drained service has its keys
+fitted before each step; here the newest steps stay unfitted, which changes no cost of the score path). Phases
+are timed by wrapping the engine's functions; nested phases (the index search inside `predict`) are counted in
+their parent too. Both sides must return identical results; the run stops otherwise.
 
     .venv/bin/python -m bench.bench_engine                          # 1, 20, 100 epochs against HEAD
     .venv/bin/python -m bench.bench_engine --epochs 1,20 --steps 7 --baseline c040f7f
@@ -110,6 +111,8 @@ class Side:
     engine: Any = None
     store: Any = None
     cpu_ms: list[float] = field(default_factory=list)
+    wall_ms: list[float] = field(default_factory=list)
+    process_ms: list[float] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=dict)
 
     def module(self, name: str) -> Any:
@@ -149,9 +152,11 @@ class Side:
     def score(self, step: dict[str, Any]) -> Any:
         batch = batch_of(self.module("core.types"), step)
         _phases.clear()
-        started = time.thread_time()
+        started, wall, process = time.thread_time(), time.perf_counter(), time.process_time()
         outcome = self.engine.score(RUN, batch)
         self.cpu_ms.append(1e3 * (time.thread_time() - started))
+        self.wall_ms.append(1e3 * (time.perf_counter() - wall))
+        self.process_ms.append(1e3 * (time.process_time() - process))
         for phase, seconds in _phases.items():
             self.phases.setdefault(phase, []).append(1e3 * seconds)
         return outcome
@@ -160,6 +165,8 @@ class Side:
         return {
             "cpu_ms_median": round(statistics.median(self.cpu_ms), 2),
             "cpu_ms": [round(x, 2) for x in self.cpu_ms],
+            "wall_ms_median": round(statistics.median(self.wall_ms), 2),
+            "process_cpu_ms_median": round(statistics.median(self.process_ms), 2),
             "phases_ms_median": {p: round(statistics.median(v), 2) for p, v in self.phases.items()},
         }
 
@@ -245,6 +252,8 @@ def measure(epochs: int, opts: argparse.Namespace, baseline: str | None) -> dict
         load_after = load_average()
         for side in found:  # the first step warms caches and lazy imports: not counted
             side.cpu_ms.pop(0)
+            side.wall_ms.pop(0)
+            side.process_ms.pop(0)
             for values in side.phases.values():
                 values.pop(0)
             side.close()
@@ -279,6 +288,8 @@ def report(result: dict[str, Any]) -> None:
     for phase in phases:
         cells = [result["sides"][label]["phases_ms_median"].get(phase) for label in labels]
         print(f"    {phase:30s}" + "".join("{:>22s}".format("-" if c is None else f"{c:.1f}") for c in cells))
+    for title, name in (("wall ms (median)", "wall_ms_median"), ("process CPU ms (median)", "process_cpu_ms_median")):
+        print(f"  {title:32s}" + "".join(f"{result['sides'][label][name]:22.1f}" for label in labels))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,11 @@
-"""The index search's two settings side by side in one run (A/B), at several dimensions.
+"""The index search's settings side by side in one run (A/B), at several dimensions.
 
 The service sets FAISS's `distance_compute_blas_threshold` to 0 (every search is one BLAS matrix product
-per key) and one OpenMP thread per searching thread (storage/index.py). This times those against FAISS's own
-default threshold (below it FAISS scans one query-row pair at a time) and against 2 OpenMP threads, on two
-shapes: the engine's `search_many` (512 keys x 16 queries against 320 rows each, k + 1 = 4 neighbours, one
-call) and bench_gpu's per-key `search` calls (the same searches, one call per key).
+per key) and one OpenMP thread per searching thread, and deals a large batch of keys over 2 threads
+(storage/index.py). This times those against the same searches in one thread, against FAISS's own default
+threshold (below it FAISS scans one query-row pair at a time) and against 2 OpenMP threads, on two shapes:
+the engine's `search_many` (512 keys x 16 queries against 320 rows each, k + 1 = 4 neighbours, one call) and
+bench_gpu's per-key `search` calls (the same searches, one call per key, never dealt out).
 
 Rounds interleave the variants (forward, then reversed) and each variant reports the minimum and median
 wall time and the median CPU time of the process (idle OpenMP workers that spin show there). Every variant
@@ -35,7 +36,7 @@ import numpy as np
 from bench.machine import BUSY_LOAD, describe, load_average, warn_busy
 from meds_service.core import knn
 from meds_service.storage import index as index_module
-from meds_service.storage.index import ShardIndex, set_threads
+from meds_service.storage.index import ShardIndex, set_split_threads, set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAISS_DEFAULT_THRESHOLD = int(faiss.cvar.distance_compute_blas_threshold)  # read before any search sets it
@@ -46,11 +47,13 @@ QUERIES, ROWS, NEIGHBOURS = 16, 320, 4
 class Variant:
     name: str
     blas_threshold: int
-    threads: int
+    threads: int  # OpenMP threads per searching thread
+    split: int = 1  # threads a large search_many is dealt over (storage/index.py, set_split_threads)
 
 
 VARIANTS = [
-    Variant("service: BLAS, 1 thread", 0, 1),
+    Variant("service: BLAS, 1 thread, dealt over 2", 0, 1, 2),
+    Variant("BLAS, 1 thread, not dealt out", 0, 1),
     Variant("FAISS default threshold, 1 thread", FAISS_DEFAULT_THRESHOLD, 1),
     Variant("BLAS, 2 threads", 0, 2),
     Variant("FAISS default threshold, 2 threads", FAISS_DEFAULT_THRESHOLD, 2),
@@ -62,14 +65,16 @@ Result = tuple[np.ndarray, np.ndarray]
 @contextmanager
 def applied(variant: Variant) -> Iterator[None]:
     """Searches run with the variant's settings: the index applies its module's threshold at every search."""
-    saved = index_module._BLAS_THRESHOLD
+    saved, split = index_module._BLAS_THRESHOLD, index_module._split_threads[0]
     index_module._BLAS_THRESHOLD = variant.blas_threshold
     set_threads(variant.threads)
+    set_split_threads(variant.split)
     try:
         yield
     finally:
         index_module._BLAS_THRESHOLD = saved
         set_threads(1)
+        set_split_threads(split)
 
 
 def workload(dim: int, keys: int) -> tuple[ShardIndex, np.ndarray, list[tuple[int, int, int, int, int]]]:

@@ -36,7 +36,7 @@ from .engine.summary import CollapseViews
 from .metrics import Metrics
 from .settings import Settings
 from .storage import open_store
-from .storage.index import ShardIndexes, set_threads
+from .storage.index import ShardIndexes, set_split_threads, set_threads
 from .storage.snapshot import SnapshotFolder
 from .workers import LocalRefitter, QueueWorker
 
@@ -152,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         set_threads(settings.index_threads)
+        set_split_threads(settings.index_split_threads)
         store = open_store(settings.store_spec(), settings.store_options())
         refitter = LocalRefitter(store.spec(), settings.refit_workers, processes=settings.refit_processes)
         engine = ErrorMemory(

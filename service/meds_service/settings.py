@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     # kNN index: FAISS on a GPU when CUDA is visible ("auto"), or forced to one device.
     index_device: Literal["auto", "cpu", "cuda"] = "auto"
     index_threads: int = Field(1, ge=1)
+    # Threads a request's per-key searches are dealt over when they are large (storage/index.py, SPLIT_MIN_WORK).
+    index_split_threads: int = Field(2, ge=1)
 
     # Tests only: points where the service SIGKILLs itself (faults.py); refused in production.
     fault_points: str = ""

@@ -8,8 +8,12 @@ CPU; results carry a rounding bound that the engine uses to prove the neighbour 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import threading
 from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss  # type: ignore[import-untyped]
@@ -19,6 +23,8 @@ from numpy.typing import NDArray
 log = logging.getLogger(__name__)
 
 _search_threads = [1]  # set once at start-up by set_threads; read by every searching thread
+
+_Span = tuple[Hashable, int, int, int, int]  # key, its rows lo..hi, the queries q_lo..q_hi that search them
 
 
 def set_threads(threads: int) -> None:
@@ -65,6 +71,54 @@ def _use_search_threads() -> None:
         settings.distance_compute_blas_query_bs = QUERY_BLOCK
     if settings.distance_compute_blas_database_bs != DATABASE_BLOCK:
         settings.distance_compute_blas_database_bs = DATABASE_BLOCK
+
+
+# A request's per-key searches can be dealt over several threads: FAISS releases the GIL while it searches,
+# so the parts run on as many cores, and each key's results go to its own rows of the tables. Every thread
+# waits on a queue when it has nothing to do (OpenMP's idle workers spin instead: see set_threads). A part
+# costs the GIL between searches (a Python step and a thread handoff per key), which small searches do not
+# repay. On 2 cores at dim 14, a step's searches (512 keys x 11 queries) dealt over 2 threads took 2-4%
+# longer at 213 rows a key (20 epochs of memory), and the engine's whole step took 8% less at 537 rows and 9%
+# less at 1,103 (bench/bench_engine.py); 512 keys x 16 queries x 320 rows took 1.3x less time at dim 14 and
+# 1.8x less at dims 512 and 4,096 (bench/bench_search.py). So a search is dealt out only when its keys' mean
+# work is at least SPLIT_MIN_WORK, counted as rows x queries x (dim + SELECT_COST): the products, plus the
+# top-k selection, which costs about as much per query-row pair as a product of SELECT_COST values.
+SELECT_COST = 32
+SPLIT_MIN_WORK = 4096 * (14 + SELECT_COST)
+_split_threads = [min(2, os.cpu_count() or 1)]  # set at start-up by set_split_threads (MEDS_INDEX_SPLIT_THREADS)
+_helpers: dict[int, ThreadPoolExecutor] = {}  # by size: the pool of search helper threads, made on first use
+_helpers_lock = threading.Lock()
+
+
+def set_split_threads(threads: int) -> None:
+    """Threads a large `search_many` is dealt over (the calling thread and threads - 1 helpers); 1 keeps
+    every search in the calling thread. More threads than the machine's cores are never useful: capped."""
+    if threads < 1:
+        raise ValueError("threads must be >= 1")
+    _split_threads[0] = min(threads, os.cpu_count() or 1)
+
+
+def _helper_pool(helpers: int) -> ThreadPoolExecutor:
+    with _helpers_lock:
+        pool = _helpers.get(helpers)
+        if pool is None:
+            pool = _helpers[helpers] = ThreadPoolExecutor(helpers, thread_name_prefix="meds-search")
+        return pool
+
+
+def split_spans(spans: Sequence[_Span], dim: int, threads: int) -> list[Sequence[_Span]]:
+    """Spans in `threads` contiguous parts of about equal work, or one part when the search is too small
+    to repay the handoffs (SPLIT_MIN_WORK)."""
+    if threads < 2 or len(spans) < 2:
+        return [spans]
+    work = np.array([(hi - lo) * (q_hi - q_lo) for _, lo, hi, q_lo, q_hi in spans], dtype=np.float64)
+    work *= dim + SELECT_COST
+    if work.mean() < SPLIT_MIN_WORK:
+        return [spans]
+    total = np.cumsum(work)
+    cuts = np.searchsorted(total, total[-1] * np.arange(1, threads) / threads, side="right")
+    bounds = [0, *np.clip(cuts, 1, len(spans) - 1).tolist(), len(spans)]
+    return [spans[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def gpu_count() -> int:
@@ -151,14 +205,16 @@ class ShardIndex:
         return scores, ids
 
     def search_many(
-        self, spans: Sequence[tuple[Hashable, int, int, int, int]], queries: NDArray[np.float32], k: int
+        self, spans: Sequence[_Span], queries: NDArray[np.float32], k: int
     ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
         """Many keys' searches in one call: span (key, lo, hi, q_lo, q_hi) searches the key's rows lo..hi for
         queries[q_lo:q_hi]. Returns [len(queries), k] tables of similarities (descending) and row - lo; where
         a key has fewer than k rows, and in the rows of queries no span covers, scores are -inf and ids -1.
 
         Each key's results are written straight into its rows of the tables (no per-key arrays), and the
-        thread settings are applied once for the whole batch.
+        thread settings are applied once per searching thread. On the CPU a large batch is dealt over
+        `set_split_threads` threads (`split_spans`); the results are the same searches, whichever thread ran
+        them.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
@@ -169,6 +225,25 @@ class ShardIndex:
                 scores[q_lo:q_hi, : found.shape[1]] = found
                 ids[q_lo:q_hi, : rows.shape[1]] = rows
             return scores, ids
+        parts = split_spans(spans, self.dim, _split_threads[0])
+        helped = [_helper_pool(len(parts) - 1).submit(self._scan, part, queries, k, scores, ids) for part in parts[1:]]
+        try:
+            self._scan(parts[0], queries, k, scores, ids)
+        finally:
+            for part in helped:  # never return (or raise) while a helper still writes into the tables
+                part.result()
+        scores[ids < 0] = -np.inf  # FAISS marks missing neighbours with the lowest float, not -inf
+        return scores, ids
+
+    def _scan(
+        self,
+        spans: Sequence[_Span],
+        queries: NDArray[np.float32],
+        k: int,
+        scores: NDArray[np.float32],
+        ids: NDArray[np.int64],
+    ) -> None:
+        """Search the spans one key after another in the calling thread, into their rows of the tables."""
         _use_search_threads()
         dim, knn, ptr, shards = self.dim, faiss.knn_inner_product, faiss.swig_ptr, self._shards
         for key, lo, hi, q_lo, q_hi in spans:
@@ -184,8 +259,6 @@ class ShardIndex:
                 ptr(scores[q_lo:q_hi]),
                 ptr(ids[q_lo:q_hi]),
             )
-        scores[ids < 0] = -np.inf  # FAISS marks missing neighbours with the lowest float, not -inf
-        return scores, ids
 
 
 class ShardIndexes:
