@@ -35,7 +35,6 @@ import json
 import os
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ import numpy as np
 from sklearn.preprocessing import normalize
 from tqdm import tqdm
 
-from bench.machine import Sides, describe, measured, warn_busy
+from bench.machine import Sides, busy_cores, describe, measured, warn_busy
 from bench.output import line_chart, write_csv
 from bench.workload import Workload
 from harness.reference import ReferenceMEDS, RefRollout
@@ -228,19 +227,6 @@ def grow_memory(opts: Options, client: MedsClient, server: ProcessServer, wl: Wo
         steps.append(score(client, "grow", step, server.proc.pid if server.proc else None))
         refits.append(drain(client, server.base_url, "grow"))
     return {"steps": steps, "refits": refits}
-
-
-@contextmanager
-def busy_cores(n: int) -> Iterator[None]:
-    """`n` processes that each spin on a core, as a trainer's own work or another job on a shared node does."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    try:
-        time.sleep(1.0)  # let the scheduler spread them
-        yield
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-            spinner.wait()
 
 
 def contention(opts: Options, client: MedsClient, server: ProcessServer, wl: Workload, log: StepLog) -> Timed:

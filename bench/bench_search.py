@@ -15,6 +15,7 @@ must return the same neighbours as the service's setting up to the float32 round
     .venv/bin/python -m bench.bench_search                        # dims 14, 512, 4096
     .venv/bin/python -m bench.bench_search --dims 14,64 --rounds 3
     .venv/bin/python -m bench.bench_search --quick                # 32 keys, dims 14 and 64, one round
+    .venv/bin/python -m bench.bench_search --busy 2 --dims 14,512  # with 2 processes spinning on the cores
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from bench.machine import BUSY_LOAD, describe, load_average, warn_busy
+from bench.machine import BUSY_LOAD, busy_cores, describe, load_average, warn_busy
 from meds_service.core import knn
 from meds_service.storage import index as index_module
 from meds_service.storage.index import ShardIndex, set_split_threads, set_threads
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where search.json goes")
+    parser.add_argument("--busy", type=int, default=0, help="processes spinning on the cores meanwhile (contention)")
     args = parser.parse_args(argv)
     keys = 32 if args.quick else 512
     dims, rounds = ("14,64", 1) if args.quick else (args.dims, args.rounds)
@@ -152,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         "faiss_default_blas_threshold": FAISS_DEFAULT_THRESHOLD,
         "shape": {"keys": keys, "queries_per_key": QUERIES, "rows_per_key": ROWS, "neighbours": NEIGHBOURS},
         "rounds": rounds,
+        "busy_processes": args.busy,
         "rows": [],
     }
     print(f"FAISS {faiss.__version__}, default distance_compute_blas_threshold {FAISS_DEFAULT_THRESHOLD}")
     print(f"{'dim':>5} {'shape':<27} {'variant':<35} {'min ms':>8} {'median':>8} {'cpu ms':>8} {'x service':>9}")
     for dim in (int(d) for d in dims.split(",") if d):
-        rows = compare(dim, keys, rounds)
+        with busy_cores(args.busy):
+            rows = compare(dim, keys, rounds)
         service = {r["shape"]: r["wall_median_ms"] for r in rows if r["variant"] == VARIANTS[0].name}
         for r in rows:
             r["median_over_service"] = r["wall_median_ms"] / service[r["shape"]]
@@ -170,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     if loads and max(loads) > BUSY_LOAD:
         warn_busy((max(loads), 0.0, 0.0))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "search.json").write_text(json.dumps(summary, indent=2))
-    print(f"Results in {args.out / 'search.json'}")
+    name = f"search_busy{args.busy}.json" if args.busy else "search.json"
+    (args.out / name).write_text(json.dumps(summary, indent=2))
+    print(f"Results in {args.out / name}")
     return 0
 
 

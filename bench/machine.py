@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -105,3 +106,16 @@ def warn_busy(load: tuple[float, float, float] | None = None) -> None:
         f"comparable with an idle run",
         file=sys.stderr,
     )
+
+
+@contextmanager
+def busy_cores(n: int) -> Iterator[None]:
+    """`n` processes that each spin on a core, as a trainer's own work or another job on a shared node does."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(1.0)  # let the scheduler spread them
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
