@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -127,21 +128,25 @@ def _rows(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> sqlite3.Cur
     return db.execute(f"SELECT * FROM (VALUES {values})", [v for row in rows for v in row])
 
 
-def test_a_read_only_view_never_loses_a_chunk_committed_during_its_catch_up(tmp_path: Path) -> None:
-    """A worker's view lists keys, then chunks: a commit of a new key in between must not leave that key's
-    chunk skipped for good (a refit of it would then never cover its vectors, and the exact rule would
-    refuse every batch that reads it)."""
-    writer = SQLiteStore(tmp_path)
-    config = RunConfig(dim=3)
-    rng = np.random.default_rng(1)
-    old, new = MemoryKey("p", Group.WRONG), MemoryKey("q", Group.WRONG)
+def _appender(writer: SQLiteStore, rng: np.random.Generator) -> Callable[[MemoryKey, int, int], None]:
+    """Commits n random 3-dim vectors to a key of run "r", its sequence numbers from `first` on."""
 
     def append(key: MemoryKey, first: int, n: int) -> None:
         ids = [f"{key.prompt_id}{first + i}" for i in range(n)]
         x = rng.standard_normal((n, 3)).astype(np.float32)
         records = result_records([result(i) for i in ids])
-        writer.commit("r", config, ScoredBatch([KeyAppend(key, first, x, 0, ids, records)]))
+        writer.commit("r", RunConfig(dim=3), ScoredBatch([KeyAppend(key, first, x, 0, ids, records)]))
 
+    return append
+
+
+def test_a_read_only_view_never_loses_a_chunk_committed_during_its_catch_up(tmp_path: Path) -> None:
+    """A worker's view lists keys, then chunks: a commit of a new key in between must not leave that key's
+    chunk skipped for good (a refit of it would then never cover its vectors, and the exact rule would
+    refuse every batch that reads it)."""
+    writer = SQLiteStore(tmp_path)
+    append = _appender(writer, np.random.default_rng(1))
+    old, new = MemoryKey("p", Group.WRONG), MemoryKey("q", Group.WRONG)
     append(old, 0, 4)
     reader = open_store(writer.spec(), read_only=True)
     assert isinstance(reader, SQLiteStore)
@@ -161,16 +166,8 @@ def test_a_view_opened_while_a_new_key_commits_never_loses_its_chunk(
     job, while the service keeps committing. A chunk skipped there left the key's refits short for good, and
     every batch that read the key was refused with 503 ("refits of this batch's keys keep going stale")."""
     writer = SQLiteStore(tmp_path)
-    config = RunConfig(dim=3)
-    rng = np.random.default_rng(2)
+    append = _appender(writer, np.random.default_rng(2))
     old, new = MemoryKey("p", Group.WRONG), MemoryKey("q", Group.WRONG)
-
-    def append(key: MemoryKey, first: int, n: int) -> None:
-        ids = [f"{key.prompt_id}{first + i}" for i in range(n)]
-        x = rng.standard_normal((n, 3)).astype(np.float32)
-        records = result_records([result(i) for i in ids])
-        writer.commit("r", config, ScoredBatch([KeyAppend(key, first, x, 0, ids, records)]))
-
     append(old, 0, 4)
     connect, views = sqlite3.connect, []
 
@@ -185,7 +182,7 @@ def test_a_view_opened_while_a_new_key_commits_never_loses_its_chunk(
     assert [view.fired for view in views] == [True]
     states = reader.load_keys("r", [old, new], 3)
     assert (states[old].n, states[new].n) == (4, 5)
-    fits = refit_job(writer.spec(), "r", config, [new])  # a worker's refit covers the whole key
+    fits = refit_job(writer.spec(), "r", RunConfig(dim=3), [new])  # a worker's refit covers the whole key
     assert [fit.fitted_upto for fit in fits] == [5]
     reader.close()
     writer.close()
