@@ -186,3 +186,26 @@ def test_a_view_opened_while_a_new_key_commits_never_loses_its_chunk(
     assert [fit.fitted_upto for fit in fits] == [5]
     reader.close()
     writer.close()
+
+
+def test_the_checkpoint_thread_grows_the_id_index_that_the_next_commits_would_grow(tmp_path: Path) -> None:
+    """Grown inside a commit, the rollout-id index places every id again in that request (61 ms against 11 ms
+    for a 20-epoch run of 8,192-rollout steps). The checkpoint thread grows it ahead instead."""
+    store = SQLiteStore(tmp_path)
+    append = _appender(store, np.random.default_rng(3))
+    key = MemoryKey("p", Group.WRONG)
+    for first in range(0, 600, 200):
+        append(key, first, 200)
+    ids = store._runs["r"].ids
+    assert ids.capacity == 2048  # holds 1,024 ids before it grows: 3 more commits of 200 would cross that
+    store.checkpoint(idle_s=60)  # busy for the WAL (a commit came less than 60 s ago), yet the index grows
+    assert ids.capacity == 4096
+    store.checkpoint(idle_s=0)
+    assert ids.capacity == 4096  # only when the next commits would make it grow
+    for first in range(600, 2000, 200):  # up to 2,000 ids: under the grown table's bound of 2,048
+        append(key, first, 200)
+        assert ids.capacity == 4096
+    rollouts = [f"p{i}" for i in range(2000)]
+    known = store.find_results("r", ["p"] * 2000, rollouts, None)
+    assert sorted(known) == sorted(rollouts)
+    store.close()

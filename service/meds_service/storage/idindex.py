@@ -22,6 +22,7 @@ class IdIndex:
         self._keys = np.zeros(size, dtype=np.uint64)
         self._values = np.zeros(size, dtype=np.int64)
         self._count = 0
+        self._largest = 0  # the most hashes one insert added
 
     def __len__(self) -> int:
         return self._count
@@ -50,6 +51,22 @@ class IdIndex:
             self._grow(self._count + len(hashes))
         self._place(hashes, values)
         self._count += len(hashes)
+        self._largest = max(self._largest, len(hashes))
+
+    @property
+    def capacity(self) -> int:
+        """Slots of the table (it holds at most half as many hashes before it grows)."""
+        return len(self._keys)
+
+    def grow_ahead(self, inserts: int = 4) -> bool:
+        """Grow now if `inserts` more inserts as large as the largest so far would make the table grow: a
+        growth places every hash again (tens of ms at 10^5 hashes), which the owner runs while it is idle
+        rather than inside the insert that crosses the bound. Returns whether it grew."""
+        needed = self._count + inserts * self._largest
+        if needed <= len(self._keys) // 2:
+            return False
+        self._grow(needed)
+        return True
 
     def _place(self, hashes: NDArray[np.uint64], values: NDArray[np.int64]) -> None:
         mask = np.uint64(len(self._keys) - 1)

@@ -179,9 +179,11 @@ class SQLiteStore:
     def checkpoint(self, idle_s: float = 0.5, force_bytes: int = 256 * 1024 * 1024) -> None:
         """Copy the WAL into the database file, on a connection of its own so that commits never wait for
         it (the writer's connection does not checkpoint on commit). Runs when no commit came for `idle_s`
-        (between a trainer's steps), or when the WAL has grown past `force_bytes` anyway."""
+        (between a trainer's steps), or when the WAL has grown past `force_bytes` anyway. Before that, on every
+        call, it grows the rollout-id indexes that the next requests would make grow (`_grow_ids_ahead`)."""
         if self.read_only:
             return
+        self._grow_ids_ahead()
         wal = self.path.with_name(self.path.name + "-wal")
         busy = time.monotonic() - self._last_write < idle_s
         if busy and (not wal.exists() or wal.stat().st_size < force_bytes):
@@ -193,6 +195,16 @@ class SQLiteStore:
             self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite checkpoint failed: {exc}") from exc
+
+    def _grow_ids_ahead(self) -> None:
+        """Grow each run's rollout-id index that the next few requests would make grow (`IdIndex.grow_ahead`),
+        in the checkpoint thread (once a second), so most often between a trainer's steps. Grown inside a
+        commit, the index placed every id again in that request: a 20-epoch run of 8,192-rollout steps took
+        61 ms to commit the step that crossed 262,144 ids, against 11 ms for the others. A request that comes
+        while this runs waits for the store's lock, as long as the growth would have taken inside it."""
+        with self._lock:
+            for run in self._runs.values():
+                run.ids.grow_ahead()
 
     def close(self) -> None:
         with self._lock:
