@@ -48,3 +48,15 @@ def test_growth_places_hashes_crowded_at_the_end_of_the_table() -> None:
     assert index.lookup(hashes).tolist() == list(range(len(hashes)))
     assert index.lookup(np.array([np.uint64(size * 2 - 3), np.uint64(5)], dtype=np.uint64)).tolist() == [-1, -1]
     assert len(index) == len(hashes) and index.nbytes >= 16 * 2 * len(hashes)
+
+
+def test_growing_ahead_doubles_once_and_keeps_every_value() -> None:
+    rng = np.random.default_rng(5)
+    index = IdIndex()
+    hashes = np.unique(rng.integers(1, 2**63, size=600, dtype=np.uint64))
+    index.insert(hashes, np.arange(len(hashes), dtype=np.int64))
+    size = index.capacity
+    assert not index.grow_ahead(inserts=0)  # nothing more to come: no growth
+    assert index.grow_ahead(inserts=100)  # far past the bound, yet one doubling
+    assert index.capacity == 2 * size
+    assert index.lookup(hashes).tolist() == list(range(len(hashes)))

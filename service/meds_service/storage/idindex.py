@@ -59,13 +59,13 @@ class IdIndex:
         return len(self._keys)
 
     def grow_ahead(self, inserts: int = 4) -> bool:
-        """Grow now if `inserts` more inserts as large as the largest so far would make the table grow: a
-        growth places every hash again (tens of ms at 10^5 hashes), which the owner runs while it is idle
-        rather than inside the insert that crosses the bound. Returns whether it grew."""
-        needed = self._count + inserts * self._largest
-        if needed <= len(self._keys) // 2:
+        """Double the table now if `inserts` more inserts as large as the largest so far would make it grow: a
+        growth places every hash again (tens of ms at 10^5 hashes), which the owner runs between requests
+        rather than inside the insert that crosses the bound. One doubling per call, so that one large insert
+        does not reserve room for several more at once. Returns whether it grew."""
+        if self._count + inserts * self._largest <= len(self._keys) // 2:
             return False
-        self._grow(needed)
+        self._grow(len(self._keys) // 2 + 1)
         return True
 
     def _place(self, hashes: NDArray[np.uint64], values: NDArray[np.int64]) -> None:
