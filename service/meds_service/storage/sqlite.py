@@ -110,6 +110,15 @@ class _Key(KeyHead):
         """(chunk_id, first_seq, count) of every chunk."""
         return zip(self.chunk_ids, self.firsts, self.counts, strict=True)
 
+    @property
+    def whole(self) -> bool:
+        """Whether the chunks cover sequence numbers 0..n without a hole (each starts where the last ended)."""
+        if not self.firsts:
+            return self.n == 0
+        firsts = np.frombuffer(self.firsts, dtype=np.int64)
+        counts = np.frombuffer(self.counts, dtype=np.int64)
+        return bool(firsts[0] == 0 and np.array_equal(firsts[1:], firsts[:-1] + counts[:-1]))
+
 
 @dataclass
 class _Run:
@@ -322,6 +331,20 @@ class SQLiteStore:
         entry.n = first_seq + count
         entry.start = start
 
+    def _reread_chunks(self, db: sqlite3.Connection, entry: _Key) -> None:
+        """Rebuild a view's list of a key's chunks from the table, when it has a hole. Catch-ups in one read
+        transaction leave none (`_caught_up`); should one appear all the same, a refit of the key would fall
+        short of its vectors for good, and the exact rule would refuse every batch reading it until a restart.
+        A full scan of the table (no index by key), so only for a key found broken."""
+        log.warning("store view of key %s had a hole in its chunks; reading them again", entry.key)
+        rows = db.execute(
+            "SELECT chunk_id, first_seq, start, count FROM chunks WHERE key_id = ? AND chunk_id <= ? ORDER BY chunk_id",
+            (entry.key_id, self._seen_chunk),
+        ).fetchall()
+        entry.chunk_ids, entry.firsts, entry.counts = array("q"), array("q"), array("q")
+        for chunk_id, first_seq, start, count in rows:
+            self._add_chunk(entry, chunk_id, first_seq, start, count)
+
     def _remember_ids(self, entry: _Key, chunk_id: int, hashes: np.ndarray) -> None:
         name = self._run_names.get(entry.run_id)
         if name is not None:
@@ -440,6 +463,10 @@ class SQLiteStore:
             if entry is None:
                 return {}
             wanted = list(entry.keys.values()) if keys is None else [entry.keys[k] for k in keys if k in entry.keys]
+            if self.read_only:
+                for key in wanted:
+                    if not key.whole:
+                        self._reread_chunks(db, key)
             vectors, fits = self._load(db, wanted, {k.key_id: k.start for k in wanted}, wanted, dim)
         states = {}
         for k in wanted:
