@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -28,6 +31,23 @@ def claimed(queue: redis.Redis) -> int:
         return int(queue.xpending(STREAM, GROUP)["pending"])
     except redis.exceptions.ResponseError:
         return 0
+
+
+def kill_holding_jobs(worker: ProcessWorker, queue: redis.Redis, timeout: float = 180.0) -> None:
+    """SIGKILL the worker (and its refit processes) at a moment it holds claimed, unacknowledged jobs. It is
+    stopped (SIGSTOP) before the count is read, so it cannot acknowledge them between the check and the kill:
+    a worker killed just after finishing its round would leave nothing to recover, and test nothing."""
+    assert worker.proc is not None
+    deadline = time.monotonic() + timeout  # its first claim can be slow to come under load
+    while time.monotonic() < deadline:
+        if claimed(queue) > 0:
+            os.killpg(worker.proc.pid, signal.SIGSTOP)
+            if claimed(queue) > 0:
+                worker.kill()
+                return
+            os.killpg(worker.proc.pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("the worker was never caught holding claimed jobs")
 
 
 def test_two_replicas_and_a_worker_match_the_reference(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -74,8 +94,7 @@ def test_a_worker_killed_mid_refit_loses_no_refit(tmp_path: Path, redis_server: 
         assert httpx.get(f"{server.base_url}/v1/runs/big").json()["stats"]["pending_refits"] > 0
         queue = redis.Redis.from_url(redis_server.url)
         first.start()
-        wait_for(lambda: claimed(queue) > 0, 180)  # jobs claimed, not yet acknowledged (slow to start under load)
-        first.kill()  # SIGKILL while it holds them
+        kill_holding_jobs(first, queue)
         assert claimed(queue) > 0
         second = ProcessWorker(tmp_path / "w2", env=env)
         second.start()
